@@ -1,0 +1,36 @@
+# moreh_ap: automatic parallelization for PyTorch training scripts (also reachable as torch.moreh).
+"""One line turns a single-device PyTorch training script into a distributed one.
+
+>>> import torch, moreh_ap
+>>> torch.moreh.option.enable_advanced_parallelization()   # = moreh_ap.option...
+"""
+from __future__ import annotations
+
+import torch
+
+from moreh_ap._version import __version__
+from moreh_ap import env, option
+from moreh_ap.config import ParallelConfig
+from moreh_ap.errors import NoFeasibleConfigError
+from moreh_ap.log import logger
+from moreh_ap.option import APOptions
+
+__all__ = [
+    "__version__",
+    "APOptions",
+    "NoFeasibleConfigError",
+    "ParallelConfig",
+    "env",
+    "logger",
+    "option",
+]
+
+# Validate the MOREH_* variables now: a bad value fails at import, naming the variable.
+_settings = env.read_env()
+option._enable_from_environment()
+
+# `torch.moreh` is this package (the start-up hook installs a lazy stand-in before).
+import sys as _sys
+
+torch.moreh = _sys.modules[__name__]
+_sys.modules.setdefault("torch.moreh", _sys.modules[__name__])

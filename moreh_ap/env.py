@@ -1,0 +1,99 @@
+# The MOREH_* environment variables: parsed and validated in one place.
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ENABLE = "MOREH_ENABLE_ADVANCED_PARALLELIZATION"
+MAX_PARALLEL_COMPILE_THREADS = "MOREH_ADVANCED_PARALLELIZATION_MAX_PARALLEL_COMPILE_THREADS"
+DETAILED_LOG = "MOREH_ADVANCED_PARALLELIZATION_DETAILED_LOG"
+MEMORY_USAGE_CORRECTION_RATIO = "MOREH_ADVANCED_PARALLELIZATION_MEMORY_USAGE_CORRECTION_RATIO"
+NPROC = "MOREH_AP_NPROC"
+CACHE_DIR = "MOREH_AP_CACHE_DIR"
+
+ALL_VARIABLES = (
+    ENABLE,
+    MAX_PARALLEL_COMPILE_THREADS,
+    DETAILED_LOG,
+    MEMORY_USAGE_CORRECTION_RATIO,
+    NPROC,
+    CACHE_DIR,
+)
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class EnvSettings:
+    """The MOREH_* environment variables, validated."""
+
+    enable: bool | None = None
+    """MOREH_ENABLE_ADVANCED_PARALLELIZATION: True (1), False (0) or None (unset)."""
+    max_parallel_compile_threads: int = 16
+    """Workers that evaluate planner candidates in parallel (integer >= 1)."""
+    detailed_log: int = 0
+    """0 = off, 1 = per-candidate table on the console, 2 = written to autoconfig_log.dump."""
+    memory_usage_correction_ratio: int = 80
+    """Percent of device memory the planner may plan for (1-100)."""
+    nproc: int | None = None
+    """Local ranks for a plain ``python`` launch (integer >= 1), or None."""
+    cache_dir: Path
+    """Where the calibration DB is kept."""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["cache_dir"] = str(self.cache_dir)
+        return d
+
+
+def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_CACHE_HOME/moreh_ap`` or ``~/.cache/moreh_ap``."""
+    environ = os.environ if environ is None else environ
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "moreh_ap"
+
+
+def _int(environ: Mapping[str, str], name: str, default, *, lo: int, hi: int | None = None, choices=None):
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    accepted = (
+        "one of " + ", ".join(map(str, choices))
+        if choices
+        else (f"an integer from {lo} to {hi}" if hi is not None else f"an integer >= {lo}")
+    )
+    try:
+        value = int(raw.strip(), 10)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not valid: expected {accepted}") from None
+    if (choices and value not in choices) or value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{name}={raw!r} is not valid: expected {accepted}")
+    return value
+
+
+def read_env(environ: Mapping[str, str] | None = None) -> EnvSettings:
+    """Parse and validate every MOREH_* variable.
+
+    Args:
+        environ: the mapping to read (default ``os.environ``).
+
+    Raises:
+        ValueError: a variable holds a value it does not accept; the message
+            names the variable and the accepted values.
+    """
+    environ = os.environ if environ is None else environ
+    raw_enable = environ.get(ENABLE)
+    enable = None
+    if raw_enable is not None and raw_enable.strip() != "":
+        if raw_enable.strip() not in ("0", "1"):
+            raise ValueError(f"{ENABLE}={raw_enable!r} is not valid: expected 0 (off) or 1 (on)")
+        enable = raw_enable.strip() == "1"
+    cache = environ.get(CACHE_DIR)
+    return EnvSettings(
+        enable=enable,
+        max_parallel_compile_threads=_int(environ, MAX_PARALLEL_COMPILE_THREADS, 16, lo=1),
+        detailed_log=_int(environ, DETAILED_LOG, 0, lo=0, hi=2, choices=(0, 1, 2)),
+        memory_usage_correction_ratio=_int(environ, MEMORY_USAGE_CORRECTION_RATIO, 80, lo=1, hi=100),
+        nproc=_int(environ, NPROC, None, lo=1),
+        cache_dir=Path(cache).expanduser() if cache and cache.strip() else default_cache_dir(environ),
+    )
