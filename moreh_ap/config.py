@@ -262,3 +262,19 @@ def _parse_value(name: str, raw: str, line: str) -> Any:
     if name == "schedule":
         return raw
     raise ValueError(f"from_moreh_line: unknown item {name!r} in {line!r}")
+
+
+def balanced_boundaries(num_blocks: int, num_stages: int) -> tuple[int, ...]:
+    """First block of each stage after the first for an even split (earlier stages take the remainder).
+
+    >>> balanced_boundaries(10, 4)
+    (3, 6, 8)
+    """
+    if num_stages < 1 or num_blocks < num_stages:
+        raise ValueError(f"cannot split num_blocks({num_blocks}) into num_stages({num_stages}) non-empty stages")
+    base, extra = divmod(num_blocks, num_stages)
+    bounds, start = [], 0
+    for stage in range(num_stages - 1):
+        start += base + (1 if stage < extra else 0)
+        bounds.append(start)
+    return tuple(bounds)
