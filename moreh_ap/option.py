@@ -129,6 +129,8 @@ def enable_advanced_parallelization(**overrides: Any) -> None:
         _state.options = options
     if settings.enable is False:
         logger.info(f"Advanced parallelization stays off: {_env.ENABLE}=0.")
+        return
+    _launch_ranks()
 
 
 def disable_advanced_parallelization() -> None:
@@ -156,3 +158,11 @@ def _enable_from_environment() -> None:
     if _env.read_env().enable is True:
         with _lock:
             _state.requested = True
+        _launch_ranks()
+
+
+def _launch_ranks() -> None:
+    """Self-launch the extra local ranks of a plain ``python`` run (see :mod:`moreh_ap.launcher`)."""
+    from moreh_ap import launcher
+
+    launcher.maybe_launch()

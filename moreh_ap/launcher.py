@@ -1,0 +1,284 @@
+# Self-launcher: a plain `python train.py` re-executes itself once per extra local rank and goes on as rank 0.
+"""How ``MOREH_AP_NPROC=G python train.py`` (or G > 1 CUDA devices) becomes G ranks.
+
+When advanced parallelization is enabled in a process that is not already a
+rank (no ``RANK``/``WORLD_SIZE``, not under torchrun, not a DataLoader or
+multiprocessing worker, not an interactive interpreter), the script is started
+again G-1 times with the same interpreter, flags and argv, each child with
+``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR=127.0.0.1`` and
+``MASTER_PORT`` set, and the calling process continues as rank 0.
+
+The port cannot race: rank 0 binds a ``TCPStore`` server on port 0 (the OS
+picks a free port) before any child starts and keeps it, as torchrun's agent
+does; every rank, rank 0 included, then connects to it as a client through
+plain ``env://`` initialization (``TORCHELASTIC_USE_AGENT_STORE=True``, the
+variable torchrun sets for the same purpose).
+Children are started and stopped with torch's own elastic process context
+(``torch.distributed.elastic.multiprocessing.start_processes``). If a child
+fails, the others and rank 0 are stopped and the failing rank is named (its
+traceback is on the shared stderr); if rank 0 fails or gets Ctrl-C, the
+children are stopped. The exit code is then non-zero.
+
+Code that runs before the launch point runs once per rank: every child
+re-executes the script from its first line.
+"""
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+from moreh_ap import env as _env
+from moreh_ap.log import logger
+
+__all__ = ["LaunchDecision", "decide", "self_command", "maybe_launch", "init_process_group"]
+
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "GROUP_RANK")
+_LAUNCHED_MARK = "MOREH_AP_LAUNCHED"
+_POLL_S = 0.2
+_STOP_GRACE_S = 5
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class LaunchDecision:
+    """Whether this process should start extra local ranks, and why (or why not)."""
+
+    nproc: int
+    """Local ranks wanted in all (1 = no launch)."""
+    device: str
+    """'cuda' when there is a CUDA device per rank, else 'cpu' (gloo)."""
+    launch: bool
+    """True: start ``nproc - 1`` children and continue as rank 0."""
+    reason: str
+    """Human-readable reason, logged when a wanted launch is skipped."""
+
+    def to_dict(self) -> dict:
+        return {"nproc": self.nproc, "device": self.device, "launch": self.launch, "reason": self.reason}
+
+
+def _cuda_count() -> int:
+    torch = sys.modules.get("torch")
+    try:
+        return torch.cuda.device_count() if torch is not None and torch.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
+def _interactive() -> bool:
+    main = sys.modules.get("__main__")
+    if hasattr(sys, "ps1") or sys.flags.interactive:
+        return True
+    if "ipykernel" in sys.modules or "IPython" in sys.modules and getattr(main, "__file__", None) is None:
+        return True
+    spec = getattr(main, "__spec__", None)
+    return getattr(main, "__file__", None) is None and (spec is None or not spec.name)
+
+
+def _in_worker() -> bool:
+    if multiprocessing.parent_process() is not None:
+        return True
+    data = sys.modules.get("torch.utils.data")
+    try:
+        return data is not None and data.get_worker_info() is not None
+    except Exception:
+        return False
+
+
+def decide(environ=None, *, cuda_count: int | None = None) -> LaunchDecision:
+    """Decide whether to self-launch (pure apart from reading the process state).
+
+    Args:
+        environ: the environment to read (default ``os.environ``).
+        cuda_count: CUDA devices visible (default: asked from torch).
+    """
+    environ = os.environ if environ is None else environ
+    settings = _env.read_env(environ)
+    cuda = _cuda_count() if cuda_count is None else cuda_count
+    nproc = settings.nproc if settings.nproc is not None else max(cuda, 1)
+    device = "cuda" if cuda >= nproc and cuda > 0 else "cpu"
+
+    def no(reason: str) -> LaunchDecision:
+        return LaunchDecision(nproc=nproc, device=device, launch=False, reason=reason)
+
+    if nproc <= 1:
+        return no("one local rank")
+    present = [v for v in (*_RANK_VARIABLES, _LAUNCHED_MARK) if environ.get(v)]
+    if present:
+        return no(f"already a rank ({', '.join(present)} set): torchrun or a launched rank")
+    if _in_worker():
+        return no("inside a DataLoader or multiprocessing worker")
+    if _interactive():
+        return no("interactive interpreter (REPL, notebook, python -c): run a script to get several ranks")
+    return LaunchDecision(nproc=nproc, device=device, launch=True, reason=f"{nproc} local {device} ranks")
+
+
+def self_command() -> list[str]:
+    """The command that re-executes this script: same interpreter, flags and argv (``-m`` kept)."""
+    main = sys.modules["__main__"]
+    flags = subprocess._args_from_interpreter_flags()
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name and spec.name != "__main__":
+        name = spec.name[: -len(".__main__")] if spec.name.endswith(".__main__") else spec.name
+        return [sys.executable, *flags, "-m", name, *sys.argv[1:]]
+    path = getattr(main, "__file__", None) or sys.argv[0]
+    return [sys.executable, *flags, os.path.abspath(path), *sys.argv[1:]]
+
+
+class _Launch:
+    """The children of rank 0, watched by a thread; stopped on any failure."""
+
+    def __init__(self, decision: LaunchDecision) -> None:
+        from torch.distributed import TCPStore
+
+        self.world = decision.nproc
+        # torch's own excepthook swaps sys.stderr for a buffer while hooks run: report to the real stream
+        self._stderr = sys.stderr
+        self.store = TCPStore("127.0.0.1", 0, self.world, is_master=True, wait_for_workers=False,
+                              timeout=timedelta(seconds=300))
+        self.port = self.store.port
+        base = self._rank_env(0, decision)
+        os.environ.update(base)
+        self.context = self._start_children(decision)
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="moreh_ap-launcher", daemon=True)
+        self._watcher.start()
+        self._previous_hook = sys.excepthook
+        sys.excepthook = self._excepthook
+        atexit.register(self._at_exit)
+
+    def _rank_env(self, rank: int, decision: LaunchDecision) -> dict[str, str]:
+        env = {
+            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(self.world),
+            "LOCAL_WORLD_SIZE": str(self.world), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(self.port), _LAUNCHED_MARK: "1", "MOREH_AP_DEVICE": decision.device,
+            "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "0",
+        }
+        if decision.device == "cpu" and not os.environ.get("GLOO_SOCKET_IFNAME"):
+            env["GLOO_SOCKET_IFNAME"] = "lo"  # ranks talk over loopback only
+        if decision.device == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.world))
+        return env
+
+    def _start_children(self, decision: LaunchDecision):
+        from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, start_processes
+
+        command = self_command()
+        children = range(1, self.world)
+        envs = {r - 1: {**os.environ, **self._rank_env(r, decision)} for r in children}
+        if "OMP_NUM_THREADS" in envs.get(0, {}):
+            import torch
+
+            torch.set_num_threads(int(envs[0]["OMP_NUM_THREADS"]))
+        return start_processes(
+            name="moreh_ap",
+            entrypoint=command[0],
+            args={r - 1: tuple(command[1:]) for r in children},
+            envs=envs,
+            logs_specs=DefaultLogsSpecs(),
+        )
+
+    def _poll(self):
+        with self._lock:
+            return self.context.wait(timeout=0)
+
+    def _watch(self) -> None:
+        while not self._stopped.is_set():
+            result = self._poll()
+            if result is None:
+                time.sleep(_POLL_S)
+                continue
+            if result.is_failed():
+                self._report(result)
+                os._exit(1)  # the peers of a failed rank cannot finish: stop rank 0 too
+            return  # all children finished cleanly
+
+    def _report(self, result) -> None:
+        """Name the rank that failed first (the others were stopped because of it)."""
+        failures = sorted(result.failures.items(), key=lambda item: (item[1].exitcode < 0, item[1].timestamp))
+        local, first = failures[0]
+        self._stderr.write(
+            f"moreh_ap: rank {local + 1} of {self.world} failed (exit code {first.exitcode}); "
+            f"stopping the other ranks. See rank {local + 1}'s traceback above.\n"
+        )
+        self._stderr.flush()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        with self._lock:
+            self.context.close(timeout=_STOP_GRACE_S)
+
+    def _excepthook(self, exc_type, exc, tb) -> None:
+        self._previous_hook(exc_type, exc, tb)
+        result = None
+        deadline = time.monotonic() + 2.0  # a child that died first is the cause: let its exit be seen
+        while result is None and time.monotonic() < deadline:
+            time.sleep(_POLL_S)
+            result = self._poll()
+        if result is not None and result.is_failed():
+            self._report(result)
+        else:
+            self._stderr.write(f"moreh_ap: rank 0 of {self.world} failed ({exc_type.__name__}); stopping the other ranks.\n")
+        self.stop()
+
+    def _at_exit(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._watcher.join(timeout=2 * _POLL_S + 1)
+        with self._lock:
+            result = self.context.wait(timeout=-1, period=_POLL_S)
+        if result is not None and result.is_failed():
+            self._report(result)
+            os._exit(1)
+
+
+_launch: _Launch | None = None
+_launch_lock = threading.Lock()
+_warned: set[str] = set()
+
+
+def _warn_once(decision: LaunchDecision) -> None:
+    if _launch is None and decision.nproc > 1 and "already a rank" not in decision.reason:
+        if decision.reason not in _warned:
+            _warned.add(decision.reason)
+            logger.warning(f"Not starting {decision.nproc} local ranks: {decision.reason}.")
+
+
+def maybe_launch() -> LaunchDecision:
+    """Start the extra local ranks if :func:`decide` says so (at most once per process)."""
+    global _launch
+    decision = decide()
+    with _launch_lock:
+        if _launch is not None or not decision.launch:
+            _warn_once(decision)
+            return decision
+        logger.info(f"Launching {decision.reason}: this process is rank 0.")
+        _launch = _Launch(decision)
+    return decision
+
+
+def init_process_group(*, backend: str | None = None, timeout_s: float = 60.0) -> None:
+    """Bring up the default process group from torchrun-style env vars (torchrun or the self-launch).
+
+    Args:
+        backend: 'nccl' or 'gloo'; default nccl when this rank has a CUDA device, else gloo.
+        timeout_s: collective timeout, so that a dead peer fails the others fast.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if backend is None:
+        wants_cuda = os.environ.get("MOREH_AP_DEVICE", "cuda") == "cuda"
+        backend = "nccl" if wants_cuda and torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))

@@ -1,0 +1,114 @@
+# Tests of the self-launcher: when it launches, the command it re-runs, and real 2-3 rank runs.
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from moreh_ap import launcher
+from tests.conftest import clean_subprocess_env
+
+TIMEOUT_S = 90
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    print(f"before-line pid={os.getpid()}", flush=True)   # runs once per rank
+    import torch
+    import torch.distributed as dist
+    torch.moreh.option.enable_advanced_parallelization()
+    from moreh_ap import launcher
+    launcher.init_process_group(timeout_s=60)
+    t = torch.tensor([dist.get_rank() + 1.0])
+    dist.all_reduce(t)
+    if os.environ.get("CRASH_RANK") == str(dist.get_rank()):
+        raise RuntimeError(f"boom on rank {dist.get_rank()}")
+    dist.barrier()
+    print(f"rank {dist.get_rank()}/{dist.get_world_size()} sum={t.item():g} argv={sys.argv[1:]}", flush=True)
+    dist.destroy_process_group()
+    """
+)
+
+
+def _write(tmp_path, name="train.py", text=SCRIPT):
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _run(args, *, cwd, **environ):
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=clean_subprocess_env(**environ),
+        capture_output=True, text=True, timeout=TIMEOUT_S,
+    )
+    return proc, time.monotonic() - start
+
+
+def test_decide():
+    assert launcher.decide({}, cuda_count=0).launch is False
+    d = launcher.decide({"MOREH_AP_NPROC": "2"}, cuda_count=0)
+    assert (d.launch, d.nproc, d.device) == (True, 2, "cpu")
+    d = launcher.decide({}, cuda_count=4)
+    assert (d.launch, d.nproc, d.device) == (True, 4, "cuda")
+    assert launcher.decide({"MOREH_AP_NPROC": "8"}, cuda_count=4).device == "cpu"
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "MOREH_AP_LAUNCHED"):
+        d = launcher.decide({"MOREH_AP_NPROC": "2", var: "1"}, cuda_count=0)
+        assert not d.launch and "already a rank" in d.reason
+    with pytest.raises(ValueError, match="MOREH_AP_NPROC"):
+        launcher.decide({"MOREH_AP_NPROC": "-2"})
+    assert set(d.to_dict()) == {"nproc", "device", "launch", "reason"}
+
+
+def test_self_command_keeps_interpreter_and_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["ignored", "--lr", "1e-3"])
+    cmd = launcher.self_command()
+    assert cmd[0] == sys.executable and cmd[-2:] == ["--lr", "1e-3"]
+
+
+@pytest.mark.multirank
+def test_two_ranks_from_plain_python(tmp_path):
+    script = _write(tmp_path)
+    proc, _ = _run([str(script), "--x", "1"], cwd=tmp_path, MOREH_AP_NPROC="2")
+    assert proc.returncode == 0, proc.stderr
+    assert "rank 0/2 sum=3 argv=['--x', '1']" in proc.stdout
+    assert "rank 1/2 sum=3 argv=['--x', '1']" in proc.stdout
+    assert proc.stdout.count("before-line") == 2
+    assert "[info] Launching 2 local cpu ranks: this process is rank 0." in proc.stderr
+
+
+@pytest.mark.multirank
+def test_module_launch_and_env_only(tmp_path):
+    _write(tmp_path, "pkg/__init__.py", "")
+    _write(tmp_path, "pkg/train.py")
+    proc, _ = _run(["-m", "pkg.train", "a"], cwd=tmp_path, MOREH_AP_NPROC="2")
+    assert proc.returncode == 0, proc.stderr
+    assert "rank 1/2 sum=3 argv=['a']" in proc.stdout
+    env_only = _write(tmp_path, "envonly.py", "import os, torch\nprint('rank', os.environ.get('RANK'), flush=True)\n")
+    proc, _ = _run([str(env_only)], cwd=tmp_path, MOREH_AP_NPROC="2", MOREH_ENABLE_ADVANCED_PARALLELIZATION="1")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.split("\n")[:2]) == ["rank 0", "rank 1"]
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("crash_rank", [2, 0])
+def test_a_failing_rank_stops_the_run(tmp_path, crash_rank):
+    script = _write(tmp_path)
+    proc, elapsed = _run([str(script)], cwd=tmp_path, MOREH_AP_NPROC="3", CRASH_RANK=str(crash_rank))
+    assert proc.returncode != 0
+    assert elapsed < 60
+    assert f"RuntimeError: boom on rank {crash_rank}" in proc.stderr
+    assert f"moreh_ap: rank {crash_rank} of 3 failed" in proc.stderr
+    assert "rank 1/3" not in proc.stdout  # nobody finished
+
+
+def test_no_launch_in_python_c_or_under_a_rank(tmp_path):
+    code = "import torch; torch.moreh.option.enable_advanced_parallelization(); print('done')"
+    proc, _ = _run(["-c", code], cwd=tmp_path, MOREH_AP_NPROC="2")
+    assert proc.returncode == 0 and proc.stdout.strip() == "done"
+    assert proc.stderr.count("Not starting 2 local ranks: interactive interpreter") == 1
+    script = _write(tmp_path, "one.py", code + "\n")
+    proc, _ = _run([str(script)], cwd=tmp_path, MOREH_AP_NPROC="2", RANK="0", WORLD_SIZE="1")
+    assert proc.returncode == 0 and proc.stdout.strip() == "done" and "Launching" not in proc.stderr
