@@ -433,3 +433,12 @@ def test_start_up_hook_makes_torch_ops_moreh_fusedlamb_lazy():
 def test_start_up_hook_without_torch_import_stays_cheap():
     out = _python(_WITH_REPO_HOOK + "print('torch' in sys.modules, 'moreh_ap' in sys.modules)\n")
     assert out == ["False", "False"]
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+@pytest.mark.parametrize("adam_w_mode", [True, False])
+def test_device_clip_path(monkeypatch, wd, adam_w_mode):
+    # On accelerators the clip factor stays a device tensor (no host sync): exercise that path on CPU.
+    monkeypatch.setattr(fused_lamb_module, "_clip_on_host", lambda clip: False)
+    kw = dict(HYPER, weight_decay=wd, adam_w_mode=adam_w_mode)
+    _run(MULTI_SHAPES, grad_scale=[0.01, 1.0, 20.0], ref_kw=dict(kw, use_nvlamb=True), tst_kw=dict(kw, use_nvlamb=True))

@@ -83,6 +83,11 @@ def _global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(squares).sum().sqrt()
 
 
+def _clip_on_host(clip: torch.Tensor) -> bool:
+    """Read the clip factor on the host? Yes on CPU (no device to wait for); no on accelerators."""
+    return clip.device.type == "cpu"
+
+
 def _check_hyper(name: str, value: float, *, upper: float | None = None) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"FusedLAMB: {name}={value!r} is not valid: expected a number")
@@ -252,28 +257,38 @@ class FusedLAMB(torch.optim.Optimizer):
         # fp16/bf16 params are computed on fp32 copies and written back.
         p32 = params if is_fp32 else [p.float() for p in params]
         g32 = grads if is_fp32 else [g.float() for g in grads]
-        clip = clip.to(params[0].device)
-        torch._foreach_div_(g32, clip)
-        if not self.adam_w_mode and wd != 0:
+        # g <- g / clip. On CPU the factor is read on the host (free there): a Python scalar is
+        # folded into the moment updates and a factor of 1 costs nothing; elsewhere it stays a
+        # device tensor (no host sync, as apex).
+        scale = 1.0
+        if _clip_on_host(clip):
+            scale = 1.0 / float(clip)
+        else:
+            torch._foreach_div_(g32, clip.to(params[0].device))
+        l2_decay = not self.adam_w_mode and wd != 0
+        if l2_decay:
+            if scale != 1.0:
+                torch._foreach_mul_(g32, scale)
+                scale = 1.0
             torch._foreach_add_(g32, p32, alpha=wd)
-        if group["grad_averaging"]:
+        # m = b1*m + b3*g (b3 = 1-b1 with grad averaging, else 1); v = b2*v + (1-b2)*g^2
+        b3 = (1 - beta1) if group["grad_averaging"] else 1.0
+        if group["grad_averaging"] and scale == 1.0:
             torch._foreach_lerp_(exp_avgs, g32, 1 - beta1)
         else:
             torch._foreach_mul_(exp_avgs, beta1)
-            torch._foreach_add_(exp_avgs, g32)
+            torch._foreach_add_(exp_avgs, g32, alpha=b3 * scale)
         torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, g32, g32, value=1 - beta2)
-        # u = (m / bc1) / (sqrt(v / bc2) + eps), written into g32's storage.
+        torch._foreach_addcmul_(exp_avg_sqs, g32, g32, value=(1 - beta2) * scale * scale)
+        # u = (m/bc1) / (sqrt(v/bc2) + eps) [+ wd*p]
+        #   = (sqrt(bc2)/bc1) * m / (sqrt(v) + eps*sqrt(bc2)) [+ wd*p], written into g's storage.
         denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, math.sqrt(bc2))
-        torch._foreach_add_(denom, eps)
-        torch._foreach_copy_(g32, exp_avgs)
-        if bc1 != 1.0:
-            torch._foreach_div_(g32, bc1)
-        torch._foreach_div_(g32, denom)
-        del denom
+        torch._foreach_add_(denom, eps * math.sqrt(bc2))
+        torch._foreach_zero_(g32)
         if self.adam_w_mode and wd != 0:
             torch._foreach_add_(g32, p32, alpha=wd)
+        torch._foreach_addcdiv_(g32, exp_avgs, denom, value=math.sqrt(bc2) / bc1)
+        del denom
         update = g32
         if self.use_nvlamb or wd != 0:
             w_norm = self.per_tensor_norms(p32)
