@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from moreh_ap._version import __version__
-from moreh_ap import env, optim, option
+from moreh_ap import apex, env, optim, option
 from moreh_ap.config import ParallelConfig
 from moreh_ap.errors import NoFeasibleConfigError
 from moreh_ap.log import logger
@@ -22,6 +22,7 @@ __all__ = [
     "FusedLAMB",
     "NoFeasibleConfigError",
     "ParallelConfig",
+    "apex",
     "env",
     "logger",
     "optim",
