@@ -405,17 +405,9 @@ def _python(code):
     return proc.stdout.split()
 
 
-def test_torch_ops_alias_in_fresh_interpreter():
-    out = _python(
-        "import torch, moreh_ap\n"
-        "p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)\n"
-        "opt = torch.ops.moreh.FusedLAMB([p], lr=0.001); opt.step()\n"
-        "print(type(opt).__module__, torch.moreh.FusedLAMB is torch.ops.moreh.FusedLAMB)\n"
-    )
-    assert out == ["moreh_ap.optim.fused_lamb", "True"]
-
-
-def test_start_up_hook_makes_torch_ops_moreh_fusedlamb_lazy():
+def test_torch_ops_alias_lazy_then_real_in_fresh_interpreter():
+    # With the worktree's start-up hook: `import torch` alone gives a lazy torch.ops.moreh.FusedLAMB
+    # (moreh_ap not imported yet); calling it imports moreh_ap, which installs the real class there.
     out = _python(
         _WITH_REPO_HOOK
         + "import torch\n"
@@ -423,11 +415,12 @@ def test_start_up_hook_makes_torch_ops_moreh_fusedlamb_lazy():
         "print('moreh_ap' in sys.modules, type(lazy).__name__)\n"
         "p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)\n"
         "opt = lazy([p], lr=0.001); opt.step()\n"  # the seed's spelling, with only `import torch`
+        "print('moreh_ap' in sys.modules, type(opt).__module__)\n"
         "import moreh_ap\n"
-        "print('moreh_ap' in sys.modules, isinstance(opt, moreh_ap.optim.FusedLAMB),"
-        " torch.ops.moreh.FusedLAMB is moreh_ap.optim.FusedLAMB)\n"
+        "print(torch.ops.moreh.FusedLAMB is moreh_ap.optim.FusedLAMB, torch.moreh.FusedLAMB is moreh_ap.FusedLAMB,"
+        " isinstance(torch.ops.moreh.FusedLAMB([p]), torch.optim.Optimizer))\n"
     )
-    assert out == ["False", "_LazyFusedLAMB", "True", "True", "True"]
+    assert out == ["False", "_LazyFusedLAMB", "True", "moreh_ap.optim.fused_lamb", "True", "True", "True"]
 
 
 def test_start_up_hook_without_torch_import_stays_cheap():
