@@ -400,7 +400,7 @@ _WITH_REPO_HOOK = (
 
 
 def _python(code):
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=_REPO)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, cwd=_REPO)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.split()
 
@@ -435,3 +435,19 @@ def test_device_clip_path(monkeypatch, wd, adam_w_mode):
     monkeypatch.setattr(fused_lamb_module, "_clip_on_host", lambda clip: False)
     kw = dict(HYPER, weight_decay=wd, adam_w_mode=adam_w_mode)
     _run(MULTI_SHAPES, grad_scale=[0.01, 1.0, 20.0], ref_kw=dict(kw, use_nvlamb=True), tst_kw=dict(kw, use_nvlamb=True))
+
+
+def test_cpu_chunking_matches_one_launch(monkeypatch):
+    # The CPU path takes the tensors a cache-sized chunk at a time; the result must not depend on it.
+    shapes = [(64, 32), (64,), (3,), (64, 48), (323, 16), (1,), (7, 7)]
+    results = []
+    for chunk in (1 << 62, 1000, 1):
+        monkeypatch.setattr(fused_lamb_module, "CPU_CHUNK_NUMEL", chunk)
+        _, tst_p, _ = _run(shapes, grad_scale=ALTERNATING, ref_kw=dict(HYPER, weight_decay=0.01),
+                           tst_kw=dict(HYPER, weight_decay=0.01, use_nvlamb=True), iters=3)
+        results.append(tst_p)
+    assert fused_lamb_module._chunks([torch.zeros(600), torch.zeros(600), torch.zeros(5)], 1000) == [(0, 1), (1, 3)]
+    assert fused_lamb_module._chunks([torch.zeros(5)] * 3, 1) == [(0, 1), (1, 2), (2, 3)]
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)

@@ -88,6 +88,32 @@ def _clip_on_host(clip: torch.Tensor) -> bool:
     return clip.device.type == "cpu"
 
 
+# Elements per multi-tensor launch on CPU. Every op of the update is per tensor after the global
+# norm, so the tensors are taken a cache-sized chunk at a time: the ~12 passes of the update then
+# read the chunk from cache instead of streaming the whole model from memory each pass (like
+# apex's multi_tensor_apply, which also works chunk by chunk). On accelerators: all at once.
+CPU_CHUNK_NUMEL = 1 << 16
+
+
+def _chunk_numel(device: torch.device) -> int | None:
+    return CPU_CHUNK_NUMEL if device.type == "cpu" else None
+
+
+def _chunks(tensors: list[torch.Tensor], budget: int | None) -> list[tuple[int, int]]:
+    """Consecutive [lo, hi) ranges of ``tensors`` with at most ``budget`` elements each (>= 1 tensor)."""
+    if budget is None:
+        return [(0, len(tensors))]
+    ranges, lo, total = [], 0, 0
+    for i, t in enumerate(tensors):
+        n = t.numel()
+        if i > lo and total + n > budget:
+            ranges.append((lo, i))
+            lo, total = i, 0
+        total += n
+    ranges.append((lo, len(tensors)))
+    return ranges
+
+
 def _check_hyper(name: str, value: float, *, upper: float | None = None) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"FusedLAMB: {name}={value!r} is not valid: expected a number")
@@ -205,7 +231,9 @@ class FusedLAMB(torch.optim.Optimizer):
         for group, gathered in zip(self.param_groups, groups):
             group["step"] = group.get("step", 0) + 1
             for (is_fp32, _device), (params, grads, exp_avgs, exp_avg_sqs) in gathered.items():
-                self._update_bucket(group, params, grads, exp_avgs, exp_avg_sqs, clip=clip, is_fp32=is_fp32)
+                for lo, hi in _chunks(params, _chunk_numel(params[0].device)):
+                    self._update_bucket(group, params[lo:hi], grads[lo:hi], exp_avgs[lo:hi], exp_avg_sqs[lo:hi],
+                                        clip=clip, is_fp32=is_fp32)
         return loss
 
     # -- internals ----------------------------------------------------------------------------------

@@ -50,11 +50,12 @@ that ``scale_loss`` is skipped with apex's message. A static scale never
 skips. ``state_dict()`` / ``load_state_dict()`` save and restore the
 scalers; ``master_params(optimizer)`` yields what the optimizer steps.
 
-Deviations from apex: CPU models are accepted (apex required CUDA); no
-``DeprecatedFeatureWarning`` is emitted; bf16 parameters may be given to O2
-masters' optimizer; O1 is ``torch.autocast`` (see above), so apex's
-``amp.register_*_function``, ``half_function`` etc. and ``disable_casts`` are
-not provided. See docs/apex.md.
+Deviations from apex: CPU models are accepted (apex required CUDA; no "An
+input tensor was not cuda." warning); no ``DeprecatedFeatureWarning`` is
+emitted; O2 also builds fp32 masters for bf16 parameters; O1 is
+``torch.autocast`` (see above), so apex's ``amp.register_*_function``,
+``half_function`` etc. and ``disable_casts`` are not provided, in-place
+fp32-list ops on fp16 tensors do not raise. See docs/apex.md.
 """
 from moreh_ap.apex.amp._amp_state import _amp_state, master_params
 from moreh_ap.apex.amp.frontend import Properties, initialize, load_state_dict, opt_levels, state_dict
