@@ -119,12 +119,15 @@ def main(argv: list[str] | None = None) -> dict:
         params = make_params(args.numel, args.tensors, device=args.device)
         numel = sum(p.numel() for p in params)
         optimizers[name] = make_opt(params)
+    load_before = os.getloadavg()[0]
     runs = time_interleaved(optimizers, warmup=args.warmup, iters=args.iters, device=args.device)
+    load_after = os.getloadavg()[0]
     medians = {name: statistics.median(ms) for name, ms in runs.items()}
 
     adamw_name = list(candidates)[2]
     print(f"\nOne optimizer step, {numel / 1e6:.1f}M params in {args.tensors} tensors, {args.device}, "
-          f"{torch.get_num_threads()} threads, median of {args.iters} steps")
+          f"{torch.get_num_threads()} threads, median of {args.iters} steps, "
+          f"1-min load average {load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} CPUs")
     print(f"{'optimizer':<24}{'median ms':>12}{'vs FusedLAMB':>14}")
     for name, ms in medians.items():
         print(f"{name:<24}{ms:>12.1f}{ms / medians['FusedLAMB']:>13.2f}x")
@@ -141,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
+        "load_average_1min": [load_before, load_after],
         "numel": numel,
         "tensors": args.tensors,
         "iters": args.iters,
