@@ -14,15 +14,22 @@ from moreh_ap.config import ParallelConfig
 from moreh_ap.errors import NoFeasibleConfigError
 from moreh_ap.log import logger
 from moreh_ap.option import APOptions
+from moreh_ap.graph import ModelGraph, trace
+from moreh_ap.planner import Cluster, Plan, plan
 
 __all__ = [
     "__version__",
     "APOptions",
+    "Cluster",
+    "ModelGraph",
+    "Plan",
     "NoFeasibleConfigError",
     "ParallelConfig",
     "env",
     "logger",
     "option",
+    "plan",
+    "trace",
 ]
 
 # Validate the MOREH_* variables now: a bad value fails at import, naming the variable.
