@@ -37,7 +37,8 @@ none for frozen parameters):
   created node by node) and the optimizer step (foreach AdamW allocates one
   state-sized temporary for plain parameters on CUDA; FSDP2's DTensor
   parameters take the per-tensor loop: two parameter-sized ones), plus the largest tensor of the node being
-  back-propagated (e.g. the logits' gradient) and communication buffers.
+  back-propagated, twice (its gradient and its input's, e.g. the logits'),
+  and communication buffers.
 
 The memory cap the planner applies is ``device_memory *
 MEMORY_USAGE_CORRECTION_RATIO / 100``.
@@ -168,7 +169,8 @@ def in_flight(config: ParallelConfig, rank: int) -> float:
 def _node_acts(graph: ModelGraph, node: NodeInfo, prev: NodeInfo | None, *, prec: str, scale: float, recompute: bool):
     """(kept activation bytes, transient bytes during its backward) of one node for one micro-batch."""
     saved = node.saved_bytes.get(prec, 0) * scale
-    peak = node.peak_fwd_bytes.get(prec, 0) * scale
+    # during its backward: the gradient of the node's largest tensor and of that op's input coexist
+    peak = 2 * node.peak_fwd_bytes.get(prec, 0) * scale
     if recompute and node.kind == "block":
         kept = (prev.out_bytes.get(prec, 0) if prev is not None else 0) * scale
         return kept, saved + peak
