@@ -70,14 +70,11 @@ def test_seed_case_llama2_13b(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     argv = ["plan", "--model", "llama2-13b", "--batch-size", "8", "--seq-len", "1024", "--nodes", "4",
             "--devices-per-node", "1", "--preset", "moreh-64gb", "--json"]
+    # at the default 80% cap nothing fits (bench/README: 56.0 GB needed vs 54.96 GB); at 90% it picks
+    monkeypatch.setenv("MOREH_ADVANCED_PARALLELIZATION_MEMORY_USAGE_CORRECTION_RATIO", "90")
     rc = main(argv)
     out, err = capsys.readouterr()
     assert "The number of candidates is" in err
-    if rc == 2:  # nothing fits at the default 80% cap: the message says why
-        assert "OUT_OF_MEMORY" in err and out == ""
-        monkeypatch.setenv("MOREH_ADVANCED_PARALLELIZATION_MEMORY_USAGE_CORRECTION_RATIO", "100")
-        rc = main(argv)
-        out, err = capsys.readouterr()
     assert rc == 0, err
     d = json.loads(out)
     assert len(d["candidates"]) >= 30
