@@ -6,27 +6,36 @@
 """
 from __future__ import annotations
 
+import sys as _sys
+
 import torch
 
 from moreh_ap._version import __version__
 from moreh_ap import apex, env, optim, option
 from moreh_ap.config import ParallelConfig
 from moreh_ap.errors import NoFeasibleConfigError
+from moreh_ap.graph import ModelGraph, trace
 from moreh_ap.log import logger
 from moreh_ap.optim import FusedLAMB
 from moreh_ap.option import APOptions
+from moreh_ap.planner import Cluster, Plan, plan
 
 __all__ = [
     "__version__",
     "APOptions",
+    "Cluster",
     "FusedLAMB",
+    "ModelGraph",
     "NoFeasibleConfigError",
     "ParallelConfig",
+    "Plan",
     "apex",
     "env",
     "logger",
     "optim",
     "option",
+    "plan",
+    "trace",
 ]
 
 # Validate the MOREH_* variables now: a bad value fails at import, naming the variable.
@@ -34,8 +43,6 @@ _settings = env.read_env()
 option._enable_from_environment()
 
 # `torch.moreh` is this package (the start-up hook installs a lazy stand-in before).
-import sys as _sys
-
 torch.moreh = _sys.modules[__name__]
 _sys.modules.setdefault("torch.moreh", _sys.modules[__name__])
 # apex's optimizer under the MoAI guide's spelling: torch.ops.moreh.FusedLAMB (an attribute of torch.ops'
