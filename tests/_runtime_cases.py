@@ -126,7 +126,8 @@ def case_batches(case: dict, global_batch: int) -> list[dict]:
         b = global_batch
         if case.get("short_last") and step == case.get("steps", STEPS) - 1:
             b = case["short_last"]
-        out.append(make_batch(case["model"], b, step, case.get("seed", 0), padding=case.get("padding", False)))
+        data_step = 0 if case.get("same_batch") else step
+        out.append(make_batch(case["model"], b, data_step, case.get("seed", 0), padding=case.get("padding", False)))
     return out
 
 
@@ -137,6 +138,10 @@ def _prepare_model(case: dict, seed: int) -> nn.Module:
             p.requires_grad_(False)
     model.train()
     return model
+
+
+FROZEN_PREFIX = {"mlp": "1.", "gpt": "layers.1.", "llama": "model.layers.1.", "gpt2": "transformer.h.1."}
+"""State-dict prefix of the block that ``frozen`` cases freeze."""
 
 
 def _first_block(model: nn.Module) -> nn.Module:
@@ -152,22 +157,24 @@ def _first_block(model: nn.Module) -> nn.Module:
 def reference_run(case: dict, global_batch: int) -> dict:
     """Single-process training of the case: losses per step and the final state dict."""
     model = _prepare_model(case, case.get("seed", 0))
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW([p for p in model.parameters()], lr=LR, eps=EPS)
     loss_fn = loss_fn_for(case["model"])
-    losses = []
+    losses, norms = [], []
     for batch in case_batches(case, global_batch):
         if loss_fn is not None:
             loss = loss_fn(model(*batch["args"], **batch["kwargs"]), batch["target"])
         else:
             loss = model(*batch["args"], **batch["kwargs"]).loss
         loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
         if case.get("clip"):
             torch.nn.utils.clip_grad_norm_(model.parameters(), case["clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-    return {"losses": losses, "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "state_count": None}
+        losses.append(float(loss.detach()))
+    return {"losses": losses, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "init": init, "grad_norms": norms}
 
 
 def parallel_run(case: dict, world: int, rank: int) -> dict:
@@ -190,7 +197,9 @@ def parallel_run(case: dict, world: int, rank: int) -> dict:
         else:
             loss = pm.train_step(*batch["args"], target=batch["target"], **batch["kwargs"])
         if case.get("clip"):
-            extra.setdefault("norms", []).append(float(moreh_ap.clip_grad_norm_(pm, case["clip"])))
+            extra.setdefault("grad_norms", []).append(float(moreh_ap.clip_grad_norm_(pm, case["clip"])))
+        else:
+            extra.setdefault("grad_norms", []).append(float(pm.grad_norm()))
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
@@ -212,3 +221,86 @@ def _arm_crash(pm) -> None:
 
 def max_abs_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a) if a else math.nan
+
+
+def update_rel_error(got: dict, ref: dict, init: dict) -> float:
+    """||(got - init) - (ref - init)|| / ||ref - init|| over all weights: how far a run's training
+    moved the model away from where the reference moved it (for bf16 runs)."""
+    num = sum(float((got[k].float() - ref[k].float()).pow(2).sum()) for k in ref)
+    den = sum(float((ref[k].float() - init[k].float()).pow(2).sum()) for k in ref)
+    return math.sqrt(num / den)
+
+
+# ------------------------------------------------------------------ the combinations under test
+DIMENSIONS = {
+    "model": ("gpt", "llama", "gpt2", "mlp"),
+    "pp_dp": ((1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (4, 1)),
+    "schedule": ("GPipe", "1F1B", "Interleaved1F1B"),
+    "distribute_param": (False, True),
+    "distribute_low_prec_param": (False, True),
+    "recomputation": (False, True),
+    "num_micro_batches": (1, 2, 4),
+    "mixed_precision": (False, True),
+}
+BATCH_PER_DEVICE = 2
+
+
+def combo_config(combo: dict):
+    """The ParallelConfig of a combination, or None when ``validate()`` rejects it."""
+    from moreh_ap.config import ParallelConfig
+
+    pp, dp = combo["pp_dp"]
+    interleaved = combo["schedule"] == "Interleaved1F1B" and pp > 1
+    try:
+        cfg = ParallelConfig(num_stages=pp, num_micro_batches=combo["num_micro_batches"],
+                             batch_per_device=BATCH_PER_DEVICE, recomputation=combo["recomputation"],
+                             distribute_param=combo["distribute_param"],
+                             distribute_low_prec_param=combo["distribute_low_prec_param"],
+                             mixed_precision=combo["mixed_precision"], schedule=combo["schedule"],
+                             stages_per_rank=2 if interleaved else 1)
+        return cfg.validate(pp * dp, num_blocks=N_BLOCKS)
+    except ValueError:
+        return None
+
+
+def all_valid_combos() -> list[dict]:
+    """Every combination of DIMENSIONS that ``ParallelConfig.validate`` accepts (the ``full`` set)."""
+    import itertools
+
+    names = list(DIMENSIONS)
+    out = []
+    for values in itertools.product(*(DIMENSIONS[n] for n in names)):
+        combo = dict(zip(names, values))
+        if combo_config(combo) is not None:
+            out.append(combo)
+    return out
+
+
+def covering_combos() -> list[dict]:
+    """A greedy pairwise covering set: every pair of dimension values that some valid combination
+    holds appears in at least one chosen combination (deterministic)."""
+    import itertools
+
+    combos = all_valid_combos()
+    names = list(DIMENSIONS)
+
+    def pairs(c):
+        return {((a, c[a]), (b, c[b])) for a, b in itertools.combinations(names, 2)}
+
+    uncovered = set().union(*(pairs(c) for c in combos))
+    chosen = []
+    cached = [pairs(c) for c in combos]
+    while uncovered:
+        best = max(range(len(combos)), key=lambda i: (len(cached[i] & uncovered), -i))
+        chosen.append(combos[best])
+        uncovered -= cached[best]
+    return chosen
+
+
+def combo_case(combo: dict) -> dict:
+    cfg = combo_config(combo)
+    pp, dp = combo["pp_dp"]
+    cid = (f"{combo['model']}-pp{pp}dp{dp}-{combo['schedule'] if pp > 1 else 'nopipe'}-mb{combo['num_micro_batches']}"
+           f"-dist{int(combo['distribute_param'])}{int(combo['distribute_low_prec_param'])}"
+           f"-rc{int(combo['recomputation'])}-{'bf16' if combo['mixed_precision'] else 'fp32'}")
+    return {"id": cid, "model": combo["model"], "cfg": cfg.to_dict(), "world": pp * dp}

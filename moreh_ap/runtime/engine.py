@@ -283,6 +283,9 @@ class ParallelModel(nn.Module):
                 raise self._user_error(ValueError, f"ParallelModel.train_step: with num_stages > 1 a Hugging Face "
                                        f"model takes input_ids, attention_mask and labels only; got {extra}")
             kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        elif self.pp > 1 and kwargs:
+            raise self._user_error(ValueError, f"ParallelModel.train_step: with num_stages > 1 the model takes "
+                                   f"positional tensors only; got keyword arguments {sorted(kwargs)}")
         tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
         if not tensors:
             raise self._user_error(ValueError, "ParallelModel.train_step: no input tensor given")
@@ -395,6 +398,12 @@ class ParallelModel(nn.Module):
             if names[0] not in self._tie_dupes:
                 counted.append(p)
         return counted, everything
+
+    def grad_norm(self) -> torch.Tensor:
+        """Global 2-norm of this model's gradients over all stages and shards (a collective)."""
+        from moreh_ap.runtime.norm import global_norm
+
+        return global_norm([p.grad for p in self._norm_params()[0] if p.grad is not None])
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip gradients to a global norm of ``max_norm`` (same as one device); returns the norm."""

@@ -122,8 +122,12 @@ class _LlamaStage(nn.Module):
         self.norm = inner.norm if last else None
         self.lm_head = model.lm_head if last else None
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, mask_in: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None):
+        # the first stage gets the mask as a keyword; later stages get it passed along positionally
+        # (an interleaved schedule also hands the keyword to a rank's later stages: same micro-batch)
         from transformers.masking_utils import create_causal_mask
+
+        attention_mask = mask_in if mask_in is not None else attention_mask
 
         h = self.embed_tokens(x) if self.first else x
         pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
@@ -165,8 +169,12 @@ class _GPT2Stage(nn.Module):
         self.ln_f = tr.ln_f if last else None
         self.lm_head = model.lm_head if last else None
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, mask_in: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None):
+        # the first stage gets the mask as a keyword; later stages get it passed along positionally
+        # (an interleaved schedule also hands the keyword to a rank's later stages: same micro-batch)
         from transformers.masking_utils import create_causal_mask
+
+        attention_mask = mask_in if mask_in is not None else attention_mask
 
         pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
         h = self.drop(self.wte(x) + self.wpe(pos)) if self.first else x
