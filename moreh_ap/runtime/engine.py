@@ -28,6 +28,9 @@ from moreh_ap.runtime.split import _WholeModel, clean_name, find_adapter, map_st
 
 __all__ = ["parallelize", "ParallelModel", "StepOutput"]
 
+_HF_NO_EFFECT = frozenset({"use_cache", "return_dict", "output_attentions", "output_hidden_states"})
+"""HF keyword arguments that do not change the training loss; dropped when the model is pipelined."""
+
 
 class StepOutput:
     """What ``pm(...)`` returns in training: ``.loss`` (``.backward()`` on it is a no-op: the step already ran)."""
@@ -279,12 +282,11 @@ class ParallelModel(nn.Module):
         if self._hf and self.pp == 1:
             kwargs.setdefault("use_cache", False)
         if self._hf and self.pp > 1:
-            extra = sorted(k for k in kwargs if k not in ("attention_mask",) or kwargs[k] is None)
-            extra = [k for k in extra if kwargs[k] is not None]
+            kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in _HF_NO_EFFECT}
+            extra = sorted(set(kwargs) - {"attention_mask"})
             if extra:
                 raise self._user_error(ValueError, f"ParallelModel.train_step: with num_stages > 1 a Hugging Face "
                                        f"model takes input_ids, attention_mask and labels only; got {extra}")
-            kwargs = {k: v for k, v in kwargs.items() if v is not None}
         elif self.pp > 1 and kwargs:
             raise self._user_error(ValueError, f"ParallelModel.train_step: with num_stages > 1 the model takes "
                                    f"positional tensors only; got keyword arguments {sorted(kwargs)}")
