@@ -23,7 +23,7 @@ from _runtime_cases import (FROZEN_PREFIX, all_valid_combos, combo_case, coverin
                             update_rel_error)
 from moreh_ap.config import ParallelConfig
 
-pytestmark = [pytest.mark.multirank, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.multirank, pytest.mark.timeout(3600)]
 
 
 def _cfg(**kw) -> dict:
@@ -83,7 +83,7 @@ def _launch(group: str, world: int, cases: list[dict]):
     key = (group, world)
     if key not in _LAUNCHES:
         mine = [c for c in cases if c["world"] == world]
-        _LAUNCHES[key] = launch(world, mine, timeout=600)
+        _LAUNCHES[key] = launch(world, mine, timeout=max(600, 60 + 3 * len(mine)))
         print(f"launch {group} world={world}: {len(mine)} cases in {_LAUNCHES[key].seconds:.1f}s")
     res = _LAUNCHES[key]
     if res.results is None:

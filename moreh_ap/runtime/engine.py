@@ -12,6 +12,7 @@ import sys
 import traceback
 import warnings
 from collections import defaultdict
+from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
@@ -346,7 +347,7 @@ class ParallelModel(nn.Module):
         for i in range(nmb):
             last = i == nmb - 1
             self._set_sync(last)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16) if self._autocast else nullcontext():
                 a, k, t = mbs[i]
                 out = module(*a, **k)
                 loss = plan.piece(extract_logits(out), t)
