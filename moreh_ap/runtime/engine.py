@@ -44,11 +44,11 @@ class StepOutput:
         return (self.loss,)[i]
 
 
-def _fail(exc: BaseException, where: str) -> None:
+def _fail(exc: BaseException, where: str, hint: str = "") -> None:
     """Show this rank's traceback, then leave at once so peers see a closed connection instead of hanging."""
     if world_size() > 1 and os.environ.get("MOREH_AP_EXIT_ON_ERROR", "1") != "0":
         r = dist.get_rank()
-        sys.stderr.write(f"[rank {r}] moreh_ap: {where} failed:\n{''.join(traceback.format_exception(exc))}")
+        sys.stderr.write(f"[rank {r}] moreh_ap: {where} failed:\n{''.join(traceback.format_exception(exc))}{hint}")
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(1)
@@ -120,6 +120,7 @@ class ParallelModel(nn.Module):
         self.world = world_size()
         self.pp = config.num_stages
         self.dp = config.dp(self.world)
+        self._split_name = adapter.name
         self._hf = adapter.hf_causal_lm or any(c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
         self._hf_loss = getattr(model, "loss_function", None) if self._hf else None
         self._vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -258,8 +259,15 @@ class ParallelModel(nn.Module):
             _fail(exc, "train_step")
             raise
         except BaseException as exc:
-            _fail(exc, "train_step")
+            _fail(exc, "train_step", self._hint(exc))
             raise
+
+    def _hint(self, exc: BaseException) -> str:
+        if self.pp > 1 and self._split_name.startswith("block list") and "NoneType" in str(exc):
+            return ("hint: this model was split as a torchtitan-style block list: on a pipeline stage the "
+                    "children before/after `layers` that live on other stages are None, and the model's "
+                    "forward must skip them (e.g. `h = self.tok_emb(x) if self.tok_emb is not None else x`)\n")
+        return ""
 
     def _user_error(self, exc_cls, msg: str):
         exc = exc_cls(msg)
