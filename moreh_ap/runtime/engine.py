@@ -22,7 +22,7 @@ from torch import nn
 from moreh_ap.config import ParallelConfig
 from moreh_ap.log import logger
 from moreh_ap.runtime import apply as A
-from moreh_ap.runtime.dist import broadcast_from_rank0, build_mesh, device_for_rank, world_size
+from moreh_ap.runtime.dist import broadcast_from_rank0, build_mesh, device_for_rank, subgroup, world_size
 from moreh_ap.runtime.loss import LossPlan, extract_logits, hf_num_items
 from moreh_ap.runtime.norm import clip_grad_norm_ as _clip, set_active_layout
 from moreh_ap.runtime.split import _WholeModel, clean_name, find_adapter, map_stage_names, param_names
@@ -131,7 +131,6 @@ class ParallelModel(nn.Module):
         self.pp_rank = self.mesh.get_local_rank("pp") if self.mesh is not None else 0
         self.dp_rank = self.mesh.get_local_rank("dp") if self.mesh is not None else 0
         ids = param_names(model)
-        self._frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
         stages = A.apply_pipeline(adapter, config, pp_rank=self.pp_rank)
         for st in stages:
             st.names = map_stage_names(st.module, ids)
@@ -183,11 +182,12 @@ class ParallelModel(nn.Module):
         total = self.config.total_stages
         ranges = stage_ranges(len(adapter.blocks()), total, self.config.boundaries)
         for names in tied:
-            holders = sorted({s % self.pp for s in range(total) if self._stage_holds(adapter, model, ranges[s], s, total, names)})
+            holders = sorted({s % self.pp for s in range(total)
+                              if self._stage_holds(adapter, model, ranges[s], s, total, names)})
             if len(holders) < 2:
                 continue
             for d in range(self.dp):
-                grp = dist.new_group([h * self.dp + d for h in holders])
+                grp = subgroup([h * self.dp + d for h in holders])
                 if d == self.dp_rank and self.pp_rank in holders:
                     self._tie_groups.append((names[0], grp))
                     if self.pp_rank != holders[0]:
