@@ -19,6 +19,8 @@ from moreh_ap.log import logger
 from moreh_ap.optim import FusedLAMB
 from moreh_ap.option import APOptions
 from moreh_ap.planner import Cluster, Plan, plan
+from moreh_ap import runtime
+from moreh_ap.runtime import ParallelModel, clip_grad_norm_, parallelize
 
 __all__ = [
     "__version__",
@@ -28,13 +30,17 @@ __all__ = [
     "ModelGraph",
     "NoFeasibleConfigError",
     "ParallelConfig",
+    "ParallelModel",
     "Plan",
     "apex",
+    "clip_grad_norm_",
     "env",
     "logger",
     "optim",
     "option",
+    "parallelize",
     "plan",
+    "runtime",
     "trace",
 ]
 
