@@ -37,7 +37,7 @@ from datetime import timedelta
 from moreh_ap import env as _env
 from moreh_ap.log import logger
 
-__all__ = ["LaunchDecision", "decide", "self_command", "maybe_launch", "init_process_group"]
+__all__ = ["LaunchDecision", "decide", "self_command", "maybe_launch"]
 
 _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "GROUP_RANK")
 _LAUNCHED_MARK = "MOREH_AP_LAUNCHED"
@@ -262,23 +262,3 @@ def maybe_launch() -> LaunchDecision:
         logger.info(f"Launching {decision.reason}: this process is rank 0.")
         _launch = _Launch(decision)
     return decision
-
-
-def init_process_group(*, backend: str | None = None, timeout_s: float = 60.0) -> None:
-    """Bring up the default process group from torchrun-style env vars (torchrun or the self-launch).
-
-    Args:
-        backend: 'nccl' or 'gloo'; default nccl when this rank has a CUDA device, else gloo.
-        timeout_s: collective timeout, so that a dead peer fails the others fast.
-    """
-    import torch
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    if backend is None:
-        wants_cuda = os.environ.get("MOREH_AP_DEVICE", "cuda") == "cuda"
-        backend = "nccl" if wants_cuda and torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))

@@ -18,8 +18,8 @@ SCRIPT = textwrap.dedent(
     import torch
     import torch.distributed as dist
     torch.moreh.option.enable_advanced_parallelization()
-    from moreh_ap import launcher
-    launcher.init_process_group(timeout_s=60)
+    import moreh_ap
+    moreh_ap.runtime.init_distributed(timeout_s=60)
     t = torch.tensor([dist.get_rank() + 1.0])
     dist.all_reduce(t)
     if os.environ.get("CRASH_RANK") == str(dist.get_rank()):
