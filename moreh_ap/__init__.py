@@ -14,10 +14,16 @@ from moreh_ap.config import ParallelConfig
 from moreh_ap.errors import NoFeasibleConfigError
 from moreh_ap.log import logger
 from moreh_ap.option import APOptions
+from moreh_ap import runtime
+from moreh_ap.runtime import ParallelModel, clip_grad_norm_, parallelize
 
 __all__ = [
     "__version__",
     "APOptions",
+    "ParallelModel",
+    "clip_grad_norm_",
+    "parallelize",
+    "runtime",
     "NoFeasibleConfigError",
     "ParallelConfig",
     "env",
