@@ -179,6 +179,8 @@ class ParallelModel(nn.Module):
         ranges = stage_ranges(len(adapter.blocks()), total, self.config.boundaries)
         for names in tied:
             holders = sorted({s % self.pp for s in range(total) if self._stage_holds(adapter, model, ranges[s], s, total, names)})
+            if len(holders) < 2:
+                continue
             for d in range(self.dp):
                 grp = dist.new_group([h * self.dp + d for h in holders])
                 if d == self.dp_rank and self.pp_rank in holders:
