@@ -100,8 +100,9 @@ def loss_fn_for(kind: str):
     return {"mlp": mse_loss, "gpt": gpt_loss}.get(kind)
 
 
-def make_batch(kind: str, batch: int, step: int, seed: int, *, padding: bool = False) -> dict:
+def make_batch(kind: str, batch: int, step: int, seed: int, *, padding: bool = False, seq: int = SEQ) -> dict:
     """The global batch of ``step``: {"args": tuple, "kwargs": dict, "target": tensor|None}."""
+    SEQ = seq  # noqa: N806 (shadows the module default for this batch)
     g = torch.Generator().manual_seed(1000 * seed + step)
     if kind == "mlp":
         return {"args": (torch.randn(batch, 16, generator=g),), "kwargs": {}, "target": torch.randn(batch, 8, generator=g)}
@@ -123,11 +124,13 @@ def case_batches(case: dict, global_batch: int) -> list[dict]:
     """The global batches of all steps (the last one shorter when ``short_last``)."""
     out = []
     for step in range(case.get("steps", STEPS)):
-        b = global_batch
-        if case.get("short_last") and step == case.get("steps", STEPS) - 1:
-            b = case["short_last"]
+        b, seq = global_batch, SEQ
+        if step == case.get("steps", STEPS) - 1:
+            b = case.get("short_last") or b
+            seq = case.get("seq_last") or seq
         data_step = 0 if case.get("same_batch") else step
-        out.append(make_batch(case["model"], b, data_step, case.get("seed", 0), padding=case.get("padding", False)))
+        out.append(make_batch(case["model"], b, data_step, case.get("seed", 0), padding=case.get("padding", False),
+                              seq=seq))
     return out
 
 
@@ -203,11 +206,24 @@ def parallel_run(case: dict, world: int, rank: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        extra["loss_spread"] = max(extra.get("loss_spread", 0.0), _spread(loss.detach()))
     if case.get("frozen"):
         extra["frozen_state"] = sum(len(opt.state[p]) for g in opt.param_groups for p in g["params"]
                                     if not p.requires_grad)
     state = pm.full_state_dict()
     return {"losses": losses, "state": state, **extra}
+
+
+def _spread(loss: torch.Tensor) -> float:
+    """max - min of the returned loss over all ranks (must be 0: the same value everywhere)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return 0.0
+    hi, lo = loss.clone().float(), loss.clone().float()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return float(hi - lo)
 
 
 def _arm_crash(pm) -> None:

@@ -12,6 +12,7 @@ import sys
 import traceback
 import warnings
 from collections import defaultdict
+from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
@@ -28,6 +29,9 @@ from moreh_ap.runtime.split import _WholeModel, clean_name, find_adapter, map_st
 
 __all__ = ["parallelize", "ParallelModel", "StepOutput"]
 
+_HF_NO_EFFECT = frozenset({"use_cache", "return_dict", "output_attentions", "output_hidden_states"})
+"""HF keyword arguments that do not change the training loss; dropped when the model is pipelined."""
+
 
 class StepOutput:
     """What ``pm(...)`` returns in training: ``.loss`` (``.backward()`` on it is a no-op: the step already ran)."""
@@ -40,11 +44,11 @@ class StepOutput:
         return (self.loss,)[i]
 
 
-def _fail(exc: BaseException, where: str) -> None:
+def _fail(exc: BaseException, where: str, hint: str = "") -> None:
     """Show this rank's traceback, then leave at once so peers see a closed connection instead of hanging."""
     if world_size() > 1 and os.environ.get("MOREH_AP_EXIT_ON_ERROR", "1") != "0":
         r = dist.get_rank()
-        sys.stderr.write(f"[rank {r}] moreh_ap: {where} failed:\n{''.join(traceback.format_exception(exc))}")
+        sys.stderr.write(f"[rank {r}] moreh_ap: {where} failed:\n{''.join(traceback.format_exception(exc))}{hint}")
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(1)
@@ -116,6 +120,7 @@ class ParallelModel(nn.Module):
         self.world = world_size()
         self.pp = config.num_stages
         self.dp = config.dp(self.world)
+        self._split_name = adapter.name
         self._hf = adapter.hf_causal_lm or any(c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
         self._hf_loss = getattr(model, "loss_function", None) if self._hf else None
         self._vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -254,8 +259,15 @@ class ParallelModel(nn.Module):
             _fail(exc, "train_step")
             raise
         except BaseException as exc:
-            _fail(exc, "train_step")
+            _fail(exc, "train_step", self._hint(exc))
             raise
+
+    def _hint(self, exc: BaseException) -> str:
+        if self.pp > 1 and self._split_name.startswith("block list") and "NoneType" in str(exc):
+            return ("hint: this model was split as a torchtitan-style block list: on a pipeline stage the "
+                    "children before/after `layers` that live on other stages are None, and the model's "
+                    "forward must skip them (e.g. `h = self.tok_emb(x) if self.tok_emb is not None else x`)\n")
+        return ""
 
     def _user_error(self, exc_cls, msg: str):
         exc = exc_cls(msg)
@@ -279,12 +291,11 @@ class ParallelModel(nn.Module):
         if self._hf and self.pp == 1:
             kwargs.setdefault("use_cache", False)
         if self._hf and self.pp > 1:
-            extra = sorted(k for k in kwargs if k not in ("attention_mask",) or kwargs[k] is None)
-            extra = [k for k in extra if kwargs[k] is not None]
+            kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in _HF_NO_EFFECT}
+            extra = sorted(set(kwargs) - {"attention_mask"})
             if extra:
                 raise self._user_error(ValueError, f"ParallelModel.train_step: with num_stages > 1 a Hugging Face "
                                        f"model takes input_ids, attention_mask and labels only; got {extra}")
-            kwargs = {k: v for k, v in kwargs.items() if v is not None}
         elif self.pp > 1 and kwargs:
             raise self._user_error(ValueError, f"ParallelModel.train_step: with num_stages > 1 the model takes "
                                    f"positional tensors only; got keyword arguments {sorted(kwargs)}")
@@ -344,7 +355,7 @@ class ParallelModel(nn.Module):
         for i in range(nmb):
             last = i == nmb - 1
             self._set_sync(last)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16) if self._autocast else nullcontext():
                 a, k, t = mbs[i]
                 out = module(*a, **k)
                 loss = plan.piece(extract_logits(out), t)
