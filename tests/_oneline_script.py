@@ -10,6 +10,7 @@ last batch, ``model.eval()`` + forward, ``model.train()``, ``state_dict()``, ``t
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -57,6 +58,7 @@ result = {"loss": [], "norm": [], "eval": None}
 crash_rank = int(sys.argv[sys.argv.index("--crash-rank") + 1]) if "--crash-rank" in sys.argv else None
 for step in range(5):
     if crash_rank is not None and step == 2 and RANK == crash_rank:
+        print(f"CRASH_AT {time.time()}", file=sys.stderr, flush=True)
         raise RuntimeError(f"deliberate failure on rank {RANK}")
     if step == 2:  # gradient accumulation over two half batches
         for _ in range(2):

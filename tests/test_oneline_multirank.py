@@ -32,7 +32,7 @@ def _config(**fields) -> str:
     return json.dumps({"batch_per_device": 1, **FP32, **fields})
 
 
-def _run(cmd, cwd, *, ap: str | None, nproc: int | None = None, config: str | None = None, timeout=150, **extra):
+def _run(cmd, cwd, *, ap: str | None, nproc: int | None = None, config: str | None = None, timeout=400, **extra):
     env = clean_subprocess_env(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TRANSFORMERS_VERBOSITY="error",
                                HF_HUB_DISABLE_PROGRESS_BARS="1", **extra)
     if ap is not None:
@@ -84,7 +84,7 @@ CASES = {
 }
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("case", list(CASES))
 def test_script_matches_one_device(case, reference, tmp_path):
     ref_dir, ref = reference
@@ -102,10 +102,7 @@ def test_script_matches_one_device(case, reference, tmp_path):
         assert res["loss"] == pytest.approx(ref["loss"], rel=1e-5)
         assert res["norm"] == pytest.approx(ref["norm"], rel=1e-5)
         assert res["name"] == "LlamaForCausalLM" and res["isinstance"] and res["reload_equal"]
-        if "num_stages\": 2" in config:
-            assert res["eval"].startswith("NotImplementedError") and "num_stages=2" in res["eval"]
-        else:
-            assert res["eval"] == pytest.approx(ref["eval"], rel=1e-5)
+        assert res["eval"] == pytest.approx(ref["eval"], rel=1e-5)  # model.eval() + forward (pipelined too)
     assert results[0]["loss"] == results[1]["loss"]  # loss.item() identical on all ranks
     want = torch.load(ref_dir / "state_rank0.pt")
     for r in range(2):  # state_dict(): full weights on the CPU on every rank
@@ -118,7 +115,7 @@ def test_script_matches_one_device(case, reference, tmp_path):
 LOSS = re.compile(r"\[Step (\d+)/\d+\] Loss: ([0-9.]+)")
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(900)
 def test_example_pipelined_matches_one_device(tmp_path):
     """The seed's walkthrough with AP on (2 ranks, 2 stages) vs off: same loss at every step, same weights."""
     common = ["--num-samples", "24", "--block-size", "32", "--log-interval", "1", "--ap-options",
@@ -140,11 +137,12 @@ def test_example_pipelined_matches_one_device(tmp_path):
     _assert_weights_close(_saved(tmp_path / "off"), _saved(tmp_path / "on"))
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_crashing_rank_ends_the_run_with_its_traceback(tmp_path):
     proc = _run([SCRIPT, tmp_path, "line", "--crash-rank", "1"], tmp_path, ap=None, nproc=2,
-                config=_config(num_stages=2, num_micro_batches=2), timeout=90)
+                config=_config(num_stages=2, num_micro_batches=2))
     assert proc.returncode != 0
-    assert proc.elapsed < 60, proc.elapsed
+    crash_at = float(re.search(r"CRASH_AT ([0-9.]+)", proc.stderr).group(1))
+    assert time.time() - crash_at < 60  # every rank gone within 60 s of the failure (start-up varies with load)
     assert "deliberate failure on rank 1" in proc.stderr
     assert "RuntimeError" in proc.stderr
