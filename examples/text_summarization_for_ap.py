@@ -14,6 +14,10 @@ AdamW`` (removed in transformers 5: ``torch.optim.AdamW`` is used). The default
 learning rate is 1e-3 instead of the seed's 1e-5 because the model starts from
 random weights instead of a pretrained checkpoint.
 
+As in the seed, the script calls ``model.cuda()`` and ``tensor.cuda()``: under AP on a machine
+without CUDA they leave everything on the CPU. Not in the seed: ``--ap-options`` passes keyword
+overrides to ``enable_advanced_parallelization`` (e.g. ``mixed_precision=false,num_stages=2``).
+
 Run (AP on; ``MOREH_AP_NPROC=2`` starts two CPU ranks)::
 
     MOREH_AP_NPROC=2 python examples/text_summarization_for_ap.py
