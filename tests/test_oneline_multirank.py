@@ -1,5 +1,5 @@
 # The one-line mode end to end: user scripts with AP on (2 CPU ranks, self-launched) vs AP off in one process.
-"""Each case launches a real script with ``MOREH_AP_NPROC=2`` (the self-launcher) and compares it
+"""Each case launches a real script with ``MOREH_AP_NPROC=2`` or ``4`` (the self-launcher) and compares it
 with the same script run with ``MOREH_ENABLE_ADVANCED_PARALLELIZATION=0`` in one process.
 
 fp32 (``mixed_precision=False``); tolerances: losses and gradient norms rtol 1e-5; weights per tensor
@@ -76,11 +76,13 @@ def reference(tmp_path_factory):
 
 CASES = {
     # pp=1 data parallel (DDP), HF gradient checkpointing => recomputation fixed on
-    "dp2-ddp-line-ckpt": (["line", "--ckpt"], _config(num_stages=1, num_micro_batches=1)),
+    "dp2-ddp-line-ckpt": (2, ["line", "--ckpt"], _config(num_stages=1, num_micro_batches=1)),
     # pp=2, 1F1B over 2 micro-batches
-    "pp2-1f1b-line": (["line"], _config(num_stages=2, num_micro_batches=2)),
+    "pp2-1f1b-line": (2, ["line"], _config(num_stages=2, num_micro_batches=2)),
     # env var only (no line in the script), FSDP2 over 2 ranks, 2 micro-batches
-    "dp2-fsdp-env": (["env"], _config(num_stages=1, num_micro_batches=2, distribute_param=True)),
+    "dp2-fsdp-env": (2, ["env"], _config(num_stages=1, num_micro_batches=2, distribute_param=True)),
+    # 4 ranks: 2 stages x FSDP2 over 2 data-parallel ranks
+    "pp2xdp2-fsdp-line": (4, ["line"], _config(num_stages=2, num_micro_batches=2, distribute_param=True)),
 }
 
 
@@ -88,11 +90,12 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_script_matches_one_device(case, reference, tmp_path):
     ref_dir, ref = reference
-    args, config = CASES[case]
-    proc = _run([SCRIPT, tmp_path, *args], tmp_path, ap="1" if args[0] == "env" else None, nproc=2, config=config)
+    nproc, args, config = CASES[case]
+    proc = _run([SCRIPT, tmp_path, *args], tmp_path, ap="1" if args[0] == "env" else None, nproc=nproc,
+                config=config)
     results = _results(proc)
-    assert len(results) == 2, proc.stdout
-    assert "Launching 2 local cpu ranks" in proc.stderr
+    assert len(results) == nproc, proc.stdout
+    assert f"Launching {nproc} local cpu ranks" in proc.stderr
     assert "Configuration for parallelism is selected." in proc.stderr
     line = next(l for l in proc.stderr.splitlines() if "num_stages :" in l and "parallelize" not in l)
     assert (tmp_path / "advanced_parallelization_selected_config.dump").read_text().strip() in line
@@ -103,9 +106,9 @@ def test_script_matches_one_device(case, reference, tmp_path):
         assert res["norm"] == pytest.approx(ref["norm"], rel=1e-5)
         assert res["name"] == "LlamaForCausalLM" and res["isinstance"] and res["reload_equal"]
         assert res["eval"] == pytest.approx(ref["eval"], rel=1e-5)  # model.eval() + forward (pipelined too)
-    assert results[0]["loss"] == results[1]["loss"]  # loss.item() identical on all ranks
+    assert all(res["loss"] == results[0]["loss"] for res in results)  # loss.item() identical on all ranks
     want = torch.load(ref_dir / "state_rank0.pt")
-    for r in range(2):  # state_dict(): full weights on the CPU on every rank
+    for r in range(nproc):  # state_dict(): full weights on the CPU on every rank
         got = torch.load(tmp_path / f"state_rank{r}.pt")
         assert all(t.device.type == "cpu" for t in got.values())
         _assert_weights_close(want, got)
