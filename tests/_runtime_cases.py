@@ -177,7 +177,26 @@ def reference_run(case: dict, global_batch: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-    return {"losses": losses, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "init": init, "grad_norms": norms}
+    out = {"losses": losses, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "init": init,
+           "grad_norms": norms}
+    if case.get("eval"):
+        out["eval_loss"] = _eval_loss(model, case, global_batch)
+    return out
+
+
+def _eval_loss(model, case: dict, global_batch: int) -> float:
+    """Loss of a held-out batch in eval mode under no_grad (works for the plain model and a ParallelModel)."""
+    batch = make_batch(case["model"], global_batch, 99, case.get("seed", 0), padding=case.get("padding", False))
+    model.eval()
+    with torch.no_grad():
+        if batch["target"] is not None:
+            res = model(*batch["args"], target=batch["target"]) if hasattr(model, "train_step") \
+                else model(*batch["args"])
+            loss = res.loss if hasattr(res, "loss") else loss_fn_for(case["model"])(res, batch["target"])
+        else:
+            loss = model(*batch["args"], **batch["kwargs"]).loss
+    model.train()
+    return float(loss)
 
 
 def parallel_run(case: dict, world: int, rank: int) -> dict:
@@ -207,6 +226,8 @@ def parallel_run(case: dict, world: int, rank: int) -> dict:
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         extra["loss_spread"] = max(extra.get("loss_spread", 0.0), _spread(loss.detach()))
+    if case.get("eval"):
+        extra["eval_loss"] = _eval_loss(pm, case, cfg.global_batch(world))
     if case.get("frozen"):
         extra["frozen_state"] = sum(len(opt.state[p]) for g in opt.param_groups for p in g["params"]
                                     if not p.requires_grad)

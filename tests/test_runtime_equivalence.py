@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from _dist_harness import launch
-from _runtime_cases import (FROZEN_PREFIX, all_valid_combos, combo_case, covering_combos, reference_run,
+from _runtime_cases import (FROZEN_PREFIX, all_valid_combos, build_model, combo_case, covering_combos, reference_run,
                             update_rel_error)
 from moreh_ap.config import ParallelConfig
 
@@ -35,8 +35,10 @@ def _cfg(**kw) -> dict:
 FEATURE_CASES = [
     # padding: attention masks and ignored labels that differ per micro-batch; HF-style pm(...).loss
     {"id": "llama-padding-pp2dp2-1F1B-dist10", "model": "llama", "world": 4, "padding": True, "hf_style": True,
+     "eval": True,
      "cfg": _cfg(num_stages=2, num_micro_batches=2, distribute_param=True)},
     {"id": "gpt2-padding-pp2dp1-Interleaved", "model": "gpt2", "world": 2, "padding": True, "hf_style": True,
+     "eval": True,
      "cfg": _cfg(num_stages=2, num_micro_batches=4, batch_per_device=1, schedule="Interleaved1F1B",
                  stages_per_rank=2)},
     {"id": "llama-padding-pp1dp2-ddp-mb4", "model": "llama", "world": 2, "padding": True,
@@ -46,7 +48,7 @@ FEATURE_CASES = [
      "cfg": _cfg(num_stages=2, num_micro_batches=2, distribute_param=True, distribute_low_prec_param=True)},
     {"id": "gpt-clip-pp1dp2-ddp", "model": "gpt", "world": 2, "clip": 0.5,
      "cfg": _cfg(num_stages=1, num_micro_batches=2)},
-    {"id": "mlp-clip-pp4dp1-GPipe", "model": "mlp", "world": 4, "clip": 0.1,
+    {"id": "mlp-clip-pp4dp1-GPipe", "model": "mlp", "world": 4, "clip": 0.1, "eval": True,
      "cfg": _cfg(num_stages=4, num_micro_batches=2, schedule="GPipe")},
     # frozen parameters stay frozen, get no optimizer state
     {"id": "gpt-frozen-pp2dp2-GPipe-dist10", "model": "gpt", "world": 4, "frozen": True,
@@ -67,7 +69,7 @@ FEATURE_CASES = [
     # rank 0's weights win when ranks initialize differently
     {"id": "gpt-rankseed-pp2dp2-1F1B", "model": "gpt", "world": 4, "rank_seed": True,
      "cfg": _cfg(num_stages=2, num_micro_batches=2)},
-    {"id": "llama-rankseed-pp1dp2-ddp", "model": "llama", "world": 2, "rank_seed": True,
+    {"id": "llama-rankseed-pp1dp2-ddp", "model": "llama", "world": 2, "rank_seed": True, "eval": True,
      "cfg": _cfg(num_stages=1, num_micro_batches=2)},
     # dropout on: only checks that it trains (the loss on one repeated batch goes down)
     {"id": "gpt-dropout-pp2dp1-1F1B", "model": "gpt", "world": 2, "dropout": True, "steps": 5, "same_batch": True,
@@ -97,6 +99,7 @@ def _check(case: dict, got: dict) -> None:
     ref = reference_run(case, batch)
     assert list(got["state"]) == list(ref["state"]), "full_state_dict names differ from the model's state_dict"
     assert got["loss_spread"] == 0.0, "train_step returned different losses on different ranks"
+    build_model(case["model"], 1).load_state_dict(got["state"], strict=True)  # loads into the original class
     if case.get("dropout"):
         assert all(math.isfinite(x) for x in got["losses"])
         assert got["losses"][-1] < got["losses"][0], f"dropout run does not train: {got['losses']}"
@@ -112,6 +115,8 @@ def _check(case: dict, got: dict) -> None:
                                    rtol=1e-4, atol=1e-5)
         for k, v in ref["state"].items():
             torch.testing.assert_close(got["state"][k], v, rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    if case.get("eval"):  # eval-mode loss of a held-out batch after training
+        torch.testing.assert_close(got["eval_loss"], ref["eval_loss"], rtol=1e-4, atol=1e-5)
     if case.get("frozen"):
         assert got["frozen_state"] == 0, "frozen parameters got optimizer state"
         frozen = [k for k in ref["state"] if k.startswith(FROZEN_PREFIX[case["model"]])]

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["init_distributed", "world_size", "rank", "device_for_rank", "build_mesh", "broadcast_from_rank0"]
+__all__ = ["init_distributed", "world_size", "rank", "device_for_rank", "build_mesh", "subgroup", "broadcast_from_rank0"]
 
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -70,13 +70,32 @@ def init_distributed(*, backend: str | None = None, timeout_s: float | None = No
     return True
 
 
+_MESHES: dict = {}
+_GROUPS: dict = {}
+
+
 def build_mesh(pp: int, dp: int, device: torch.device):
-    """``init_device_mesh(device, (pp, dp), mesh_dim_names=("pp", "dp"))``, or None for one process."""
+    """``init_device_mesh(device, (pp, dp), mesh_dim_names=("pp", "dp"))``, or None for one process.
+
+    Cached per default process group and shape: every mesh owns process groups (and their
+    communication threads), so parallelizing again in one process reuses them instead of leaking.
+    """
     if not dist.is_initialized():
         return None
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(device.type, (pp, dp), mesh_dim_names=("pp", "dp"))
+    key = (id(dist.group.WORLD), device.type, pp, dp)
+    if key not in _MESHES:
+        _MESHES[key] = init_device_mesh(device.type, (pp, dp), mesh_dim_names=("pp", "dp"))
+    return _MESHES[key]
+
+
+def subgroup(ranks: list[int]):
+    """``dist.new_group(ranks)`` (a collective over all ranks), cached per default group and rank list."""
+    key = (id(dist.group.WORLD), tuple(ranks))
+    if key not in _GROUPS:
+        _GROUPS[key] = dist.new_group(list(ranks))
+    return _GROUPS[key]
 
 
 @torch.no_grad()

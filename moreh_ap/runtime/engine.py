@@ -22,7 +22,7 @@ from torch import nn
 from moreh_ap.config import ParallelConfig
 from moreh_ap.log import logger
 from moreh_ap.runtime import apply as A
-from moreh_ap.runtime.dist import broadcast_from_rank0, build_mesh, device_for_rank, world_size
+from moreh_ap.runtime.dist import broadcast_from_rank0, build_mesh, device_for_rank, subgroup, world_size
 from moreh_ap.runtime.loss import LossPlan, extract_logits, hf_num_items
 from moreh_ap.runtime.norm import clip_grad_norm_ as _clip, set_active_layout
 from moreh_ap.runtime.split import _WholeModel, clean_name, find_adapter, map_stage_names, param_names
@@ -36,9 +36,9 @@ _HF_NO_EFFECT = frozenset({"use_cache", "return_dict", "output_attentions", "out
 class StepOutput:
     """What ``pm(...)`` returns in training: ``.loss`` (``.backward()`` on it is a no-op: the step already ran)."""
 
-    def __init__(self, loss: torch.Tensor) -> None:
-        self.loss = loss.detach().clone().requires_grad_(True)
-        self.logits = None
+    def __init__(self, loss: torch.Tensor, logits=None) -> None:
+        self.loss = loss.detach().clone().requires_grad_(torch.is_grad_enabled())
+        self.logits = logits
 
     def __getitem__(self, i: int):
         return (self.loss,)[i]
@@ -131,7 +131,6 @@ class ParallelModel(nn.Module):
         self.pp_rank = self.mesh.get_local_rank("pp") if self.mesh is not None else 0
         self.dp_rank = self.mesh.get_local_rank("dp") if self.mesh is not None else 0
         ids = param_names(model)
-        self._frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
         stages = A.apply_pipeline(adapter, config, pp_rank=self.pp_rank)
         for st in stages:
             st.names = map_stage_names(st.module, ids)
@@ -183,11 +182,12 @@ class ParallelModel(nn.Module):
         total = self.config.total_stages
         ranges = stage_ranges(len(adapter.blocks()), total, self.config.boundaries)
         for names in tied:
-            holders = sorted({s % self.pp for s in range(total) if self._stage_holds(adapter, model, ranges[s], s, total, names)})
+            holders = sorted({s % self.pp for s in range(total)
+                              if self._stage_holds(adapter, model, ranges[s], s, total, names)})
             if len(holders) < 2:
                 continue
             for d in range(self.dp):
-                grp = dist.new_group([h * self.dp + d for h in holders])
+                grp = subgroup([h * self.dp + d for h in holders])
                 if d == self.dp_rank and self.pp_rank in holders:
                     self._tie_groups.append((names[0], grp))
                     if self.pp_rank != holders[0]:
@@ -236,13 +236,27 @@ class ParallelModel(nn.Module):
     def forward(self, *args, target=None, **kwargs):
         """Training (grad enabled, ``train()`` mode): one full step, returns a :class:`StepOutput`.
 
-        Otherwise (pp = 1 only) the wrapped model's own forward.
+        Otherwise (evaluation): with pp = 1 the wrapped model's own forward (a :class:`StepOutput` with
+        ``loss_fn(output, target)`` and ``.logits`` when ``target`` is given); with pp > 1 a forward-only
+        pipeline pass returning a :class:`StepOutput` with the global batch's mean loss (no logits).
         """
         if self.training and torch.is_grad_enabled():
             return StepOutput(self.train_step(*args, target=target, **kwargs))
         if self.pp > 1:
-            raise NotImplementedError("ParallelModel: evaluation forward is not supported with num_stages > 1")
-        return self._stages[0].module(*args, **kwargs)
+            try:
+                with torch.no_grad():
+                    return StepOutput(self._step(args, target, kwargs, train=False))
+            except (ValueError, TypeError) as exc:
+                if not getattr(exc, "_moreh_user_error", False):
+                    _fail(exc, "eval forward")
+                raise
+            except BaseException as exc:
+                _fail(exc, "eval forward", self._hint(exc))
+                raise
+        out = self._stages[0].module(*args, **kwargs)
+        if target is not None and self.loss_fn is not None:
+            return StepOutput(self.loss_fn(out, target), logits=out)
+        return out
 
     def train_step(self, *args, target=None, **kwargs) -> torch.Tensor:
         """Forward + backward of ONE global batch over the config's micro-batches.
@@ -252,7 +266,7 @@ class ParallelModel(nn.Module):
         the same fp32 scalar on every rank.
         """
         try:
-            return self._train_step(args, target, kwargs)
+            return self._step(args, target, kwargs, train=True)
         except (ValueError, TypeError) as exc:
             if getattr(exc, "_moreh_user_error", False):
                 raise
@@ -322,7 +336,7 @@ class ParallelModel(nn.Module):
                                f"dp({self.dp}) x micro-batches valid for schedule {cfg.schedule!r} with "
                                f"num_stages({self.pp})")
 
-    def _train_step(self, args, target, kwargs) -> torch.Tensor:
+    def _step(self, args, target, kwargs, *, train: bool) -> torch.Tensor:
         args, target, kwargs, hf, batch = self._prepare(args, target, kwargs)
         if batch % self.dp:
             raise self._user_error(ValueError, f"global batch({batch}) is not divisible by dp({self.dp})")
@@ -337,11 +351,14 @@ class ParallelModel(nn.Module):
         args, kwargs = _map_tensors(args, cut), _map_tensors(kwargs, cut)
         target = _map_tensors(target, cut)
         self._local = local
-        if self.pp == 1:
+        if not train:
+            mine = self._eval_pipeline(args, kwargs, target, nmb, plan)
+        elif self.pp == 1:
             mine = self._run_local(args, kwargs, target, nmb, plan)
         else:
             mine = self._run_pipeline(args, kwargs, target, nmb, plan, hf)
-        self._sum_tied_grads()
+        if train:
+            self._sum_tied_grads()
         loss = torch.as_tensor(mine, dtype=torch.float32).reshape(()).to(self.device)
         if self.world > 1:
             dist.all_reduce(loss)
@@ -385,6 +402,20 @@ class ParallelModel(nn.Module):
         if not holds_last:
             return torch.zeros((), device=self.device)
         return torch.stack([l.detach().float() for l in losses]).sum() / self.dp
+
+    def _eval_pipeline(self, args, kwargs, target, nmb: int, plan: LossPlan) -> torch.Tensor:
+        """Forward-only schedule (no loss_fn); the last stage scores its whole local batch at once."""
+        key = ("eval", nmb, tuple((tuple(t.shape), t.dtype) for t in args if isinstance(t, torch.Tensor)),
+               tuple(sorted((k, tuple(v.shape)) for k, v in kwargs.items() if isinstance(v, torch.Tensor))))
+        if key not in self._schedules:
+            self._schedules[key] = A.build_schedule(self._stages, self.config, n_microbatches=nmb,
+                                                    pp_group=self.mesh.get_group("pp"), device=self.device,
+                                                    loss_fn=None)
+        out = self._schedules[key].step(*args, **kwargs)
+        if not any(s.is_last for s in self._stages):
+            return torch.zeros((), device=self.device)
+        plan.micro_batch_samples = self._local
+        return plan.piece(out, target).detach().float() / self.dp
 
     def _pipeline_loss(self, output, target):
         return self._plan.piece(output, target)

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Callable
-
 import torch
 from torch import nn
 
@@ -264,11 +262,3 @@ def map_stage_names(stage: nn.Module, ids: dict[int, list[str]]) -> dict[str, li
         if id(t) in ids:
             out[n] = ids[id(t)]
     return out
-
-
-def replace_blocks(container: nn.Module, fn: Callable[[str, nn.Module], nn.Module]) -> None:
-    """Replace every child of ``container`` with ``fn(name, child)`` in place."""
-    for name, child in list(container.named_children()):
-        new = fn(name, child)
-        if new is not child:
-            container._modules[name] = new
