@@ -15,11 +15,16 @@ from moreh_ap.errors import NoFeasibleConfigError
 from moreh_ap.log import logger
 from moreh_ap.option import APOptions
 from moreh_ap import runtime
+from moreh_ap.graph import ModelGraph, trace
+from moreh_ap.planner import Cluster, Plan, plan
 from moreh_ap.runtime import ParallelModel, clip_grad_norm_, parallelize
 
 __all__ = [
     "__version__",
     "APOptions",
+    "Cluster",
+    "ModelGraph",
+    "Plan",
     "ParallelModel",
     "clip_grad_norm_",
     "parallelize",
@@ -29,6 +34,8 @@ __all__ = [
     "env",
     "logger",
     "option",
+    "plan",
+    "trace",
 ]
 
 # Validate the MOREH_* variables now: a bad value fails at import, naming the variable.
