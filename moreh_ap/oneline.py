@@ -520,22 +520,10 @@ class _Engine:
             return super(type(root), root).__call__(*args, **kwargs)
 
     def _evaluate_pipelined(self, args, kwargs):
-        """Forward only through the pipeline schedule (``schedule.eval``): the global batch's mean loss."""
-        pm = self.pm
-        if kwargs.get("labels") is None or getattr(pm, "_tie_groups", None):
-            raise NotImplementedError(
-                f"advanced parallelization: with num_stages={pm.pp} an evaluation forward needs labels= (it "
-                "returns the loss only) and a model without weights tied across stages; save_pretrained() and "
-                "evaluate the reloaded model, or pin num_stages=1")
-        kwargs = {k: v for k, v in kwargs.items() if k != "use_cache"}
-        schedules = pm._schedules
-        pm._schedules = _ForwardOnlySchedules(schedules)
-        try:
-            with _Internal(), torch.no_grad():
-                loss = pm.train_step(*args, **kwargs)
-        finally:
-            pm._schedules = schedules
-        return self._output(loss)
+        """The runtime's forward-only pipeline pass: the global batch's mean loss (no logits)."""
+        with _Internal(), torch.no_grad():
+            out = self.pm(*args, **kwargs)
+        return self._output(out.loss)
 
     # -- state
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -547,31 +535,6 @@ class _Engine:
                 dist.broadcast_object_list(box, src=0)
                 sd = box[0]
         return sd
-
-
-class _ForwardOnlySchedules(dict):
-    """The runtime's schedule cache seen through: a schedule's ``step`` runs ``eval`` (forward only)."""
-
-    def __init__(self, inner: dict) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def __contains__(self, key) -> bool:
-        return key in self.inner
-
-    def __setitem__(self, key, value) -> None:
-        self.inner[key] = value
-
-    def __getitem__(self, key):
-        return _ForwardOnly(self.inner[key])
-
-
-class _ForwardOnly:
-    def __init__(self, schedule) -> None:
-        self.schedule = schedule
-
-    def step(self, *args, **kwargs):
-        return self.schedule.eval(*args, **kwargs)
 
 
 def _swap_class(root: nn.Module, user_class: type) -> None:
