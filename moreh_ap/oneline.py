@@ -48,6 +48,8 @@ CONFIG_ENV = "MOREH_AP_CONFIG"
 """Pin the parallel configuration (JSON of ``ParallelConfig.to_dict()`` or the seed's line): skips the planner."""
 
 DUMP_FILE = "advanced_parallelization_selected_config.dump"
+PLANNING_TIMEOUT_S = 3600
+"""How long the other ranks wait for rank 0's planner (tracing, calibration, search)."""
 
 _tls = threading.local()
 
@@ -383,8 +385,9 @@ def fallback_config(root: nn.Module, *, batch: int, world: int, options, recompu
     return config.validate(world, global_batch=batch)
 
 
-def _plan_on_rank0(root, args, kwargs, *, optimizer, recompute_fixed, world):
-    """(config dict, None) or (None, error text): the planner's choice, or the pinned / fallback one."""
+def _plan_here(root, args, kwargs, *, optimizer, recompute_fixed, world, rank):
+    """This rank's choice as a dict: the pinned config, the planner's (a collective: it calibrates with
+    every rank), or the fallback. Only rank 0 logs and writes the dump file."""
     import moreh_ap
     from moreh_ap.option import current_options
 
@@ -397,7 +400,7 @@ def _plan_on_rank0(root, args, kwargs, *, optimizer, recompute_fixed, world):
         if recompute_fixed:
             config = config.replace(recomputation=True)
     elif hasattr(moreh_ap, "plan"):
-        config = moreh_ap.plan(root, args, kwargs, options=options, optimizer=optimizer, dump=True).config
+        config = moreh_ap.plan(root, args, kwargs, options=options, optimizer=optimizer, dump=rank == 0).config
         return config.to_dict()
     else:
         logger.warning("moreh_ap.plan is not available in this build: using the fallback configuration "
@@ -407,28 +410,39 @@ def _plan_on_rank0(root, args, kwargs, *, optimizer, recompute_fixed, world):
     logger.info("Configuration for parallelism is selected.")
     logger.info(config.to_moreh_line())
     logger.info("train: true")
-    with open(DUMP_FILE, "w") as f:
-        f.write(config.to_moreh_line() + "\n")
+    if rank == 0:
+        with open(DUMP_FILE, "w") as f:
+            f.write(config.to_moreh_line() + "\n")
     return config.to_dict()
 
 
+def _planning_group():
+    """A gloo group whose timeout covers planning (the default group's is short, so a dead peer shows fast)."""
+    from datetime import timedelta
+
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=PLANNING_TIMEOUT_S))
+
+
 def choose_config(root, args, kwargs, *, optimizer, recompute_fixed: bool):
-    """Rank 0 chooses (planner, pinned or fallback); every rank gets the same ``ParallelConfig``."""
+    """Every rank plans (the planner's calibration is collective); rank 0's choice is given to all."""
     from moreh_ap.config import ParallelConfig
 
     world = _world()
-    box: list[Any] = [None]
-    if world == 1 or dist.get_rank() == 0:
-        try:
-            box = [("ok", _plan_on_rank0(root, args, kwargs, optimizer=optimizer,
-                                         recompute_fixed=recompute_fixed, world=world))]
-        except Exception as exc:  # every rank raises the same error instead of waiting
-            box = [("error", exc)]
+    rank = dist.get_rank() if world > 1 else 0
+    try:
+        mine = ("ok", _plan_here(root, args, kwargs, optimizer=optimizer, recompute_fixed=recompute_fixed,
+                                 world=world, rank=rank))
+    except Exception as exc:  # rank 0's error is every rank's error: nobody waits for a config that never comes
+        mine = ("error", exc)
+    box = [mine]
     if world > 1:
-        dist.broadcast_object_list(box, src=0)
+        box = [mine if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0, group=_planning_group())
     kind, value = box[0]
     if kind == "error":
         raise value
+    if mine[0] == "error":
+        raise mine[1]
     return ParallelConfig.from_dict(value)
 
 
