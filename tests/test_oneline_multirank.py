@@ -149,3 +149,26 @@ def test_crashing_rank_ends_the_run_with_its_traceback(tmp_path):
     assert time.time() - crash_at < 60  # every rank gone within 60 s of the failure (start-up varies with load)
     assert "deliberate failure on rank 1" in proc.stderr
     assert "RuntimeError" in proc.stderr
+
+
+@pytest.mark.timeout(900)
+def test_example_with_the_planner_prints_the_seed_lines_and_trains(tmp_path):
+    """The README's main command: the planner chooses (bf16 default), the seed's lines, training, save, reload."""
+    from moreh_ap.config import ParallelConfig
+
+    proc = _run([EXAMPLE, "--num-samples", "32", "--block-size", "32", "--log-interval", "1",
+                 "--save-model-dir", tmp_path / "out"], tmp_path, ap=None, nproc=2,
+                MOREH_AP_CACHE_DIR=str(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for line in ("The number of candidates is", "SelectBestGraphFromCandidates finished.",
+                 "Configuration for parallelism is selected.", "train: true"):
+        assert line in proc.stderr
+    dumped = ParallelConfig.from_moreh_line((tmp_path / "advanced_parallelization_selected_config.dump").read_text())
+    assert dumped.to_moreh_line() in proc.stderr
+    got = {}
+    for step, value in LOSS.findall(proc.stderr):
+        got.setdefault(int(step), set()).add(float(value))
+    assert sorted(got) == [1, 2, 3, 4] and all(len(v) == 1 for v in got.values()), got
+    losses = [next(iter(got[s])) for s in sorted(got)]
+    assert losses[-1] < losses[0], losses
+    assert proc.stdout.count("weights match") == 2
