@@ -5,8 +5,9 @@ It runs in every Python process of the environment (pip included), so it is
 cheap, idempotent and never raises. It does not import torch or moreh_ap: it
 puts a finder on ``sys.meta_path`` that, once torch's own module has run,
 sets ``torch.moreh`` to a lazy module importing ``moreh_ap`` on first
-attribute access. When ``MOREH_ENABLE_ADVANCED_PARALLELIZATION=1`` it also
-enables advanced parallelization at that point.
+attribute access, and ``torch.ops.moreh.FusedLAMB`` to a stand-in importing
+``moreh_ap`` on first call. When ``MOREH_ENABLE_ADVANCED_PARALLELIZATION=1``
+it also enables advanced parallelization at that point.
 """
 
 import importlib.abc
@@ -33,11 +34,35 @@ class _LazyMoreh(types.ModuleType):
         return dir(moreh_ap)
 
 
+class _LazyFusedLAMB:
+    """``torch.ops.moreh.FusedLAMB`` before ``moreh_ap`` is imported (the import replaces it)."""
+
+    __slots__ = ()
+
+    def __call__(self, *args, **kwargs):
+        import moreh_ap
+
+        return moreh_ap.optim.FusedLAMB(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        import moreh_ap
+
+        return getattr(moreh_ap.optim.FusedLAMB, name)
+
+    def __repr__(self):
+        return "<torch.ops.moreh.FusedLAMB: moreh_ap.optim.FusedLAMB, imported on first use>"
+
+
 def _attach(torch_module):
     """Give ``torch`` its ``moreh`` attribute; enable AP if the env var says so."""
     try:
         if not hasattr(torch_module, "moreh"):
             torch_module.moreh = _LazyMoreh("torch.moreh")
+        ops_moreh = torch_module.ops.moreh  # torch creates and caches this namespace object
+        if "FusedLAMB" not in vars(ops_moreh):
+            ops_moreh.FusedLAMB = _LazyFusedLAMB()
         if os.environ.get(_ENV_ENABLE, "").strip() == "1":
             import moreh_ap
 

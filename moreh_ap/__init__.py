@@ -9,19 +9,23 @@ from __future__ import annotations
 import torch
 
 from moreh_ap._version import __version__
-from moreh_ap import env, option
+from moreh_ap import apex, env, optim, option
 from moreh_ap.config import ParallelConfig
 from moreh_ap.errors import NoFeasibleConfigError
 from moreh_ap.log import logger
+from moreh_ap.optim import FusedLAMB
 from moreh_ap.option import APOptions
 
 __all__ = [
     "__version__",
     "APOptions",
+    "FusedLAMB",
     "NoFeasibleConfigError",
     "ParallelConfig",
+    "apex",
     "env",
     "logger",
+    "optim",
     "option",
 ]
 
@@ -34,3 +38,6 @@ import sys as _sys
 
 torch.moreh = _sys.modules[__name__]
 _sys.modules.setdefault("torch.moreh", _sys.modules[__name__])
+# apex's optimizer under the MoAI guide's spelling: torch.ops.moreh.FusedLAMB (an attribute of torch.ops'
+# "moreh" namespace object, which torch creates on first access and caches).
+torch.ops.moreh.FusedLAMB = FusedLAMB
