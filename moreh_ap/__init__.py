@@ -15,11 +15,17 @@ from moreh_ap.errors import NoFeasibleConfigError
 from moreh_ap.log import logger
 from moreh_ap.optim import FusedLAMB
 from moreh_ap.option import APOptions
+from moreh_ap import runtime
+from moreh_ap.runtime import ParallelModel, clip_grad_norm_, parallelize
 
 __all__ = [
     "__version__",
     "APOptions",
     "FusedLAMB",
+    "ParallelModel",
+    "clip_grad_norm_",
+    "parallelize",
+    "runtime",
     "NoFeasibleConfigError",
     "ParallelConfig",
     "apex",

@@ -1,0 +1,108 @@
+# Process group, device mesh and rank-0 weight broadcast for the runtime.
+"""Bring up torch.distributed from torchrun-style env vars and build the ("pp", "dp") mesh."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["init_distributed", "world_size", "rank", "device_for_rank", "build_mesh", "subgroup", "broadcast_from_rank0"]
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+def world_size() -> int:
+    """Ranks in the default group (1 when torch.distributed is not initialized)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's global rank (0 when torch.distributed is not initialized)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def device_for_rank() -> torch.device:
+    """``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(*, backend: str | None = None, timeout_s: float | None = None) -> bool:
+    """Initialize the default process group from ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``.
+
+    nccl on CUDA, gloo on CPU, with a bounded timeout (``MOREH_AP_DIST_TIMEOUT`` seconds, default 60)
+    so that a dead peer surfaces as an error instead of a 30-minute hang. Idempotent.
+
+    Args:
+        backend: override the backend ("gloo", "nccl").
+        timeout_s: collective timeout in seconds.
+
+    Returns:
+        True when a process group is up (also if it already was), False for a single process without env vars.
+    """
+    if dist.is_initialized():
+        return True
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        return False
+    if timeout_s is None:
+        raw = os.environ.get("MOREH_AP_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
+        try:
+            timeout_s = float(raw)
+        except ValueError:
+            raise ValueError(f"MOREH_AP_DIST_TIMEOUT={raw!r} is not valid: expected a number of seconds > 0") from None
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s={timeout_s!r} is not valid: expected a number of seconds > 0")
+    dev = device_for_rank()
+    backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if backend == "gloo":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo" if os.environ["MASTER_ADDR"] in ("127.0.0.1", "localhost") else "")
+        if not os.environ["GLOO_SOCKET_IFNAME"]:
+            del os.environ["GLOO_SOCKET_IFNAME"]
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    return True
+
+
+_MESHES: dict = {}
+_GROUPS: dict = {}
+
+
+def build_mesh(pp: int, dp: int, device: torch.device):
+    """``init_device_mesh(device, (pp, dp), mesh_dim_names=("pp", "dp"))``, or None for one process.
+
+    Cached per default process group and shape: every mesh owns process groups (and their
+    communication threads), so parallelizing again in one process reuses them instead of leaking.
+    """
+    if not dist.is_initialized():
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    key = (id(dist.group.WORLD), device.type, pp, dp)
+    if key not in _MESHES:
+        _MESHES[key] = init_device_mesh(device.type, (pp, dp), mesh_dim_names=("pp", "dp"))
+    return _MESHES[key]
+
+
+def subgroup(ranks: list[int]):
+    """``dist.new_group(ranks)`` (a collective over all ranks), cached per default group and rank list."""
+    key = (id(dist.group.WORLD), tuple(ranks))
+    if key not in _GROUPS:
+        _GROUPS[key] = dist.new_group(list(ranks))
+    return _GROUPS[key]
+
+
+@torch.no_grad()
+def broadcast_from_rank0(module: nn.Module) -> None:
+    """Copy global rank 0's parameters and buffers to every rank (as DDP does at construction)."""
+    if world_size() == 1:
+        return
+    tensors = [p.data for p in module.parameters()] + [b for b in module.buffers()]
+    # torch's coalesced broadcast (the one DDP uses), in 64 MiB buckets
+    dist._broadcast_coalesced(dist.group.WORLD, tensors, 64 * 1024 * 1024, 0)

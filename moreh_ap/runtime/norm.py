@@ -1,0 +1,91 @@
+# Global gradient norm across pipeline stages and parameter shards, and clip_grad_norm_ on it.
+"""``global_norm(tensors)``: the 2-norm of one set of tensors spread over ranks.
+
+Each rank passes its share: DTensors count their local shard, once per replica
+group (only the rank at coordinate 0 of every Replicate mesh dim counts it);
+plain tensors count once per data-parallel group of the active ParallelModel
+(they are replicated over dp, as under DDP), or once per rank when no
+ParallelModel is active. One all-reduce over the world sums the squares, so
+every rank must call it (same as torch's collectives).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["global_norm", "clip_grad_norm_", "set_active_layout"]
+
+_ACTIVE: dict = {"dp_rank": None}
+
+
+def set_active_layout(*, dp_rank: int | None) -> None:
+    """Record this rank's dp coordinate (called by ``parallelize``); None clears it."""
+    _ACTIVE["dp_rank"] = dp_rank
+
+
+def _counts(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if isinstance(t, DTensor):
+        coord = t.device_mesh.get_coordinate() or []
+        counted = all(c == 0 for c, p in zip(coord, t.placements) if isinstance(p, Replicate))
+        return t.to_local(), counted
+    dp_rank = _ACTIVE["dp_rank"]
+    return t, dp_rank is None or dp_rank == 0
+
+
+def global_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """2-norm of all ``tensors`` together, correct across pipeline stages and shards (fp32 scalar).
+
+    Args:
+        tensors: this rank's tensors (e.g. gradients of its stage's parameters; DTensors allowed).
+
+    Returns:
+        The same fp32 scalar on every rank.
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    device = None
+    for t in tensors:
+        if t is None:
+            continue
+        local, counted = _counts(t)
+        device = local.device
+        if counted and local.numel():
+            total = total.to(local.device) + local.detach().float().pow(2).sum().double()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if device is None:
+            from moreh_ap.runtime.dist import device_for_rank
+
+            device = device_for_rank()
+        total = total.to(device)
+        dist.all_reduce(total)
+    return total.sqrt().float()
+
+
+@torch.no_grad()
+def clip_grad_norm_(target, max_norm: float, *, eps: float = 1e-6) -> torch.Tensor:
+    """Scale gradients so that their global norm is at most ``max_norm`` (torch's formula).
+
+    Args:
+        target: a :class:`~moreh_ap.runtime.ParallelModel` (tied copies counted once) or an
+            iterable of parameters.
+        max_norm: the largest allowed norm (> 0).
+
+    Returns:
+        The global norm before clipping (same on every rank).
+    """
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or max_norm <= 0:
+        raise ValueError(f"max_norm={max_norm!r} is not valid: expected a number > 0")
+    if hasattr(target, "_norm_params"):
+        counted, all_params = target._norm_params()
+    else:
+        all_params = [p for p in target if p.grad is not None]
+        counted = all_params
+    norm = global_norm([p.grad for p in counted if p.grad is not None])
+    coef = float(torch.clamp(max_norm / (norm + eps), max=1.0))
+    for p in all_params:
+        if p.grad is not None:
+            p.grad.mul_(coef)
+    return norm

@@ -1,0 +1,108 @@
+# Multi-rank harness: launch N gloo CPU ranks that run many runtime cases in one start-up, collect results.
+"""``launch(world, cases)`` starts ``world`` processes of this file (RANK/WORLD_SIZE env, a free port,
+GLOO_SOCKET_IFNAME=lo, OMP_NUM_THREADS=1, bounded timeouts), each running every case through
+``moreh_ap.parallelize``; rank 0 writes the results. A rank that fails takes the launch down at
+once (the runtime exits on error) and the launch returns every rank's output for the report.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class LaunchResult:
+    returncodes: list[int]
+    output: str
+    results: dict | None
+    seconds: float
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, cases: list[dict], *, timeout: float = 240.0, env: dict | None = None) -> LaunchResult:
+    """Run ``cases`` on ``world`` ranks; results (rank 0's) keyed by case id, or None if a rank failed."""
+    import torch
+
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(cases, os.path.join(tmp, "cases.pt"))
+        port = free_port()
+        procs, logs = [], []
+        for r in range(world):
+            e = {k: v for k, v in os.environ.items() if not k.startswith("MOREH_")}
+            e.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+                     MOREH_AP_DIST_TIMEOUT="60", PYTHONPATH=str(ROOT) + os.pathsep + e.get("PYTHONPATH", ""))
+            e.update(env or {})
+            log = open(os.path.join(tmp, f"rank{r}.log"), "w+")
+            logs.append(log)
+            procs.append(subprocess.Popen([sys.executable, __file__, tmp], env=e, cwd=str(ROOT),
+                                          stdout=log, stderr=subprocess.STDOUT))
+        deadline = t0 + timeout
+        while time.time() < deadline and any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs):  # one failed: give peers 20 s to notice
+                grace = time.time() + 20
+                while time.time() < min(grace, deadline) and any(p.poll() is None for p in procs):
+                    time.sleep(0.1)
+                break
+            time.sleep(0.05)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        out = []
+        for r, log in enumerate(logs):
+            log.seek(0)
+            out.append(f"----- rank {r} (rc={procs[r].returncode}) -----\n{log.read()}")
+            log.close()
+        path = os.path.join(tmp, "results.pt")
+        results = torch.load(path, weights_only=False) if os.path.exists(path) else None
+        return LaunchResult([p.returncode for p in procs], "\n".join(out), results, time.time() - t0)
+
+
+def _worker(tmp: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    import moreh_ap
+    from _runtime_cases import parallel_run
+
+    moreh_ap.runtime.init_distributed()
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cases = torch.load(os.path.join(tmp, "cases.pt"), weights_only=False)
+    results = {}
+    for case in cases:
+        t = time.time()
+        try:
+            res = parallel_run(case, world, rank)
+        except BaseException:
+            sys.stderr.write(f"[rank {rank}] case {case['id']} failed:\n{traceback.format_exc()}")
+            sys.stderr.flush()
+            os._exit(1)
+        res["seconds"] = time.time() - t
+        results[case["id"]] = res
+    if rank == 0:
+        torch.save(results, os.path.join(tmp, "results.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    _worker(sys.argv[1])

@@ -1,0 +1,172 @@
+# Single-process runtime tests: API errors, adapters and stage names, global norm, the covering set itself.
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import moreh_ap
+from _runtime_cases import (DIMENSIONS, N_BLOCKS, all_valid_combos, build_model, case_batches, combo_config,
+                            covering_combos, loss_fn_for, parallel_run, reference_run)
+from moreh_ap.config import ParallelConfig
+from moreh_ap.runtime.split import find_adapter, map_stage_names, param_names, stage_ranges
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _one(**kw) -> ParallelConfig:
+    kw.setdefault("num_stages", 1)
+    kw.setdefault("num_micro_batches", 2)
+    kw.setdefault("batch_per_device", 2)
+    kw.setdefault("mixed_precision", False)
+    return ParallelConfig(**kw)
+
+
+def test_exports():
+    assert moreh_ap.parallelize is moreh_ap.runtime.parallelize
+    assert moreh_ap.clip_grad_norm_ is moreh_ap.runtime.clip_grad_norm_
+    assert callable(moreh_ap.runtime.global_norm) and callable(moreh_ap.runtime.init_distributed)
+    assert moreh_ap.runtime.init_distributed() is False  # no env vars, no process group: a single process
+
+
+@pytest.mark.parametrize("kind", ["mlp", "gpt", "llama", "gpt2"])
+def test_single_process_matches_plain_training(kind):
+    """world 1 (no process group): micro-batching and loss semantics alone equal plain training."""
+    case = {"id": kind, "model": kind, "cfg": _one(num_micro_batches=2).to_dict(), "padding": kind == "llama"}
+    got, ref = parallel_run(case, 1, 0), reference_run(case, 4)
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-6)
+    for k, v in ref["state"].items():
+        torch.testing.assert_close(got["state"][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_hf_style_call_returns_loss_and_backward_is_harmless():
+    model = build_model("gpt2", 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    pm = moreh_ap.parallelize(model, _one(), optimizer=opt)
+    batch = case_batches({"model": "gpt2"}, 4)[0]
+    out = pm(**batch["kwargs"])
+    out.loss.backward()
+    assert out.loss.shape == () and torch.isfinite(out.loss) and out[0] is out.loss
+    assert all(p.grad is not None for p in pm.parameters())
+
+
+def test_bad_input_raises_clear_errors():
+    model = build_model("mlp", 0)
+    with pytest.raises(NotImplementedError, match="tp=2"):
+        moreh_ap.parallelize(model, _one(tp=2))
+    with pytest.raises(ValueError, match=r"num_stages\(2\)"):
+        moreh_ap.parallelize(model, _one(num_stages=2))  # world 1 cannot hold 2 stages
+    with pytest.raises(TypeError, match="ParallelConfig"):
+        moreh_ap.parallelize(model, {"num_stages": 1})
+    with pytest.raises(TypeError, match="nn.Module"):
+        moreh_ap.parallelize(object(), _one())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 16)).sum().backward()
+    opt.step()
+    with pytest.raises(ValueError, match="already has state"):
+        moreh_ap.parallelize(model, _one(), optimizer=opt)
+    pm = moreh_ap.parallelize(build_model("mlp", 0), _one())
+    with pytest.raises(ValueError, match="loss_fn"):
+        pm.train_step(torch.randn(4, 16))
+    pm = moreh_ap.parallelize(build_model("mlp", 0), _one(num_micro_batches=4), loss_fn=loss_fn_for("mlp"))
+    pm.train_step(torch.randn(6, 16), target=torch.randn(6, 8))  # 6 samples: 3 micro-batches of 2, not 4
+    with pytest.raises(ValueError, match="max_norm"):
+        moreh_ap.clip_grad_norm_(pm, -1.0)
+
+
+def test_unknown_model_falls_back_to_one_stage_with_a_warning():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    with pytest.warns(UserWarning, match="no pipeline split"):
+        pm = moreh_ap.parallelize(Odd(), ParallelConfig(num_stages=2, num_micro_batches=2, batch_per_device=1),
+                                  loss_fn=nn.functional.mse_loss)
+    assert pm.config.num_stages == 1
+    assert torch.isfinite(pm.train_step(torch.randn(4, 4), target=torch.randn(4, 2)))
+
+
+def test_optimizer_rebinding_keeps_groups_and_hyperparameters():
+    model = build_model("gpt", 0)
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    no_decay = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=3e-4)
+    moreh_ap.parallelize(model, _one(), optimizer=opt, loss_fn=loss_fn_for("gpt"))
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert [len(g["params"]) for g in opt.param_groups] == [len(decay), len(no_decay)]
+    assert all(g["lr"] == 3e-4 for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "gpt", "llama", "gpt2"])
+def test_adapters_split_into_stages_that_keep_original_names(kind):
+    model = build_model(kind, 0)
+    adapter = find_adapter(model)
+    assert len(adapter.blocks()) == N_BLOCKS
+    ids = param_names(model)
+    ranges = stage_ranges(N_BLOCKS, 4, None)
+    assert ranges == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    names = set()
+    for s, (lo, hi) in enumerate(ranges):
+        stage, container = adapter.build_stage(lo, hi, first=s == 0, last=s == 3)
+        assert len(list(container.children())) == hi - lo
+        for orig in map_stage_names(stage, ids).values():
+            names.update(orig)
+    expected = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    assert expected <= names  # every parameter (tied ones under both names) lives on some stage
+
+
+def test_stage_forward_chain_equals_model_forward():
+    for kind in ("gpt", "llama", "gpt2", "mlp"):
+        model = build_model(kind, 0).eval()
+        adapter = find_adapter(model)
+        batch = case_batches({"model": kind}, 2)[0]
+        x = batch["args"][0] if batch["args"] else batch["kwargs"]["input_ids"]
+        full = model(x)
+        full = full.logits if hasattr(full, "logits") else full
+        h = x
+        for s, (lo, hi) in enumerate(stage_ranges(N_BLOCKS, 3, (2, 5))):
+            stage, _ = adapter.build_stage(lo, hi, first=s == 0, last=s == 2)
+            h = stage(h)
+        torch.testing.assert_close(h, full, rtol=1e-5, atol=1e-6)
+
+
+def test_global_norm_and_clip_single_process():
+    ts = [torch.randn(3, 4), torch.randn(5)]
+    expect = torch.linalg.vector_norm(torch.cat([t.flatten() for t in ts]))
+    torch.testing.assert_close(moreh_ap.runtime.global_norm(ts), expect)
+    a = [nn.Parameter(torch.randn(10)) for _ in range(3)]
+    b = [nn.Parameter(p.detach().clone()) for p in a]
+    for p, q in zip(a, b):
+        p.grad = torch.randn(10)
+        q.grad = p.grad.clone()
+    n1 = moreh_ap.clip_grad_norm_(a, 0.5)
+    n2 = torch.nn.utils.clip_grad_norm_(b, 0.5)
+    torch.testing.assert_close(n1, n2)
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_covering_set_covers_every_valid_pair():
+    combos, chosen = all_valid_combos(), covering_combos()
+    assert all(combo_config(c) is not None for c in chosen)
+    names = list(DIMENSIONS)
+
+    def pairs(c):
+        return {((a, c[a]), (b, c[b])) for a, b in itertools.combinations(names, 2)}
+
+    valid_pairs = set().union(*(pairs(c) for c in combos))
+    assert valid_pairs == set().union(*(pairs(c) for c in chosen))
+    assert len(chosen) < 40 < len(combos)
+    # invalid combinations are excluded by the same validate() the planner uses
+    assert combo_config({**chosen[0], "pp_dp": (1, 1), "distribute_param": True}) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert {c["model"] for c in chosen} == set(DIMENSIONS["model"])
