@@ -17,6 +17,8 @@ from moreh_ap.optim import FusedLAMB
 from moreh_ap.option import APOptions
 from moreh_ap import runtime
 from moreh_ap.runtime import ParallelModel, clip_grad_norm_, parallelize
+from moreh_ap.graph import ModelGraph, trace
+from moreh_ap.planner import Cluster, Plan, plan
 
 __all__ = [
     "__version__",
@@ -26,6 +28,9 @@ __all__ = [
     "clip_grad_norm_",
     "parallelize",
     "runtime",
+    "Cluster",
+    "ModelGraph",
+    "Plan",
     "NoFeasibleConfigError",
     "ParallelConfig",
     "apex",
@@ -33,6 +38,8 @@ __all__ = [
     "logger",
     "optim",
     "option",
+    "plan",
+    "trace",
 ]
 
 # Validate the MOREH_* variables now: a bad value fails at import, naming the variable.

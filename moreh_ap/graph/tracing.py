@@ -1,0 +1,377 @@
+# trace(): model + one example batch -> ModelGraph, under FakeTensorMode (no real memory, no real compute).
+"""Tracing a model without running it.
+
+The model's parameters and buffers are swapped (``torch.func.functional_call``)
+for fake tensors created under ``FakeTensorMode``, so models on the meta
+device, on CPU or on CUDA all trace the same way and nothing real is
+allocated. One forward is run per precision ("mixed": parameters and float
+inputs in bf16 as FSDP2's MixedPrecisionPolicy runs them; "full": the
+model's own dtypes). During it:
+
+* FLOPs are counted with PyTorch's own formulas (``torch.utils.flop_counter``);
+* bytes saved for backward are collected with ``saved_tensors_hooks``
+  (parameters and their views excluded: they are counted as parameters);
+* ``F.scaled_dot_product_attention`` is replaced by a stand-in that costs
+  the flash / memory-efficient kernel the runtime uses: it saves q, k, v, the
+  output and the fp32 log-sum-exp, never B·H·T² probabilities, and adds the
+  kernel's FLOPs (4·B·H·Tq·Tk·D, halved when ``is_causal``);
+* only the first of identical blocks runs: the others return its output and
+  take its numbers (a fake forward of a whole 13B model costs ~1 s).
+
+Backward FLOPs are taken as 2x forward (matmul rule) by the planner.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import flop_registry
+
+from moreh_ap.graph.blocks import block_signature, find_blocks
+from moreh_ap.graph.model_graph import PRECISIONS, ModelGraph, NodeInfo, TiedParam
+
+__all__ = ["trace"]
+
+
+class _Recorder:
+    """Per-node counters filled while the fake forward runs."""
+
+    def __init__(self, param_storages: set[int]) -> None:
+        self.current = "embedding"
+        self.flops: dict[str, int] = {}
+        self.saved: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+        self.seen: set[int] = set()
+        self.out_bytes: dict[str, int] = {}
+        self.pre_out = 0
+        self.param_storages = param_storages
+
+    def add_flops(self, n: int) -> None:
+        self.flops[self.current] = self.flops.get(self.current, 0) + int(n)
+
+    def note_tensor(self, t: torch.Tensor) -> None:
+        nb = t.numel() * t.element_size()
+        if nb > self.peak.get(self.current, 0):
+            self.peak[self.current] = nb
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+            key, nbytes = storage._cdata, storage.nbytes()
+        except Exception:  # a tensor without storage (e.g. a subclass): count its own bytes
+            key, nbytes = id(t), t.numel() * t.element_size()
+        if key not in self.seen and key not in self.param_storages:
+            self.seen.add(key)
+            self.saved[self.current] = self.saved.get(self.current, 0) + int(nbytes)
+        return t
+
+
+class _CountMode(TorchDispatchMode):
+    """Counts FLOPs with torch's formulas and notes the largest tensor each node creates."""
+
+    def __init__(self, rec: _Recorder) -> None:
+        super().__init__()
+        self.rec = rec
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.rec.add_flops(formula(*args, **kwargs, out_val=out))
+        if isinstance(out, torch.Tensor):
+            self.rec.note_tensor(out)
+        return out
+
+
+class _FlashAttention(torch.autograd.Function):
+    """Stand-in for the flash / memory-efficient SDPA kernel: right shapes, right saved tensors."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask):  # noqa: D401
+        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        if mask is not None:
+            ctx.save_for_backward(q, k, v, out, lse, mask)
+        else:
+            ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # never run: tracing does no backward
+        raise RuntimeError("moreh_ap trace stand-in has no backward")
+
+
+def _make_sdpa(rec: _Recorder):
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        b = query.shape[:-2].numel() if query.dim() > 2 else 1
+        tq, d = query.shape[-2], query.shape[-1]
+        tk, dv = key.shape[-2], value.shape[-1]
+        flops = 2 * b * tq * tk * d + 2 * b * tq * tk * dv
+        rec.add_flops(flops // 2 if is_causal and attn_mask is None else flops)
+        mask = attn_mask if isinstance(attn_mask, torch.Tensor) else None
+        return _FlashAttention.apply(query, key, value, mask)
+
+    return sdpa
+
+
+@contextlib.contextmanager
+def _patched_sdpa(rec: _Recorder):
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _make_sdpa(rec)
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def _float_bytes(obj: Any) -> int:
+    leaves, _ = tree_flatten(obj)
+    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+def _hidden_input(args: tuple, kwargs: dict) -> Any:
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return a
+    return kwargs.get("hidden_states", kwargs.get("x"))
+
+
+def _first_batch_dim(args: tuple, kwargs: dict) -> int:
+    leaves, _ = tree_flatten((args, kwargs))
+    for t in leaves:
+        if isinstance(t, torch.Tensor) and t.dim() >= 1:
+            return int(t.shape[0])
+    return 1
+
+
+def _fake_inputs(obj: Any, *, cast: torch.dtype | None) -> Any:
+    """Fake CPU tensors with the shapes/dtypes of ``obj``'s tensors (must run under the fake mode)."""
+
+    def conv(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        dtype = cast if (cast is not None and t.is_floating_point()) else t.dtype
+        return torch.empty(tuple(t.shape), dtype=dtype, device="cpu")
+
+    return tree_map(conv, obj)
+
+
+class _Tracer:
+    """Holds the hooks and per-run state for one :func:`trace` call."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.container, self.block_fqns = find_blocks(model)
+        modules = dict(model.named_modules())
+        self.blocks = [modules[f] for f in self.block_fqns]
+        self.block_names = [f"block.{i}" for i in range(len(self.blocks))]
+        sigs = [block_signature(b) for b in self.blocks]
+        self.rep_of: list[int] = []  # index of the first identical block
+        first: dict[tuple, int] = {}
+        for i, s in enumerate(sigs):
+            self.rep_of.append(first.setdefault(s, i))
+        self.rep_out: dict[int, Any] = {}
+        self.rec: _Recorder | None = None
+        self.block_started = False
+        self.owner_node: dict[str, str] = {}  # non-block module FQN -> "embedding" / "head"
+        self.out_bytes: dict[str, int] = {}
+        self.pre_out = 0
+
+    # ---------------------------------------------------------------- hooks
+    def install(self) -> list:
+        handles = []
+        block_set = set(self.block_fqns)
+        for fqn, mod in self.model.named_modules():
+            if fqn in block_set or any(fqn.startswith(b + ".") for b in block_set):
+                continue
+            if next(mod.parameters(recurse=False), None) is not None:
+                handles.append(mod.register_forward_pre_hook(self._owner_hook(fqn)))
+        for i, block in enumerate(self.blocks):
+            handles.append(block.register_forward_pre_hook(self._block_pre(i), with_kwargs=True))
+            handles.append(block.register_forward_hook(self._block_post(i)))
+            if self.rep_of[i] != i:
+                rep = self.rep_of[i]
+                block.forward = lambda *a, _rep=rep, **k: self.rep_out[_rep]  # identical: reuse the output
+        return handles
+
+    def uninstall(self, handles: list) -> None:
+        for h in handles:
+            h.remove()
+        for i, block in enumerate(self.blocks):
+            if self.rep_of[i] != i:
+                block.__dict__.pop("forward", None)
+
+    def _owner_hook(self, fqn: str):
+        def hook(mod, args):
+            self.owner_node.setdefault(fqn, "head" if self.block_started else "embedding")
+
+        return hook
+
+    def _block_pre(self, i: int):
+        def hook(mod, args, kwargs):
+            if i == 0:
+                self.pre_out = _float_bytes(_hidden_input(args, kwargs))
+            self.block_started = True
+            self.rec.current = self.block_names[i]
+
+        return hook
+
+    def _block_post(self, i: int):
+        def hook(mod, args, output):
+            if self.rep_of[i] == i:
+                self.rep_out[i] = output
+            self.out_bytes[self.block_names[i]] = _float_bytes(output)
+            self.rec.current = "head"
+
+        return hook
+
+    # ------------------------------------------------------------------ run
+    def run(self, args: tuple, kwargs: dict, *, cast: torch.dtype | None) -> tuple[_Recorder, int]:
+        """One fake forward; returns the recorder and the bytes of the model's floating outputs."""
+        self.block_started = False
+        self.rep_out.clear()
+        self.out_bytes = {}
+        fake = FakeTensorMode(allow_non_fake_inputs=True)
+        with fake:
+            params = {}
+            for name, p in self.model.named_parameters():
+                dtype = cast if (cast is not None and p.is_floating_point()) else p.dtype
+                params[name] = torch.empty(
+                    tuple(p.shape), dtype=dtype, device="cpu", requires_grad=p.requires_grad and dtype.is_floating_point
+                )
+            buffers = {n: torch.empty(tuple(b.shape), dtype=b.dtype, device="cpu") for n, b in self.model.named_buffers()}
+            fargs = _fake_inputs(args, cast=cast)
+            fkwargs = _fake_inputs(kwargs, cast=cast)
+        storages = {t.untyped_storage()._cdata for t in params.values()}
+        rec = _Recorder(storages)
+        self.rec = rec
+        hooks = torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t)
+        with fake, torch.enable_grad(), _CountMode(rec), _patched_sdpa(rec), hooks:
+            out = torch.func.functional_call(self.model, (params, buffers), fargs, fkwargs, strict=False)
+        rec.out_bytes, rec.pre_out = dict(self.out_bytes), self.pre_out
+        return rec, _float_bytes(out)
+
+
+def _param_nodes(tracer: _Tracer) -> dict[str, str]:
+    """Parameter name (every alias) -> node name."""
+    out: dict[str, str] = {}
+    for name, _ in tracer.model.named_parameters(remove_duplicate=False):
+        node = None
+        for i, b in enumerate(tracer.block_fqns):
+            if b == "" or name.startswith(b + "."):
+                node = tracer.block_names[i]
+                break
+        if node is None:
+            owner = name.rpartition(".")[0]
+            node = tracer.owner_node.get(owner, "embedding")
+        out[name] = node
+    return out
+
+
+def _build_nodes(tracer: _Tracer, runs: dict[str, tuple[_Recorder, int]]) -> tuple[list[NodeInfo], list[TiedParam]]:
+    names = ["embedding", *tracer.block_names, "head"]
+    nodes = {n: NodeInfo(name=n, kind="block", traced=True) for n in names}
+    nodes["embedding"].kind, nodes["head"].kind = "pre", "post"
+    for i, n in enumerate(tracer.block_names):
+        nodes[n].index = i
+        nodes[n].fqns = (tracer.block_fqns[i],)
+    pnode = _param_nodes(tracer)
+    for kind in ("embedding", "head"):
+        nodes[kind].fqns = tuple(sorted({k.rpartition(".")[0] for k, v in pnode.items() if v == kind}))
+    # parameters: each alias counted in its node, the tied list records the sharing
+    aliases: dict[int, list[str]] = {}
+    params: dict[int, torch.nn.Parameter] = {}
+    for name, p in tracer.model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+        params[id(p)] = p
+    tied: list[TiedParam] = []
+    for pid, names_ in aliases.items():
+        p = params[pid]
+        holders = sorted({pnode[a] for a in names_}, key=names.index)
+        for h in holders:
+            info = nodes[h]
+            info.num_params += p.numel()
+            info.trainable_params += p.numel() if p.requires_grad else 0
+            info.param_bytes += p.numel() * p.element_size()
+            info.largest_param = max(info.largest_param, p.numel())
+        if len(holders) > 1:
+            tied.append(TiedParam(fqns=tuple(names_), numel=p.numel(), nodes=tuple(holders), trainable=p.requires_grad))
+    for prec, (rec, model_out) in runs.items():
+        for n in names:
+            src = n
+            if n.startswith("block."):
+                i = int(n.split(".")[1])
+                src = tracer.block_names[tracer.rep_of[i]]
+                nodes[n].traced = tracer.rep_of[i] == i
+            nodes[n].fwd_flops = rec.flops.get(src, 0)
+            nodes[n].saved_bytes[prec] = rec.saved.get(src, 0)
+            nodes[n].peak_fwd_bytes[prec] = rec.peak.get(src, 0)
+        for n in tracer.block_names:
+            nodes[n].out_bytes[prec] = rec.out_bytes.get(n, 0)
+        nodes["embedding"].out_bytes[prec] = rec.pre_out
+        nodes["head"].out_bytes[prec] = model_out
+    return [nodes[n] for n in names], tied
+
+
+_CASTS = {"mixed": torch.bfloat16, "full": None}
+
+
+def trace(
+    model: nn.Module,
+    args: Any = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    precisions: tuple[str, ...] = PRECISIONS,
+) -> ModelGraph:
+    """Trace ``model`` on one example batch into a :class:`ModelGraph`, with no real memory or compute.
+
+    Args:
+        model: any ``nn.Module`` (on meta, CPU or CUDA; it is not modified).
+        args: positional inputs of one GLOBAL batch (real, fake or meta tensors;
+            only shapes and dtypes are used). A single tensor is accepted.
+        kwargs: keyword inputs (e.g. ``labels=`` for a Hugging Face model).
+        precisions: which of "mixed" (bf16 parameters and float inputs) and
+            "full" (the model's own dtypes) to trace activations for.
+
+    Returns:
+        The graph: embedding node, one node per repeated block, head node.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or ``kwargs`` not a dict.
+        ValueError: an unknown precision.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"trace(model=...) expects a torch.nn.Module, got {type(model).__name__}")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise TypeError(f"trace(kwargs=...) expects a dict or None, got {type(kwargs).__name__}")
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad or not precisions:
+        raise ValueError(f"trace(precisions={precisions!r}) is not valid: expected a non-empty subset of {PRECISIONS}")
+    t0 = time.perf_counter()
+    args = args if isinstance(args, tuple) else (args,)
+    kwargs = dict(kwargs or {})
+    tracer = _Tracer(model)
+    handles = tracer.install()
+    try:
+        runs = {prec: tracer.run(args, kwargs, cast=_CASTS[prec]) for prec in precisions}
+    finally:
+        tracer.uninstall(handles)
+    nodes, tied = _build_nodes(tracer, runs)
+    float_sizes = [p.element_size() for p in model.parameters() if p.is_floating_point()]
+    return ModelGraph(
+        nodes,
+        block_container=tracer.container,
+        batch_size=_first_batch_dim(args, kwargs),
+        tied=tied,
+        param_dtype_bytes=max(set(float_sizes), key=float_sizes.count) if float_sizes else 4,
+        trace_ms=(time.perf_counter() - t0) * 1e3,
+        model_name=type(model).__name__,
+    )

@@ -1,0 +1,20 @@
+# moreh_ap.planner: candidates -> partition -> memory -> cost -> selected ParallelConfig.
+from moreh_ap.planner.calibration import CalibrationDB, load_or_measure
+from moreh_ap.planner.candidates import enumerate_candidates
+from moreh_ap.planner.cluster import Cluster
+from moreh_ap.planner.cost import TimeBreakdown
+from moreh_ap.planner.memory import MemoryBreakdown
+from moreh_ap.planner.planning import Candidate, Plan, plan, plan_graph
+
+__all__ = [
+    "CalibrationDB",
+    "Candidate",
+    "Cluster",
+    "MemoryBreakdown",
+    "Plan",
+    "TimeBreakdown",
+    "enumerate_candidates",
+    "load_or_measure",
+    "plan",
+    "plan_graph",
+]

@@ -1,0 +1,342 @@
+# Calibration DB: measured matmul throughput and collective times, cached as JSON in MOREH_AP_CACHE_DIR.
+"""Measured speeds for the cost model, measured once per machine and cached.
+
+* matmul: FLOP/s of an ``n x n @ n x n`` product for a few ``n`` per dtype
+  (bf16, fp32) on the local device;
+* collectives: seconds of ``all_reduce``, ``all_gather_into_tensor``,
+  ``reduce_scatter_tensor`` and a ``send``/``recv`` pair at a few sizes on
+  the live process group (on gloo, all-gather is several times slower than an
+  all-reduce of the same bytes: one "bandwidth" per link mis-ranks FSDP).
+
+Collectives need a process group. When none is up (the planner never spawns
+processes), the DB has no collective table and :func:`collective_time` uses
+the analytic ring model from the Cluster's bandwidths::
+
+    all_reduce      2 (n-1)/n * S / bw + 2 (n-1) * latency
+    all_gather      (n-1)/n * S / bw + (n-1) * latency      (S = gathered bytes)
+    reduce_scatter  (n-1)/n * S / bw + (n-1) * latency      (S = input bytes)
+    send_recv       S / bw + latency
+
+with ``bw`` the intra-node bandwidth when the group lies within one node,
+else the inter-node one, times ``Cluster.comm_efficiency``.
+
+The JSON file is ``calibration.json`` in ``MOREH_AP_CACHE_DIR``; it carries a
+fingerprint (device, torch version, world size, threads). A corrupt or
+foreign file gives a warning and is measured again, never a crash.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moreh_ap.env import read_env
+from moreh_ap.log import logger
+
+FORMAT = "moreh_ap.calibration/1"
+FILENAME = "calibration.json"
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
+MATMUL_SIZES = (256, 512, 1024)
+COLLECTIVE_SIZES = (64 * 1024, 1024 * 1024, 4 * 1024 * 1024)
+
+
+@dataclass(kw_only=True, slots=True)
+class CalibrationDB:
+    """Measured speeds: matmul FLOP/s per dtype and collective seconds per size."""
+
+    fingerprint: dict[str, Any]
+    """What the numbers were measured on (device name, torch version, world size, threads)."""
+    matmul: dict[str, list[list[float]]] = field(default_factory=dict)
+    """dtype -> [[n, FLOP/s], ...] for square matmuls of side n."""
+    collectives: dict[str, list[list[float]]] | None = None
+    """kind -> [[bytes, seconds], ...] on ``collective_world`` ranks; None = analytic model."""
+    collective_world: int = 1
+    """Ranks of the group the collectives were timed on."""
+    source: str = "measured"
+    """"measured", "cache" or "injected"."""
+
+    def matmul_flops(self, dtype: str) -> float | None:
+        """Sustained FLOP/s for ``dtype`` (the largest measured size), or None."""
+        pts = self.matmul.get(dtype)
+        return float(max(pts)[1]) if pts else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "fingerprint": self.fingerprint,
+            "matmul": self.matmul,
+            "collectives": self.collectives,
+            "collective_world": self.collective_world,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "cache") -> CalibrationDB:
+        """Parse the JSON form; raises ``ValueError`` on anything malformed."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"not a {FORMAT} file")
+        matmul = data.get("matmul")
+        if not isinstance(matmul, dict) or not matmul:
+            raise ValueError("missing matmul table")
+        for k, pts in matmul.items():
+            _check_points(f"matmul[{k}]", pts)
+        coll = data.get("collectives")
+        if coll is not None:
+            if not isinstance(coll, dict):
+                raise ValueError("collectives must be an object or null")
+            for k, pts in coll.items():
+                if k not in COLLECTIVES:
+                    raise ValueError(f"unknown collective {k!r}")
+                _check_points(f"collectives[{k}]", pts)
+        return cls(
+            fingerprint=dict(data.get("fingerprint") or {}),
+            matmul={k: [list(map(float, p)) for p in v] for k, v in matmul.items()},
+            collectives=None if coll is None else {k: [list(map(float, p)) for p in v] for k, v in coll.items()},
+            collective_world=int(data.get("collective_world", 1)),
+            source=source,
+        )
+
+
+def _check_points(what: str, pts: Any) -> None:
+    if not isinstance(pts, list) or not pts:
+        raise ValueError(f"{what} must be a non-empty list")
+    for p in pts:
+        if not (isinstance(p, list) and len(p) == 2 and all(isinstance(x, (int, float)) and x > 0 for x in p)):
+            raise ValueError(f"{what}: bad point {p!r}")
+
+
+# ------------------------------------------------------------------ time models
+def _interp(points: list[list[float]], x: float) -> float:
+    """Piecewise-linear time(bytes) through the points, extrapolated with the last slope."""
+    pts = sorted(points)
+    xs = [p[0] for p in pts]
+    if len(pts) == 1:
+        return pts[0][1] * x / pts[0][0]
+    i = min(max(bisect.bisect_left(xs, x), 1), len(pts) - 1)
+    (x0, y0), (x1, y1) = pts[i - 1], pts[i]
+    slope = (y1 - y0) / (x1 - x0) if x1 != x0 else 0.0
+    if x < x0:
+        return max(y0 * x / x0, 0.0) if i == 1 else y0
+    return max(y0 + slope * (x - x0), 0.0)
+
+
+def _ring_factor(kind: str, n: int) -> float:
+    if kind == "send_recv":
+        return 1.0
+    f = (n - 1) / n
+    return 2 * f if kind == "all_reduce" else f
+
+
+def collective_time(cluster, kind: str, nbytes: float, *, group: int, inter_node: bool) -> float:
+    """Seconds for one collective of ``nbytes`` over ``group`` ranks.
+
+    Args:
+        cluster: the :class:`Cluster` (its calibration DB is used when it has a collective table).
+        kind: "all_reduce", "all_gather", "reduce_scatter" or "send_recv".
+        nbytes: the full buffer (all-reduce input, gathered output, reduce-scatter input, bytes sent).
+        group: ranks in the group (1 = no communication, 0 s).
+        inter_node: the group spans nodes (the slower link).
+    """
+    if kind not in COLLECTIVES:
+        raise ValueError(f"collective_time(kind={kind!r}) is not valid: expected one of {COLLECTIVES}")
+    if nbytes <= 0 or (group <= 1 and kind != "send_recv"):
+        return 0.0
+    db = cluster.calibration
+    if db is not None and db.collectives and kind in db.collectives:
+        measured = _interp(db.collectives[kind], nbytes)
+        w = max(2, db.collective_world)
+        if kind == "send_recv":
+            return measured
+        return measured * _ring_factor(kind, max(group, 2)) / _ring_factor(kind, w)
+    bw = (cluster.inter_node_bandwidth if inter_node else cluster.intra_node_bandwidth) * cluster.comm_efficiency
+    hops = 1 if kind == "send_recv" else (2 if kind == "all_reduce" else 1) * (group - 1)
+    return _ring_factor(kind, max(group, 2)) * nbytes / bw + hops * cluster.link_latency
+
+
+def matmul_flops(cluster, dtype: str) -> float:
+    """Sustained matmul FLOP/s: calibrated when the DB has the dtype, else peak x compute_efficiency."""
+    db = cluster.calibration
+    if db is not None:
+        measured = db.matmul_flops(dtype)
+        if measured:
+            return measured
+    return cluster.flops(dtype) * cluster.compute_efficiency
+
+
+# ------------------------------------------------------------------ measuring
+def _pg_world() -> int:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size()
+    except Exception:
+        pass
+    return 0
+
+
+def fingerprint(cluster) -> dict[str, Any]:
+    """What a cached DB must match to be reused."""
+    import platform
+
+    import torch
+
+    if cluster.device_type == "cuda" and torch.cuda.is_available():
+        device = torch.cuda.get_device_name(torch.cuda.current_device())
+    else:
+        device = f"cpu:{platform.machine()}:{os.cpu_count()}"
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "world": _pg_world(),
+    }
+
+
+def _device(cluster):
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if cluster.device_type == "cuda" and torch.cuda.is_available() else torch.device("cpu")
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul(device, *, sizes=MATMUL_SIZES, repeats: int = 3) -> dict[str, list[list[float]]]:
+    """FLOP/s of square matmuls per dtype (best of ``repeats`` after one warm-up)."""
+    import torch
+
+    table: dict[str, list[list[float]]] = {}
+    for key, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        pts = []
+        for n in sizes:
+            a = torch.randn(n, n, device=device, dtype=dtype)
+            b = torch.randn(n, n, device=device, dtype=dtype)
+            a @ b
+            _sync(device)
+            best = math.inf
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                a @ b
+                _sync(device)
+                best = min(best, time.perf_counter() - t0)
+            pts.append([float(n), 2.0 * n**3 / max(best, 1e-9)])
+        table[key] = pts
+    return table
+
+
+def measure_collectives(device, *, sizes=COLLECTIVE_SIZES, repeats: int = 2) -> dict[str, list[list[float]]]:
+    """Seconds per collective at each size on the live process group (all ranks must call this)."""
+    import torch
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    table: dict[str, list[list[float]]] = {k: [] for k in COLLECTIVES}
+    for nbytes in sizes:
+        numel = max(world, nbytes // 4 // world * world)
+        full = torch.zeros(numel, device=device)
+        part = torch.zeros(numel // world, device=device)
+        ops = {
+            "all_reduce": lambda: dist.all_reduce(full),
+            "all_gather": lambda: getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(full, part),
+            "reduce_scatter": lambda: getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)(part, full),
+            "send_recv": lambda: _send_recv(full, rank, world),
+        }
+        if world < 2:
+            del ops["send_recv"]
+        for kind, op in ops.items():
+            times = []
+            for _ in range(repeats + 1):
+                dist.barrier()
+                t0 = time.perf_counter()
+                op()
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+            t = torch.tensor([min(times[1:])], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the group is as fast as its slowest rank
+            table[kind].append([float(numel * 4), float(max(t.item(), 1e-7))])
+    return {k: v for k, v in table.items() if v}
+
+
+def _send_recv(buf, rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    if rank == 0:
+        dist.send(buf, dst=1)
+    elif rank == 1:
+        dist.recv(buf, src=0)
+
+
+def _read_cache(path: Path, fp: dict[str, Any]) -> CalibrationDB | None:
+    if not path.exists():
+        return None
+    try:
+        db = CalibrationDB.from_dict(json.loads(path.read_text()), source="cache")
+    except Exception as exc:  # corrupt: measure again
+        logger.warning(f"Calibration DB {path} is unreadable ({exc}); measuring it again.")
+        return None
+    if db.fingerprint != fp:
+        logger.warning(f"Calibration DB {path} was measured on {db.fingerprint}, not this {fp}; measuring it again.")
+        return None
+    return db
+
+
+def load_or_measure(
+    cluster,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    matmul_sizes=MATMUL_SIZES,
+    collective_sizes=COLLECTIVE_SIZES,
+) -> CalibrationDB:
+    """The cached DB for this machine, or a fresh measurement (then cached).
+
+    With a process group up every rank must call this (they agree on whether
+    to measure, and time the collectives together); rank 0 writes the file.
+    """
+    fp = fingerprint(cluster)
+    path = Path(cache_dir if cache_dir is not None else read_env().cache_dir) / FILENAME
+    db = _read_cache(path, fp)
+    world = fp["world"]
+    if world > 1:  # every rank must take the same branch
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([0.0 if db is not None else 1.0], device=_device(cluster))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            db = None
+    if db is not None:
+        logger.info("Got DBs from backend for auto config.")
+        return db
+    t0 = time.perf_counter()
+    device = _device(cluster)
+    db = CalibrationDB(fingerprint=fp, matmul=measure_matmul(device, sizes=matmul_sizes))
+    if world > 1:
+        db.collectives = measure_collectives(device, sizes=collective_sizes)
+        db.collective_world = world
+    else:
+        logger.info(
+            "Collective calibration needs a process group and none is up: "
+            "collective times come from the analytic ring model on the Cluster's bandwidths."
+        )
+    ms = (time.perf_counter() - t0) * 1e3
+    from moreh_ap.log import current_rank
+
+    if current_rank() == 0:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(db.to_dict(), indent=1))
+            os.replace(tmp, path)
+        except OSError as exc:
+            logger.warning(f"Could not write the calibration DB to {path}: {exc}")
+    logger.info(f"Calibration DB measured in {ms:.0f} [ms] and saved to {path}.")
+    return db

@@ -1,0 +1,368 @@
+# plan(): trace -> candidates -> partition + memory ("compile") -> cost of survivors -> selected config, with the seed's log.
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moreh_ap.config import ParallelConfig
+from moreh_ap.env import read_env
+from moreh_ap.errors import NoFeasibleConfigError
+from moreh_ap.graph.model_graph import ModelGraph
+from moreh_ap.log import logger
+from moreh_ap.option import APOptions, current_options
+from moreh_ap.planner import cost as cost_model
+from moreh_ap.planner import memory as memory_model
+from moreh_ap.planner.candidates import enumerate_candidates
+from moreh_ap.planner.cluster import Cluster
+from moreh_ap.planner.memory import MemoryBreakdown
+from moreh_ap.planner.partition import partition
+
+SELECTED_DUMP = "advanced_parallelization_selected_config.dump"
+DETAILED_DUMP = "autoconfig_log.dump"
+
+
+@dataclass(kw_only=True, slots=True)
+class Candidate:
+    """One evaluated configuration."""
+
+    config: ParallelConfig
+    """The configuration (with the partition's ``boundaries`` when it has 2+ stages)."""
+    feasible: bool = False
+    """Whether its predicted peak fits under the memory cap."""
+    memory: MemoryBreakdown | None = None
+    """Predicted per-rank peak, by category."""
+    step_time: float | None = None
+    """Predicted seconds per step, or None when rejected before costing."""
+    time_breakdown: dict[str, float] = field(default_factory=dict)
+    """Seconds by category (compute, bubble, p2p, dp_comm, optimizer, total)."""
+    reason: str | None = None
+    """Why it was rejected (None when feasible)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "line": self.config.to_moreh_line(),
+            "feasible": self.feasible,
+            "memory": self.memory.to_dict() if self.memory is not None else None,
+            "step_time": self.step_time,
+            "time_breakdown": dict(self.time_breakdown),
+            "reason": self.reason,
+        }
+
+
+@dataclass(kw_only=True, slots=True)
+class Plan:
+    """The planner's answer: the selected config and every candidate with its numbers."""
+
+    config: ParallelConfig
+    """The selected configuration."""
+    selected: Candidate
+    """The selected candidate (memory and time breakdowns)."""
+    candidates: list[Candidate]
+    """Every enumerated candidate, feasible or not."""
+    planning_ms: float
+    """Wall time of trace + plan, milliseconds."""
+    memory_cap: int
+    """Bytes per device the planner planned for (device memory x correction ratio)."""
+    cluster: Cluster
+    """The cluster planned for."""
+    graph: ModelGraph = field(repr=False)
+    """The traced model."""
+    global_batch: int = 0
+    """Samples per step."""
+
+    def summary(self) -> str:
+        """A few lines: the selected config, its memory and time breakdown, and the counts."""
+        sel = self.selected
+        feasible = sum(c.feasible for c in self.candidates)
+        mem = sel.memory
+        gib = 1024**3
+        lines = [
+            f"moreh_ap plan for {self.graph.model_name} ({self.graph.total_params:,} params, {self.graph.num_blocks} blocks), "
+            f"global batch {self.global_batch}, {self.cluster.nodes} node(s) x {self.cluster.devices_per_node} "
+            f"{self.cluster.name} ({self.cluster.world_size} ranks)",
+            f"selected: {self.config.to_moreh_line()}, schedule {self.config.schedule}"
+            + (f" x{self.config.stages_per_rank}" if self.config.stages_per_rank > 1 else "")
+            + (f", boundaries {list(self.config.boundaries)}" if self.config.boundaries else ""),
+            f"memory per device: {mem.total / gib:.2f} GiB of {self.memory_cap / gib:.2f} GiB "
+            f"(params {mem.params / gib:.2f}, grads {mem.grads / gib:.2f}, optimizer {mem.optimizer / gib:.2f}, "
+            f"activations {mem.activations / gib:.2f}, transient {mem.transient / gib:.2f})",
+            "step time: {:.4g} s (".format(sel.step_time)
+            + ", ".join(f"{k} {v:.3g}" for k, v in sel.time_breakdown.items() if k != "total")
+            + ")",
+            f"candidates: {len(self.candidates)}, feasible: {feasible}, planning {self.planning_ms:.0f} ms",
+        ]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The CLI's ``--json`` object."""
+        return {
+            "selected": {
+                "config": self.config.to_dict(),
+                "line": self.config.to_moreh_line(),
+                "step_time": self.selected.step_time,
+                "memory": self.selected.memory.to_dict(),
+                "time_breakdown": dict(self.selected.time_breakdown),
+            },
+            "candidates": [c.to_dict() for c in self.candidates],
+            "planning_ms": self.planning_ms,
+            "memory_cap": self.memory_cap,
+            "cluster": self.cluster.to_dict(),
+            "model": {"name": self.graph.model_name, "params": self.graph.total_params, "blocks": self.graph.num_blocks},
+        }
+
+
+def _normalize_options(options: Any) -> APOptions:
+    if options is None:
+        return current_options()
+    if isinstance(options, APOptions):
+        return options
+    if isinstance(options, dict):
+        return APOptions.from_overrides(options, where="plan(options=...)")
+    raise TypeError(f"plan(options={options!r}) is not valid: expected an APOptions, a dict of its keywords, or None")
+
+
+class _Evaluator:
+    """Partition + memory ("compile") and cost of candidates; partitions cached per stage count."""
+
+    def __init__(self, graph: ModelGraph, cluster: Cluster, *, world: int, optimizer: Any, cap: int) -> None:
+        self.graph, self.cluster, self.world, self.optimizer, self.cap = graph, cluster, world, optimizer, cap
+        self._parts: dict[tuple, tuple[int, ...]] = {}
+
+    def _part(self, total: int, kind: str, cfg: ParallelConfig) -> tuple[int, ...]:
+        key = (total, kind, cfg.recomputation, cfg.mixed_precision)
+        if key not in self._parts:
+            prec = "mixed" if cfg.mixed_precision else "full"
+            self._parts[key] = partition(self.graph, total, kind=kind, recompute=cfg.recomputation, precision=prec)
+        return self._parts[key]
+
+    def _mem(self, cfg: ParallelConfig) -> MemoryBreakdown:
+        return memory_model.estimate(
+            self.graph, cfg, world_size=self.world, optimizer=self.optimizer, device_type=self.cluster.device_type
+        )
+
+    def compile(self, cfg: ParallelConfig) -> Candidate:
+        """Partition the blocks (by time; by memory when the time-balanced split does not fit) and predict memory."""
+        if cfg.num_stages > 1:
+            cfg = cfg.replace(boundaries=self._part(cfg.total_stages, "time", cfg))
+        mem = self._mem(cfg)
+        if mem.total > self.cap and cfg.num_stages > 1:
+            alt = cfg.replace(boundaries=self._part(cfg.total_stages, "memory", cfg))
+            alt_mem = self._mem(alt)
+            if alt_mem.total < mem.total:
+                cfg, mem = alt, alt_mem
+        cand = Candidate(config=cfg, memory=mem, feasible=mem.total <= self.cap)
+        if not cand.feasible:
+            cand.reason = (
+                f"out of memory: needs {mem.total:,} bytes per device (pipeline rank {mem.stage}, {mem.phase}) "
+                f"> {self.cap:,} available"
+            )
+        return cand
+
+    def cost(self, cand: Candidate) -> Candidate:
+        t = cost_model.estimate(self.graph, cand.config, self.cluster, world_size=self.world, optimizer=self.optimizer)
+        cand.step_time = t.total
+        cand.time_breakdown = t.to_dict()
+        return cand
+
+
+def _table(cands: list[Candidate]) -> list[str]:
+    gib = 1024**3
+    head = (
+        f"{'#':>4} {'pp':>3} {'nmb':>4} {'bpd':>4} {'rec':>3} {'dist':>4} {'low':>3} {'schedule':>17} "
+        f"{'params':>8} {'grads':>8} {'optim':>8} {'acts':>8} {'trans':>8} {'total GiB':>9} {'step s':>10}  verdict"
+    )
+    rows = [head]
+    for i, c in enumerate(cands):
+        cfg, m = c.config, c.memory
+        sched = cfg.schedule + (f"x{cfg.stages_per_rank}" if cfg.stages_per_rank > 1 else "") if cfg.num_stages > 1 else "-"
+        verdict = "ok" if c.feasible else "OOM"
+        rows.append(
+            f"{i:>4} {cfg.num_stages:>3} {cfg.num_micro_batches:>4} {cfg.batch_per_device:>4} "
+            f"{int(cfg.recomputation):>3} {int(cfg.distribute_param):>4} {int(cfg.distribute_low_prec_param):>3} "
+            f"{sched:>17} {m.params / gib:>8.2f} {m.grads / gib:>8.2f} {m.optimizer / gib:>8.2f} "
+            f"{m.activations / gib:>8.2f} {m.transient / gib:>8.2f} {m.total / gib:>9.2f} "
+            f"{(f'{c.step_time:.4g}' if c.step_time is not None else '-'):>10}  {verdict}"
+        )
+    return rows
+
+
+def candidate_table(cands: list[Candidate], selected: ParallelConfig | None = None) -> str:
+    """The per-candidate table (memory breakdown in GiB per device, step time, verdict)."""
+    rows = _table(cands)
+    if selected is not None:
+        for i, c in enumerate(cands):
+            if c.config == selected:
+                rows[i + 1] = rows[i + 1].replace("  ok", "  selected")
+    return "\n".join(rows)
+
+
+def _no_fit_message(best: Candidate, *, cap: int, cluster: Cluster, options: APOptions, ratio: int,
+                    global_batch: int) -> str:
+    m = best.memory
+    ways = [
+        f"more devices (now {cluster.nodes} node(s) x {cluster.devices_per_node})",
+        f"a smaller global batch (now {global_batch})",
+    ]
+    if options.activation_recomputation is False:
+        ways.append("allow activation_recomputation ('auto' or True)")
+    if options.distribute_parameter is False:
+        ways.append("allow distribute_parameter ('auto' or True)")
+    if not options.pipeline_parallel:
+        ways.append("allow pipeline_parallel")
+    elif isinstance(options.num_stages, int):
+        ways.append(f"allow more pipeline stages (num_stages <= {options.num_stages} now)")
+    if options.mixed_precision is False:
+        ways.append("mixed_precision=True")
+    if ratio < 100:
+        ways.append(f"a higher MOREH_ADVANCED_PARALLELIZATION_MEMORY_USAGE_CORRECTION_RATIO (now {ratio})")
+    ways.append("an optimizer with less state (e.g. SGD) or fused kernels (AdamW(fused=True))")
+    return (
+        "OUT_OF_MEMORY: no parallel configuration fits in device memory. "
+        f"Best candidate ({best.config.to_moreh_line()}) requests {m.total:,} bytes per device "
+        f"but {cap:,} bytes are available ({cluster.device_memory:,} x {ratio}%). "
+        f"Breakdown: params {m.params:,}, grads {m.grads:,}, optimizer {m.optimizer:,}, "
+        f"activations {m.activations:,}, transient {m.transient:,}. "
+        "Ways out: " + "; ".join(ways) + "."
+    )
+
+
+def _pool_map(fn, items: list, workers: int) -> list:
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+def plan_graph(
+    graph: ModelGraph,
+    *,
+    cluster: Cluster,
+    options: Any = None,
+    optimizer: Any = "adamw",
+    dump: bool = False,
+    global_batch: int | None = None,
+    started: float | None = None,
+) -> Plan:
+    """Plan for an already traced model (what :func:`plan` does after tracing).
+
+    Args:
+        graph: the traced model.
+        cluster: the devices to plan for.
+        options: an ``APOptions``, a dict of its keywords, or None (= ``current_options()``).
+        optimizer: "adamw", "adam", "sgd", "lamb", an optimizer instance or class.
+        dump: write ``advanced_parallelization_selected_config.dump`` in the working directory.
+        global_batch: samples per step (default: the traced batch).
+        started: ``time.perf_counter()`` when planning started (for ``planning_ms``).
+
+    Raises:
+        NoFeasibleConfigError: nothing fits; the message has the bytes and the ways out.
+        ValueError: no configuration is valid at all for this batch and world size.
+    """
+    t_start = started if started is not None else time.perf_counter()
+    opts = _normalize_options(options)
+    memory_model.optimizer_profile(optimizer, device_type=cluster.device_type)  # validates the spec
+    env = read_env()
+    world = cluster.world_size
+    batch = global_batch or graph.batch_size
+    cap = int(cluster.device_memory * env.memory_usage_correction_ratio / 100)
+    configs = enumerate_candidates(world_size=world, global_batch=batch, num_blocks=graph.num_blocks, options=opts)
+    if not configs:
+        raise ValueError(
+            f"no parallel configuration is valid for global batch {batch} on world size {world} with options "
+            f"{opts.to_dict()}: the batch must be a multiple of the data-parallel degree "
+            f"(world_size / num_stages for some allowed num_stages)"
+        )
+    ev = _Evaluator(graph, cluster, world=world, optimizer=optimizer, cap=cap)
+    logger.info(f"The number of candidates is {len(configs)}.")
+    logger.info("Parallel Graph Compile start...")
+    t0 = time.perf_counter()
+    cands = _pool_map(ev.compile, configs, env.max_parallel_compile_threads)
+    logger.info(f"Elapsed Time to compile all candidates = {(time.perf_counter() - t0) * 1e3:.0f} [ms]")
+    logger.info("Parallel Graph Compile finished.")
+    survivors = [c for c in cands if c.feasible]
+    logger.info(f"The number of possible candidates is {len(survivors)}.")
+    logger.info("SelectBestGraphFromCandidates start...")
+    t1 = time.perf_counter()
+    _pool_map(ev.cost, survivors, env.max_parallel_compile_threads)
+    logger.info(f"Elapsed Time to compute cost for survived candidates = {(time.perf_counter() - t1) * 1e3:.0f} [ms]")
+    logger.info("SelectBestGraphFromCandidates finished.")
+    if not survivors:
+        best = min(cands, key=lambda c: c.memory.total)
+        _detailed_log(env.detailed_log, cands, None)
+        raise NoFeasibleConfigError(
+            _no_fit_message(best, cap=cap, cluster=cluster, options=opts, ratio=env.memory_usage_correction_ratio,
+                            global_batch=batch)
+        )
+    chosen = min(survivors, key=lambda c: (c.step_time, c.memory.total, c.config.num_stages, c.config.num_micro_batches))
+    logger.info("Configuration for parallelism is selected.")
+    logger.info(chosen.config.to_moreh_line())
+    logger.info("train: true")
+    _detailed_log(env.detailed_log, cands, chosen.config)
+    if dump:
+        Path(SELECTED_DUMP).write_text(chosen.config.to_moreh_line() + "\n")
+    return Plan(
+        config=chosen.config,
+        selected=chosen,
+        candidates=cands,
+        planning_ms=(time.perf_counter() - t_start) * 1e3,
+        memory_cap=cap,
+        cluster=cluster,
+        graph=graph,
+        global_batch=batch,
+    )
+
+
+def _detailed_log(level: int, cands: list[Candidate], selected: ParallelConfig | None) -> None:
+    if level == 0:
+        return
+    table = candidate_table(cands, selected)
+    if level == 1:
+        for line in table.splitlines():
+            logger.info(line)
+    else:
+        Path(DETAILED_DUMP).write_text(table + "\n")
+
+
+def plan(
+    model: Any,
+    args: Any = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    cluster: Cluster | None = None,
+    options: Any = None,
+    optimizer: Any = "adamw",
+    dump: bool = False,
+) -> Plan:
+    """Pick the fastest parallel configuration that fits, for ``model`` on one global batch.
+
+    Args:
+        model: the ``nn.Module`` (on meta, CPU or CUDA; not modified), or a
+            :class:`ModelGraph` already traced.
+        args: positional inputs of one GLOBAL batch (real, fake or meta tensors).
+        kwargs: keyword inputs (e.g. ``labels=``).
+        cluster: devices to plan for; None = ``Cluster.detect(calibrate=True)``.
+        options: an ``APOptions``, a dict of its keywords, or None (= ``current_options()``).
+        optimizer: "adamw", "adam", "sgd", "lamb", an optimizer instance or class.
+        dump: write the selected line to ``advanced_parallelization_selected_config.dump``.
+
+    Returns:
+        A :class:`Plan` (``.config``, ``.candidates``, ``.summary()``, ``.planning_ms``).
+
+    Raises:
+        NoFeasibleConfigError: nothing fits (bytes requested vs available, and the ways out).
+        TypeError / ValueError: a bad argument, naming it and the accepted values.
+    """
+    from moreh_ap.graph.tracing import trace
+
+    started = time.perf_counter()
+    opts = _normalize_options(options)
+    if cluster is not None and not isinstance(cluster, Cluster):
+        raise TypeError(f"plan(cluster={cluster!r}) is not valid: expected a moreh_ap.Cluster or None")
+    cluster = cluster if cluster is not None else Cluster.detect(calibrate=True)
+    graph = model if isinstance(model, ModelGraph) else trace(model, args, kwargs)
+    return plan_graph(graph, cluster=cluster, options=opts, optimizer=optimizer, dump=dump, started=started)

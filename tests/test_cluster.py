@@ -1,0 +1,126 @@
+# Tests for moreh_ap.planner.cluster and the calibration DB (cache, corrupt files, analytic fallback).
+import json
+
+import pytest
+import torch
+
+from moreh_ap.planner import calibration as cal
+from moreh_ap.planner.cluster import PRESETS, Cluster
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_presets_and_errors():
+    for name in ("a100-40gb", "a100-80gb", "h100-80gb", "h200", "moreh-64gb", "cpu"):
+        assert name in PRESETS
+        c = Cluster.preset(name, nodes=2, devices_per_node=4)
+        assert c.world_size == 8 and c.device_memory > 0 and c.flops("bf16") > 0
+    assert Cluster.preset("moreh-64gb").device_memory == 68_702_699_520
+    with pytest.raises(ValueError, match="a100-40gb"):
+        Cluster.preset("tpu")
+    with pytest.raises(ValueError, match="nodes"):
+        Cluster.preset("h200", nodes=0)
+    with pytest.raises(TypeError, match="peak_flops"):
+        Cluster(nodes=1, devices_per_node=1, device_memory=1, peak_flops=5.0, mem_bandwidth=1,
+                intra_node_bandwidth=1, inter_node_bandwidth=1)
+
+
+def test_detect_on_cpu(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    c = Cluster.detect()
+    assert (c.nodes, c.devices_per_node, c.device_type) == (2, 2, "cpu")
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.delenv("MOREH_AP_NPROC", raising=False)
+    assert Cluster.detect().world_size == 1
+
+
+def _log_lines(capsys):
+    return capsys.readouterr().err
+
+
+def test_calibration_measured_cached_and_reloaded(tmp_path, capsys):
+    c = Cluster.preset("cpu")
+    db = cal.load_or_measure(c, cache_dir=tmp_path, matmul_sizes=(32, 64))
+    err = _log_lines(capsys)
+    assert "analytic ring model" in err and "Calibration DB measured" in err
+    assert db.matmul_flops("bf16") > 0 and db.matmul_flops("fp32") > 0 and db.collectives is None
+    saved = json.loads((tmp_path / cal.FILENAME).read_text())
+    assert saved["format"] == cal.FORMAT
+    again = cal.load_or_measure(c, cache_dir=tmp_path, matmul_sizes=(32, 64))
+    assert "Got DBs from backend for auto config." in _log_lines(capsys)
+    assert again.source == "cache" and again.matmul == db.matmul
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"format": "other"}), json.dumps([1, 2])])
+def test_corrupt_cache_is_remeasured(tmp_path, capsys, content):
+    (tmp_path / cal.FILENAME).write_text(content)
+    db = cal.load_or_measure(Cluster.preset("cpu"), cache_dir=tmp_path, matmul_sizes=(32,))
+    err = _log_lines(capsys)
+    assert "unreadable" in err and "measuring it again" in err
+    assert db.source == "measured"
+    assert json.loads((tmp_path / cal.FILENAME).read_text())["format"] == cal.FORMAT
+
+
+def test_foreign_cache_is_remeasured(tmp_path, capsys):
+    c = Cluster.preset("cpu")
+    db = cal.load_or_measure(c, cache_dir=tmp_path, matmul_sizes=(32,))
+    data = db.to_dict()
+    data["fingerprint"] = dict(data["fingerprint"], device="some-other-gpu")
+    (tmp_path / cal.FILENAME).write_text(json.dumps(data))
+    capsys.readouterr()
+    assert cal.load_or_measure(c, cache_dir=tmp_path, matmul_sizes=(32,)).source == "measured"
+    assert "was measured on" in _log_lines(capsys)
+
+
+def test_cache_dir_from_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOREH_AP_CACHE_DIR", str(tmp_path / "c"))
+    cal.load_or_measure(Cluster.preset("cpu"), matmul_sizes=(16,))
+    assert (tmp_path / "c" / cal.FILENAME).exists()
+
+
+def test_collective_time_analytic_and_calibrated():
+    c = Cluster.preset("h100-80gb", nodes=2, devices_per_node=8)
+    t_ar = cal.collective_time(c, "all_reduce", 1e9, group=8, inter_node=False)
+    t_ag = cal.collective_time(c, "all_gather", 1e9, group=8, inter_node=False)
+    assert t_ar == pytest.approx(2 * t_ag, rel=0.01)
+    assert cal.collective_time(c, "all_reduce", 1e9, group=16, inter_node=True) > t_ar
+    assert cal.collective_time(c, "all_reduce", 1e9, group=1, inter_node=False) == 0.0
+    with pytest.raises(ValueError, match="all_reduce"):
+        cal.collective_time(c, "broadcast", 1, group=2, inter_node=False)
+    # a calibrated table wins over the bandwidths: all-gather slower than all-reduce, as on gloo
+    db = cal.CalibrationDB(fingerprint={}, matmul={"bf16": [[512, 8e11]]}, collective_world=2,
+                           collectives={"all_reduce": [[2**20, 0.002], [2**24, 0.015]],
+                                        "all_gather": [[2**20, 0.006], [2**24, 0.116]]}, source="injected")
+    cpu = Cluster.preset("cpu", devices_per_node=2)
+    cpu.calibration = db
+    assert cal.collective_time(cpu, "all_reduce", 2**24, group=2, inter_node=False) == pytest.approx(0.015)
+    assert cal.collective_time(cpu, "all_gather", 2**24, group=2, inter_node=False) == pytest.approx(0.116)
+    assert cal.collective_time(cpu, "all_gather", 2**25, group=2, inter_node=False) > 0.116
+    assert cal.matmul_flops(cpu, "bf16") == 8e11
+    assert cal.matmul_flops(cpu, "fp32") == cpu.flops("fp32") * cpu.compute_efficiency
+
+
+def test_db_round_trip_and_validation():
+    db = cal.CalibrationDB(fingerprint={"a": 1}, matmul={"fp32": [[64.0, 1e9]]},
+                           collectives={"send_recv": [[1024.0, 1e-4]]}, collective_world=2)
+    assert cal.CalibrationDB.from_dict(json.loads(json.dumps(db.to_dict()))).collectives == db.collectives
+    bad = db.to_dict()
+    bad["matmul"] = {"fp32": [[64, -1]]}
+    with pytest.raises(ValueError):
+        cal.CalibrationDB.from_dict(bad)
+
+
+def test_measure_collectives_with_a_process_group(tmp_path):
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already up")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        table = cal.measure_collectives(torch.device("cpu"), sizes=(4096,), repeats=1)
+    finally:
+        dist.destroy_process_group()
+    assert set(table) == {"all_reduce", "all_gather", "reduce_scatter"}  # send/recv needs 2 ranks
+    assert all(len(v) == 1 and v[0][1] > 0 for v in table.values())
