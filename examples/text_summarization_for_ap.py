@@ -14,6 +14,10 @@ AdamW`` (removed in transformers 5: ``torch.optim.AdamW`` is used). The default
 learning rate is 1e-3 instead of the seed's 1e-5 because the model starts from
 random weights instead of a pretrained checkpoint.
 
+As in the seed, the script calls ``model.cuda()`` and ``tensor.cuda()``: under AP on a machine
+without CUDA they leave everything on the CPU. Not in the seed: ``--ap-options`` passes keyword
+overrides to ``enable_advanced_parallelization`` (e.g. ``mixed_precision=false,num_stages=2``).
+
 Run (AP on; ``MOREH_AP_NPROC=2`` starts two CPU ranks)::
 
     MOREH_AP_NPROC=2 python examples/text_summarization_for_ap.py
@@ -112,6 +116,16 @@ def load_model_and_tokenizer(args):
     return LlamaForCausalLM(config), tokenizer
 
 
+def _ap_options(text):
+    """'key=value,...' -> keyword overrides ('auto', true/false, integers)."""
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, raw = item.partition("=")
+        low = raw.strip().lower()
+        out[key.strip()] = {"true": True, "false": False}.get(low, int(low) if low.isdigit() else raw.strip())
+    return out
+
+
 # Arguments
 def parse_args(argv=None):
     parser = ArgumentParser(description="LLaMA2 FineTuning")
@@ -128,6 +142,9 @@ def parse_args(argv=None):
     parser.add_argument("--hidden-size", type=int, default=64, help="hidden size of the random Llama")
     parser.add_argument("--num-layers", type=int, default=4, help="decoder layers of the random Llama")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the data")
+    parser.add_argument("--ap-options", type=_ap_options, default={},
+                        help="keyword overrides for enable_advanced_parallelization, e.g. "
+                             "'num_stages=2,mixed_precision=false'")
     return parser.parse_args(argv)
 
 
@@ -135,7 +152,7 @@ def main(args):
     hf_logging.disable_progress_bar()  # not in the seed: keep the log readable
 
     # Apply Advanced Parallelization
-    torch.moreh.option.enable_advanced_parallelization()
+    torch.moreh.option.enable_advanced_parallelization(**args.ap_options)
 
     # Load base model and tokenizer
     model, tokenizer = load_model_and_tokenizer(args)
@@ -143,10 +160,8 @@ def main(args):
     tokenizer.pad_token_id = 0
 
     # Prepare the model for training on Accelerator
-    if torch.cuda.is_available():
-        model.cuda()
+    model.cuda()
     model.train()
-    device = next(model.parameters()).device
 
     dataset = synthetic_dataset(args.num_samples, seed=args.seed)
 
@@ -184,9 +199,9 @@ def main(args):
             inputs, labels = input_ids, mask_pads(input_ids, tokenizer)
             attn_mask = create_mask(inputs, tokenizer)
             outputs = model(
-                input_ids.to(device),
-                attention_mask=attn_mask.to(device),
-                labels=labels.to(device),
+                input_ids.cuda(),
+                attention_mask=attn_mask.cuda(),
+                labels=labels.cuda(),
                 use_cache=False,
             )
             loss = outputs[0]

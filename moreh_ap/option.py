@@ -11,6 +11,7 @@ Three equivalent ways to turn advanced parallelization (AP) on:
 """
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
@@ -129,8 +130,10 @@ def enable_advanced_parallelization(**overrides: Any) -> None:
         _state.options = options
     if settings.enable is False:
         logger.info(f"Advanced parallelization stays off: {_env.ENABLE}=0.")
+        _install_hooks(cpu_only=True)
         return
     _launch_ranks()
+    _install_hooks()
 
 
 def disable_advanced_parallelization() -> None:
@@ -138,6 +141,10 @@ def disable_advanced_parallelization() -> None:
     with _lock:
         _state.requested = False
         _state.options = APOptions()
+    if "moreh_ap.oneline" in sys.modules:
+        from moreh_ap import oneline
+
+        oneline.uninstall()
 
 
 def is_advanced_parallelization_enabled() -> bool:
@@ -159,6 +166,7 @@ def _enable_from_environment() -> None:
         with _lock:
             _state.requested = True
         _launch_ranks()
+        _install_hooks()
 
 
 def _launch_ranks() -> None:
@@ -166,3 +174,10 @@ def _launch_ranks() -> None:
     from moreh_ap import launcher
 
     launcher.maybe_launch()
+
+
+def _install_hooks(*, cpu_only: bool = False) -> None:
+    """The one-line mode's hooks (see :mod:`moreh_ap.oneline`); ``cpu_only``: AP off, only CPU ``.cuda()``."""
+    from moreh_ap import oneline
+
+    oneline.install(cpu_only=cpu_only)

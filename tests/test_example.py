@@ -6,7 +6,8 @@ from pathlib import Path
 
 from tests.conftest import clean_subprocess_env
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "text_summarization_for_ap.py"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "text_summarization_for_ap.py"
 
 
 def test_text_summarization_example_trains_and_reloads(tmp_path):
@@ -14,7 +15,7 @@ def test_text_summarization_example_trains_and_reloads(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(EXAMPLE), "--num-samples", "48", "--block-size", "64", "--log-interval", "1",
          "--save-model-dir", str(out_dir)],
-        cwd=tmp_path, env=clean_subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240,
+        cwd=tmp_path, env=clean_subprocess_env(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = [float(x) for x in re.findall(r"\] Loss: ([0-9.]+)", proc.stderr)]
