@@ -33,10 +33,14 @@ Deviations from apex, on purpose:
 * bad hyper-parameters (negative ``lr``, ``eps``, ``weight_decay`` or
   ``max_grad_norm``; betas outside [0, 1)) raise ``ValueError``.
 
-The two norms that a sharded or pipelined model must compute over the whole
-model go through two hooks that the runtime may replace:
-:meth:`FusedLAMB.global_grad_norm` (default :func:`_global_grad_norm`) and
-:meth:`FusedLAMB.per_tensor_norms` (default :func:`_per_tensor_norms`).
+Under ``moreh_ap.parallelize`` (or any DTensor parameters) the norms cover the
+whole model, as on one device: :meth:`FusedLAMB.global_grad_norm` spans all
+pipeline stages and shards (through ``moreh_ap.runtime.norm.params_grad_norm``
+while a multi-rank ParallelModel that holds the parameters is active; tied
+copies counted once), and :meth:`FusedLAMB.per_tensor_norms` gives ``||p||`` and
+``||u||`` of the whole parameter for a DTensor (FSDP2) shard; the rest of the
+update runs on the local shards. ``step()`` is then a collective: every rank
+calls it.
 """
 from __future__ import annotations
 
@@ -253,7 +257,9 @@ class FusedLAMB(torch.optim.Optimizer):
         """
         runtime = _active_runtime_norm()
         if runtime is not None and params is not None:
-            return runtime.params_grad_norm(params)
+            norm = runtime.params_grad_norm(params)
+            if norm is not None:
+                return norm
         return _global_grad_norm(grads)
 
     def per_tensor_norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:

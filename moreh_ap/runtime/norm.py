@@ -32,19 +32,23 @@ def layout_active() -> bool:
     return _ACTIVE["dp_rank"] is not None
 
 
-def params_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
+def params_grad_norm(params: list[torch.Tensor]) -> torch.Tensor | None:
     """Global 2-norm of the gradients of ``params`` (this rank's share), over all stages and shards.
 
-    Tied parameters held by several pipeline stages count once: a local copy that the active
-    ParallelModel does not count (see its ``_norm_params``) is left out. A collective, like
-    :func:`global_norm`.
+    For an optimizer rebound by the active ParallelModel. Tied parameters held by several pipeline
+    stages count once: a local copy that the model does not count (see its ``_norm_params``) is
+    left out. A collective, like :func:`global_norm`. Returns None (no collective) when no
+    multi-rank ParallelModel is active or none of ``params`` belongs to it.
     """
     ref = _ACTIVE["model"]
     model = ref() if ref is not None else None
-    skip: set[int] = set()
-    if model is not None:
-        counted, everything = model._norm_params()
-        skip = {id(p) for p in everything} - {id(p) for p in counted}
+    if model is None or _ACTIVE["dp_rank"] is None:
+        return None
+    counted, everything = model._norm_params()
+    held = {id(p) for p in everything}
+    if not any(id(p) in held for p in params):
+        return None
+    skip = held - {id(p) for p in counted}
     return global_norm([p.grad for p in params if p.grad is not None and id(p) not in skip])
 
 
