@@ -157,11 +157,24 @@ def _first_block(model: nn.Module) -> nn.Module:
     return model.transformer.h[1]
 
 
+LAMB_LR = 1e-2
+"""FusedLAMB's lr in ``optim="lamb"`` cases (the trust ratio makes each step ~lr relative to ||p||)."""
+
+
+def make_optimizer(case: dict, params: list) -> torch.optim.Optimizer:
+    """AdamW (lr LR, eps EPS), or with ``optim="lamb"`` moreh_ap's FusedLAMB (``lamb`` holds its kwargs)."""
+    if case.get("optim") == "lamb":
+        from moreh_ap.optim import FusedLAMB
+
+        return FusedLAMB(params, **{"lr": LAMB_LR, **case.get("lamb", {})})
+    return torch.optim.AdamW(params, lr=LR, eps=EPS)
+
+
 def reference_run(case: dict, global_batch: int) -> dict:
     """Single-process training of the case: losses per step and the final state dict."""
     model = _prepare_model(case, case.get("seed", 0))
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW([p for p in model.parameters()], lr=LR, eps=EPS)
+    opt = make_optimizer(case, [p for p in model.parameters()])
     loss_fn = loss_fn_for(case["model"])
     losses, norms = [], []
     for batch in case_batches(case, global_batch):
@@ -207,7 +220,7 @@ def parallel_run(case: dict, world: int, rank: int) -> dict:
     cfg = ParallelConfig.from_dict(case["cfg"])
     seed = case.get("seed", 0) + (rank if case.get("rank_seed") else 0)
     model = _prepare_model(case, seed)
-    opt = torch.optim.AdamW([p for p in model.parameters()], lr=LR, eps=EPS)
+    opt = make_optimizer(case, [p for p in model.parameters()])
     pm = moreh_ap.parallelize(model, cfg, optimizer=opt, loss_fn=loss_fn_for(case["model"]))
     losses, extra = [], {}
     for step, batch in enumerate(case_batches(case, cfg.global_batch(world))):

@@ -33,14 +33,19 @@ Deviations from apex, on purpose:
 * bad hyper-parameters (negative ``lr``, ``eps``, ``weight_decay`` or
   ``max_grad_norm``; betas outside [0, 1)) raise ``ValueError``.
 
-The two norms that a sharded or pipelined model must compute over the whole
-model go through two hooks that the runtime may replace:
-:meth:`FusedLAMB.global_grad_norm` (default :func:`_global_grad_norm`) and
-:meth:`FusedLAMB.per_tensor_norms` (default :func:`_per_tensor_norms`).
+Under ``moreh_ap.parallelize`` (or any DTensor parameters) the norms cover the
+whole model, as on one device: :meth:`FusedLAMB.global_grad_norm` spans all
+pipeline stages and shards (through ``moreh_ap.runtime.norm.params_grad_norm``
+while a multi-rank ParallelModel that holds the parameters is active; tied
+copies counted once), and :meth:`FusedLAMB.per_tensor_norms` gives ``||p||`` and
+``||u||`` of the whole parameter for a DTensor (FSDP2) shard; the rest of the
+update runs on the local shards. ``step()`` is then a collective: every rank
+calls it.
 """
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable
 from typing import Any, Callable
 
@@ -61,7 +66,56 @@ def _per_tensor_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     """
     if not tensors:
         return torch.zeros(0, dtype=_FLOAT32)
+    dtensor = _dtensor_class()
+    if dtensor is not None and any(isinstance(t, dtensor) for t in tensors):
+        return _whole_norms(tensors, dtensor)
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=_FLOAT32))
+
+
+def _dtensor_class() -> type | None:
+    """torch's DTensor class if ``torch.distributed.tensor`` is loaded (else no DTensor can exist)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None) if module is not None else None
+
+
+def _local(t: torch.Tensor, dtensor: type | None) -> torch.Tensor:
+    """The local shard of a DTensor (a view: in-place writes reach the DTensor), else ``t``."""
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
+
+
+def _whole_norms(tensors: list[torch.Tensor], dtensor: type) -> torch.Tensor:
+    """Norms of the WHOLE tensors when some are DTensors (e.g. FSDP2 shards), as a plain 1-D fp32 tensor.
+
+    Squared local norms of sharded entries are summed over their mesh's Shard dims by DTensor
+    itself (a Partial("sum") -> Replicate redistribution): one reduction per (mesh, placements).
+    """
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    squares = torch.stack(torch._foreach_norm([_local(t, dtensor) for t in tensors], 2, dtype=_FLOAT32)) ** 2
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if isinstance(t, dtensor) and not all(isinstance(pl, Replicate) for pl in t.placements):
+            if not all(isinstance(pl, (Shard, Replicate)) for pl in t.placements):
+                raise NotImplementedError(f"FusedLAMB: a DTensor with placements {t.placements} (only Shard "
+                                          "and Replicate parameters are supported)")
+            groups.setdefault((t.device_mesh, tuple(t.placements)), []).append(i)
+    for (mesh, placements), idx in groups.items():
+        index = torch.tensor(idx, device=squares.device)
+        partial = [Replicate() if isinstance(pl, Replicate) else Partial("sum") for pl in placements]
+        whole = dtensor.from_local(squares.index_select(0, index), mesh, partial, run_check=False).full_tensor()
+        squares = squares.index_copy(0, index, whole.to(squares.device))
+    return squares.sqrt()
+
+
+def _active_runtime_norm():
+    """``moreh_ap.runtime.norm`` while a multi-rank ParallelModel is active on this rank, else None.
+
+    Never imports the runtime: if it is not loaded, no model was parallelized in this process.
+    """
+    module = sys.modules.get("moreh_ap.runtime.norm")
+    if module is None or not module.layout_active():
+        return None
+    return module
 
 
 def _global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -72,6 +126,9 @@ def _global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """
     if not grads:
         return torch.zeros((), dtype=_FLOAT32)
+    dtensor = _dtensor_class()
+    if dtensor is not None and any(isinstance(g, dtensor) for g in grads):
+        return _whole_norms(grads, dtensor).pow(2).sum().sqrt()
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for g in grads:
         by_device.setdefault(g.device, []).append(g)
@@ -191,12 +248,23 @@ class FusedLAMB(torch.optim.Optimizer):
         self.use_nvlamb = use_nvlamb
 
     # -- hooks the runtime replaces for sharded / pipelined models ---------------------------------
-    def global_grad_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """Global L2 norm of ``grads`` (0-dim fp32 tensor); default :func:`_global_grad_norm`."""
+    def global_grad_norm(self, grads: list[torch.Tensor], *, params: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Global L2 norm of ``grads`` (0-dim fp32 tensor), the grads of ``params``.
+
+        While a multi-rank model parallelized by ``moreh_ap.parallelize`` is active, the norm spans
+        the whole model (all pipeline stages and shards, tied copies once) through the runtime's
+        ``params_grad_norm`` (a collective: every rank steps); otherwise :func:`_global_grad_norm`.
+        """
+        runtime = _active_runtime_norm()
+        if runtime is not None and params is not None:
+            norm = runtime.params_grad_norm(params)
+            if norm is not None:
+                return norm
         return _global_grad_norm(grads)
 
     def per_tensor_norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """L2 norm of each tensor (1-D fp32 tensor); default :func:`_per_tensor_norms`."""
+        """L2 norm of each tensor (1-D fp32 tensor), of the whole tensor for a DTensor shard;
+        default :func:`_per_tensor_norms`."""
         return _per_tensor_norms(tensors)
 
     # -- torch.optim.Optimizer API ------------------------------------------------------------------
@@ -226,8 +294,9 @@ class FusedLAMB(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         groups = [self._gather(group) for group in self.param_groups]
+        all_params = [p for gathered in groups for bucket in gathered.values() for p in bucket[0]]
         all_grads = [g for gathered in groups for bucket in gathered.values() for g in bucket[1]]
-        clip = self._clip_factor(all_grads)
+        clip = self._clip_factor(all_grads, all_params)
         for group, gathered in zip(self.param_groups, groups):
             group["step"] = group.get("step", 0) + 1
             for (is_fp32, _device), (params, grads, exp_avgs, exp_avg_sqs) in gathered.items():
@@ -259,9 +328,9 @@ class FusedLAMB(torch.optim.Optimizer):
             bucket[3].append(state["exp_avg_sq"])
         return buckets
 
-    def _clip_factor(self, grads: list[torch.Tensor]) -> torch.Tensor:
+    def _clip_factor(self, grads: list[torch.Tensor], params: list[torch.Tensor]) -> torch.Tensor:
         """``gnorm / max_grad_norm`` where ``gnorm > max_grad_norm``, else 1 (NaN: 1, as apex)."""
-        gnorm = self.global_grad_norm(grads)
+        gnorm = self.global_grad_norm(grads, params=params)
         max_norm = float(self.defaults["max_grad_norm"])
         one = torch.ones((), dtype=_FLOAT32, device=gnorm.device)
         return torch.where(gnorm > max_norm, gnorm / max_norm, one)
@@ -285,6 +354,13 @@ class FusedLAMB(torch.optim.Optimizer):
         # fp16/bf16 params are computed on fp32 copies and written back.
         p32 = params if is_fp32 else [p.float() for p in params]
         g32 = grads if is_fp32 else [g.float() for g in grads]
+        # DTensor (FSDP2) parameters: the math runs on the local shards (views), only the two norms
+        # of the trust ratio see the DTensors, so that they are norms of the whole parameters.
+        p_whole, u_whole = p32, g32
+        dtensor = _dtensor_class()
+        if dtensor is not None and any(isinstance(p, dtensor) for p in params):
+            params, grads, p32, g32, exp_avgs, exp_avg_sqs = (
+                [_local(t, dtensor) for t in ts] for ts in (params, grads, p32, g32, exp_avgs, exp_avg_sqs))
         # g <- g / clip. On CPU the factor is read on the host (free there): a Python scalar is
         # folded into the moment updates and a factor of 1 costs nothing; elsewhere it stays a
         # device tensor (no host sync, as apex).
@@ -319,8 +395,8 @@ class FusedLAMB(torch.optim.Optimizer):
         del denom
         update = g32
         if self.use_nvlamb or wd != 0:
-            w_norm = self.per_tensor_norms(p32)
-            u_norm = self.per_tensor_norms(update)
+            w_norm = self.per_tensor_norms(p_whole)
+            u_norm = self.per_tensor_norms(u_whole)
             ratio = torch.where((w_norm != 0) & (u_norm != 0), w_norm / u_norm, torch.ones_like(w_norm)) * lr
             torch._foreach_addcmul_(p32, update, list(ratio.unbind()), value=-1.0)
         else:

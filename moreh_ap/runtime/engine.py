@@ -140,7 +140,7 @@ class ParallelModel(nn.Module):
         self.stage_modules = nn.ModuleList([s.module for s in stages])
         self._schedules: dict[Any, Any] = {}
         self._autocast = config.mixed_precision and self._wrapper in ("none", "ddp")
-        set_active_layout(dp_rank=self.dp_rank if self.world > 1 else None)
+        set_active_layout(dp_rank=self.dp_rank if self.world > 1 else None, model=self if self.world > 1 else None)
         self.optimizer = optimizer
         if optimizer is not None:
             self._rebind(optimizer, ids, model)

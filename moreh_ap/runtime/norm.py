@@ -10,19 +10,46 @@ every rank must call it (same as torch's collectives).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Iterable
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["global_norm", "clip_grad_norm_", "set_active_layout"]
+__all__ = ["global_norm", "clip_grad_norm_", "set_active_layout", "layout_active", "params_grad_norm"]
 
-_ACTIVE: dict = {"dp_rank": None}
+_ACTIVE: dict = {"dp_rank": None, "model": None}
 
 
-def set_active_layout(*, dp_rank: int | None) -> None:
-    """Record this rank's dp coordinate (called by ``parallelize``); None clears it."""
+def set_active_layout(*, dp_rank: int | None, model=None) -> None:
+    """Record this rank's dp coordinate and its ParallelModel (called by ``parallelize``); None clears it."""
     _ACTIVE["dp_rank"] = dp_rank
+    _ACTIVE["model"] = weakref.ref(model) if model is not None else None
+
+
+def layout_active() -> bool:
+    """Is a multi-rank ParallelModel's layout active on this rank (norms must then span all ranks)?"""
+    return _ACTIVE["dp_rank"] is not None
+
+
+def params_grad_norm(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """Global 2-norm of the gradients of ``params`` (this rank's share), over all stages and shards.
+
+    For an optimizer rebound by the active ParallelModel. Tied parameters held by several pipeline
+    stages count once: a local copy that the model does not count (see its ``_norm_params``) is
+    left out. A collective, like :func:`global_norm`. Returns None (no collective) when no
+    multi-rank ParallelModel is active or none of ``params`` belongs to it.
+    """
+    ref = _ACTIVE["model"]
+    model = ref() if ref is not None else None
+    if model is None or _ACTIVE["dp_rank"] is None:
+        return None
+    counted, everything = model._norm_params()
+    held = {id(p) for p in everything}
+    if not any(id(p) in held for p in params):
+        return None
+    skip = held - {id(p) for p in counted}
+    return global_norm([p.grad for p in params if p.grad is not None and id(p) not in skip])
 
 
 def _counts(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
