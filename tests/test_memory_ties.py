@@ -70,8 +70,11 @@ def fake_world():
     if dist.is_initialized():
         pytest.skip("a process group is already up in this process")
     before = set(rdist._MESHES)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared 2-core CI: one thread is as fast and does not oversubscribe
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=WORLD)
     yield WORLD
+    torch.set_num_threads(threads)
     for key in set(rdist._MESHES) - before:  # meshes cached for this (now destroyed) group
         del rdist._MESHES[key]
     dist.destroy_process_group()
