@@ -12,6 +12,7 @@ DETAILED_LOG = "MOREH_ADVANCED_PARALLELIZATION_DETAILED_LOG"
 MEMORY_USAGE_CORRECTION_RATIO = "MOREH_ADVANCED_PARALLELIZATION_MEMORY_USAGE_CORRECTION_RATIO"
 NPROC = "MOREH_AP_NPROC"
 CACHE_DIR = "MOREH_AP_CACHE_DIR"
+DIST_TIMEOUT = "MOREH_AP_DIST_TIMEOUT"
 
 ALL_VARIABLES = (
     ENABLE,
@@ -20,6 +21,7 @@ ALL_VARIABLES = (
     MEMORY_USAGE_CORRECTION_RATIO,
     NPROC,
     CACHE_DIR,
+    DIST_TIMEOUT,
 )
 
 
@@ -39,6 +41,8 @@ class EnvSettings:
     """Local ranks for a plain ``python`` launch (integer >= 1), or None."""
     cache_dir: Path
     """Where the calibration DB is kept."""
+    dist_timeout_s: float = 60.0
+    """Seconds before a collective with a dead peer fails (MOREH_AP_DIST_TIMEOUT, a number > 0)."""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -72,6 +76,19 @@ def _int(environ: Mapping[str, str], name: str, default, *, lo: int, hi: int | N
     return value
 
 
+def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name}={raw!r} is not valid: expected a number of seconds > 0")
+    return value
+
+
 def read_env(environ: Mapping[str, str] | None = None) -> EnvSettings:
     """Parse and validate every MOREH_* variable.
 
@@ -97,4 +114,5 @@ def read_env(environ: Mapping[str, str] | None = None) -> EnvSettings:
         memory_usage_correction_ratio=_int(environ, MEMORY_USAGE_CORRECTION_RATIO, 80, lo=1, hi=100),
         nproc=_int(environ, NPROC, None, lo=1),
         cache_dir=Path(cache).expanduser() if cache and cache.strip() else default_cache_dir(environ),
+        dist_timeout_s=_seconds(environ, DIST_TIMEOUT, 60.0),
     )

@@ -33,6 +33,8 @@ def test_good_values(tmp_path):
     assert (s.enable, s.max_parallel_compile_threads, s.detailed_log) == (True, 4, 2)
     assert (s.memory_usage_correction_ratio, s.nproc, s.cache_dir) == (100, 2, Path(tmp_path))
     assert env.read_env({env.ENABLE: "0"}).enable is False
+    assert env.read_env({env.DIST_TIMEOUT: "2.5"}).dist_timeout_s == 2.5
+    assert env.read_env({}).dist_timeout_s == 60.0
 
 
 @pytest.mark.parametrize(
@@ -48,6 +50,9 @@ def test_good_values(tmp_path):
         (env.MEMORY_USAGE_CORRECTION_RATIO, "80.5", "an integer from 1 to 100"),
         (env.NPROC, "0", "an integer >= 1"),
         (env.NPROC, "two", "an integer >= 1"),
+        (env.DIST_TIMEOUT, "0", "a number of seconds > 0"),
+        (env.DIST_TIMEOUT, "soon", "a number of seconds > 0"),
+        (env.DIST_TIMEOUT, "nan", "a number of seconds > 0"),
     ],
 )
 def test_bad_values_name_the_variable(name, value, accepted):

@@ -11,8 +11,6 @@ from torch import nn
 
 __all__ = ["init_distributed", "world_size", "rank", "device_for_rank", "build_mesh", "subgroup", "broadcast_from_rank0"]
 
-DEFAULT_TIMEOUT_S = 60.0
-
 
 def world_size() -> int:
     """Ranks in the default group (1 when torch.distributed is not initialized)."""
@@ -49,11 +47,9 @@ def init_distributed(*, backend: str | None = None, timeout_s: float | None = No
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         return False
     if timeout_s is None:
-        raw = os.environ.get("MOREH_AP_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
-        try:
-            timeout_s = float(raw)
-        except ValueError:
-            raise ValueError(f"MOREH_AP_DIST_TIMEOUT={raw!r} is not valid: expected a number of seconds > 0") from None
+        from moreh_ap.env import read_env
+
+        timeout_s = read_env().dist_timeout_s
     if timeout_s <= 0:
         raise ValueError(f"timeout_s={timeout_s!r} is not valid: expected a number of seconds > 0")
     dev = device_for_rank()
