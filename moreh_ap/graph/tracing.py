@@ -96,7 +96,12 @@ class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask):  # noqa: D401
-        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+        if q.dim() == 4:  # the kernels write (B, T, H, D) and return a (B, H, T, D) view of it, so the
+            # usual `out.transpose(1, 2).reshape(B, T, H * D)` that follows is a view, not a copy
+            b, h, t = q.shape[:3]
+            out = q.new_empty((b, t, h, v.shape[-1])).transpose(1, 2)
+        else:
+            out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
         lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         if mask is not None:
             ctx.save_for_backward(q, k, v, out, lse, mask)

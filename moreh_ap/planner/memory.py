@@ -12,33 +12,44 @@ Model (``P`` = parameters of the rank's stages, ``w`` = master dtype bytes,
 ``k`` = optimizer states per element: AdamW/Adam/LAMB 2, SGD with momentum 1,
 none for frozen parameters):
 
-* no distribution (replicated): params ``P*w`` (+ ``P*c`` compute copy under
-  mixed precision), grads ``P_trainable*w``, optimizer ``k*P_trainable*4``;
-* distribute_param (ZeRO-2-like, FSDP2 ``reshard_after_forward=False``):
-  master/grads/optimizer sharded ``/d``; the unsharded compute copy ``P*c``
-  stays from forward to backward;
-* + distribute_low_prec_param (ZeRO-3-like): the compute copy is gathered a
-  block at a time (current + prefetched block), the root module's parameters
-  (embedding, norm, head) stay gathered for the step;
+* no distribution, no pipeline: params ``P*w``; under mixed precision autocast's
+  bf16 weight copies ``P*c`` live from forward until each one's backward (with
+  recomputation only the current block's); DDP (dp > 1) adds its reducer
+  buckets ``P_trainable*w`` (``gradient_as_bucket_view=False``);
+* distribute_param (FSDP2; one unit per block, one per large untied module
+  outside the blocks, the root unit for the rest, as ``runtime.apply.apply_fsdp``
+  wraps them): master, gradients and optimizer state sharded ``/d``; ZeRO-2 keeps
+  each unit's compute copy from forward until its post-backward; ZeRO-3
+  (+ distribute_low_prec_param) gathers the current unit and prefetches the next;
+  at each unit's post-backward its unsharded gradients, the reduce-dtype
+  reduce-scatter input and the output coexist, and the input is kept until the
+  next unit's post-backward (torch 2.13's one buffer in flight); tied parameters
+  stay with the root unit, whose gradients are reduced at the end of backward;
 * inside a pipeline (num_stages > 1) torch's ``PipelineStage`` runs every
   backward but the last without gradient sync and without resharding, so the
   compute copy ``P*c`` stays gathered and unsharded gradients accumulate in
   the reduce dtype (fp32) for the whole stage, whatever the dp mode;
-* with num_stages == 1 and several micro-batches, gradients are assumed to be
-  reduced after every micro-batch (FSDP2's default), so only sharded
-  gradients accumulate;
+* several micro-batches without a pipeline: the runtime reduce-scatters after
+  every micro-batch under FSDP2 and lets DDP accumulate, so full (sharded or
+  replicated) gradients are held from the second micro-batch on;
 * activations: bytes saved for backward per micro-batch (traced, scaled to
   ``batch_per_device``) times micro-batches in flight (1 without a pipeline,
   ``num_micro_batches`` for GPipe, ``num_stages - rank`` for 1F1B, torch's
   warm-up count + 1 for Interleaved1F1B); with recomputation only each
   block's input is kept, and one block's working set is re-created during
   its backward; non-last pipeline stages also keep their outputs;
-* the peak is taken over a backward sweep (activations freed and gradients
-  created node by node) and the optimizer step (foreach AdamW allocates one
-  state-sized temporary for plain parameters on CUDA; FSDP2's DTensor
-  parameters take the per-tensor loop: two parameter-sized ones), plus the largest tensor of the node being
-  back-propagated, twice (its gradient and its input's, e.g. the logits'),
-  and communication buffers.
+* the peak is the largest of: the end of the forward (loss being computed:
+  every saved tensor plus the logits), each node's backward (its saved tensors,
+  the gradient of its largest tensor and of that op's input, e.g. the logits'
+  twice, the gradients of the nodes after it) and post-backward, and the
+  optimizer step (foreach AdamW allocates one state-sized temporary for plain
+  parameters on CUDA; FSDP2's DTensor parameters take the per-tensor loop: two
+  parameter-sized ones).
+
+The runtime computes the loss outside the model's forward (HF ``labels`` are
+popped), so a ZeRO-3 head is gathered again only after the loss backward.
+Checked against torch's own trackers on the runtime's wrapped models
+(``benchmarks/bench_memory_model.py``, ``tests/test_memory_ties.py``).
 
 The memory cap the planner applies is ``device_memory *
 MEMORY_USAGE_CORRECTION_RATIO / 100``.
@@ -72,7 +83,7 @@ class MemoryBreakdown:
     stage: int = 0
     """Pipeline rank with the peak."""
     phase: str = "backward"
-    """"backward" or "optimizer": when the peak happens."""
+    """"forward" (the loss being computed), "backward" or "optimizer": when the peak happens."""
 
     @property
     def total(self) -> int:
@@ -177,6 +188,163 @@ def _node_acts(graph: ModelGraph, node: NodeInfo, prev: NodeInfo | None, *, prec
     return saved, peak
 
 
+@dataclass(kw_only=True, slots=True)
+class _Units:
+    """Parameters per node as the runtime's FSDP units hold them (tied parameters counted once)."""
+
+    p: list[int]
+    """Parameters of the node's own unit (a block; the large untied modules of the embedding / head)."""
+    t: list[int]
+    """Trainable ones among them."""
+    root_p: int
+    """Parameters left with the root unit: tied ones (e.g. GPT-2's wte / lm_head)."""
+    root_t: int
+
+
+def _units(graph: ModelGraph, nodes: list[NodeInfo]) -> _Units:
+    """Split each node's parameters into its own unit and the root unit (see ``runtime.apply.apply_fsdp``)."""
+    p = [n.num_params for n in nodes]
+    t = [n.trainable_params for n in nodes]
+    index = {n.name: i for i, n in enumerate(nodes)}
+    root_p = root_t = 0
+    for tie in graph.tied:
+        holders = sorted(index[name] for name in tie.nodes if name in index)
+        for i in holders:
+            p[i] -= tie.numel
+            t[i] -= tie.numel if tie.trainable else 0
+        if holders:
+            root_p += tie.numel
+            root_t += tie.numel if tie.trainable else 0
+    return _Units(p=p, t=t, root_p=root_p, root_t=root_t)
+
+
+@dataclass(kw_only=True, slots=True)
+class _Sizes:
+    """Bytes per element of one configuration: master ``w``, compute copy ``c``, reduction ``r``; shards ``d``."""
+
+    w: int
+    c: int
+    r: int
+    d: int
+    """dp shards of master/grads/optimizer state (1 without distribute_param)."""
+    dp: int
+
+
+def _flat_peak(nodes, kept, trans, u: _Units, *, config: ParallelConfig, sz: _Sizes, ddp_buckets: float):
+    """Backward peak without a pipeline: (total, params beyond the master, grads, activations, transient).
+
+    Walks the backward node by node (head first). At each node two moments are checked: *during* its
+    backward (its saved tensors and working set alive, the gradients of the nodes after it done) and, for
+    an FSDP unit, *at its post-backward* (its unsharded gradients copied into the reduce-scatter input).
+    FSDP2 facts used (torch 2.13), with the runtime's units (one per block, one per large untied module
+    outside the blocks, the root unit for the rest): a unit's reduce-scatter input is kept until the
+    next unit's post-backward; ZeRO-2 reshards a unit after its backward, ZeRO-3 keeps the current and
+    the prefetched unit gathered; the root unit's gradients stay unsharded until the end of backward;
+    the loss is computed outside the model, so a ZeRO-3 head is gathered only after the loss backward.
+    Without FSDP, autocast's bf16 weight copies live as long as the saved tensors that hold them.
+    """
+    fsdp, zero3 = config.distribute_param, config.distribute_low_prec_param
+    w, c, r, d = sz.w, sz.c, sz.r, sz.d
+    n, p, t = len(nodes), u.p, u.t
+    prefix = [0.0] * (n + 1)
+    for i in range(n):
+        prefix[i + 1] = prefix[i] + kept[i]
+    post = n - 1 if nodes and nodes[-1].kind == "post" else None
+    best = (0.0, 0.0, 0.0, 0.0, 0.0)
+    phase = "backward"
+    # gradients held when node i runs its backward: those of the nodes after it; with several
+    # micro-batches, from the second one on, all of them (DDP and no wrapper accumulate full gradients,
+    # FSDP2 reduce-scatters every micro-batch into the sharded ones)
+    accumulate = config.num_micro_batches > 1
+    done_grads = (sum(t) + u.root_t) * w / d if accumulate else 0.0
+    for i in range(n - 1, -1, -1):
+        if fsdp:
+            root = c * u.root_p if (not zero3 or i != post) else 0.0
+            if zero3:  # this unit and the prefetched one (the root from the head's backward on)
+                prefetch = c * p[i - 1] if i > 0 else 0.0
+                copy, copy_end = c * p[i] + prefetch + root, prefetch + root
+            else:  # ZeRO-2: units after i already resharded by their post-backward
+                copy = c * sum(p[: i + 1]) + root
+                copy_end = copy - c * p[i]
+            held_rs = r * t[i + 1] if i + 1 < n else 0.0
+        else:
+            copy = c * _autocast_copies(nodes, p, i, recompute=config.recomputation) if config.mixed_precision else 0.0
+            copy += c * u.root_p if config.mixed_precision else 0.0
+            copy_end, held_rs = copy, 0.0
+        moments = [(copy, done_grads, prefix[i + 1], trans[i] + held_rs + ddp_buckets)]
+        if fsdp and zero3 and i == post:  # the loss backward runs before the head is gathered again
+            moments = [(0.0, done_grads, prefix[i + 1], trans[i] + held_rs),
+                       (copy + c * u.root_p, done_grads, prefix[i + 1], trans[i] / 2 + held_rs)]
+        if fsdp and i == post:
+            done_grads += c * u.root_t  # the root unit's unsharded gradients, reduced at the end
+        if fsdp and t[i]:  # post-backward: unsharded grads, reduce-scatter input and output coexist
+            moments.append((copy_end, done_grads, prefix[i], _rs_bytes(t[i], sz)))
+        for m in moments:
+            if sum(m) > best[0]:
+                best = (sum(m), *m)
+        if not accumulate:
+            done_grads += t[i] * w / d if fsdp else (t[i] + (u.root_t if i == post else 0)) * w
+    # the end of the forward, the loss being computed: every node's saved tensors, the logits (bf16 and
+    # fp32 under mixed precision), the forward's gathered / autocast-cast weights
+    if n:
+        logits = trans[-1] / 2 if nodes[-1].kind == "post" else 0.0
+        logits *= 1.5 if config.mixed_precision else 1.0
+        if fsdp:
+            fwd_copy = c * (sum(p) + u.root_p) if not zero3 else 0.0
+        else:
+            fwd_copy = c * (sum(p) + u.root_p) if config.mixed_precision else 0.0
+        base = (sum(t) + u.root_t) * w / d if accumulate else 0.0
+        fwd = (fwd_copy, base, prefix[n], logits + ddp_buckets)
+        if sum(fwd) > best[0]:
+            best = (sum(fwd), *fwd)
+            phase = "forward"
+    if fsdp and u.root_t:  # the root unit's post-backward, after the embedding's backward
+        done = (sum(t) + (u.root_t if accumulate else 0)) * w / d
+        # a tied parameter's second gradient (the embedding's) is summed into the first one
+        rs = _rs_bytes(u.root_t, sz) + c * u.root_t
+        copy = c * u.root_p
+        if copy + done + rs > best[0]:
+            best = (copy + done + rs, copy, done, 0.0, rs)
+            phase = "backward"
+    return (*best, phase)
+
+
+def _autocast_copies(nodes, p, i: int, *, recompute: bool) -> float:
+    """Elements of autocast's bf16 weight copies alive during node ``i``'s backward (no FSDP).
+
+    Saved by the matmuls that used them, a copy lives until its node's backward; with recomputation a
+    block saves nothing in forward and casts its weights again when it is recomputed.
+    """
+    if not recompute:
+        return float(sum(p[: i + 1]))
+    return float(sum(p[j] for j in range(i + 1) if nodes[j].kind != "block") + (p[i] if nodes[i].kind == "block" else 0))
+
+
+def _rs_bytes(numel: int, sz: _Sizes) -> float:
+    """Bytes of one FSDP2 reduce-scatter: unsharded grads + reduce-dtype input + sharded output."""
+    return numel * (sz.c + sz.r + sz.r / sz.d)
+
+
+def _piped_peak(nodes, kept, trans, *, config: ParallelConfig, rank: int, g_total: float, comm_unit: float):
+    """Backward peak of a pipeline rank: (total, grads, activations, transient).
+
+    Inside torch's ``PipelineStage`` every backward but the last runs without gradient sync, so the
+    stage's unsharded gradients (``g_total``) are counted from the first backward on; the micro-batches
+    in flight hold their activations; the last backward adds one unit's gradient reduction buffer.
+    """
+    a_mb = sum(kept)
+    infl = in_flight(config, rank)
+    best = (0.0, 0.0, 0.0, 0.0)
+    prefix = 0.0
+    for a, tr in zip(kept, trans):
+        prefix += a
+        acts = (infl - 1) * a_mb + prefix
+        total = acts + g_total + tr + comm_unit
+        if total > best[0]:
+            best = (total, g_total, acts, tr + comm_unit)
+    return best
+
+
 def estimate_rank(
     graph: ModelGraph,
     config: ParallelConfig,
@@ -195,77 +363,50 @@ def estimate_rank(
     p_tr = graph.params_of(names, trainable_only=True)
     mp, dp = config.mixed_precision, max(1, config.dp(world_size))
     w = graph.param_dtype_bytes
-    c = 2 if mp else w
-    dist, zero3 = config.distribute_param, config.distribute_low_prec_param
-    piped = config.num_stages > 1
-    shard = dp if dist else 1
-    master, opt = p_all * w / shard, p_tr * k * w / shard
-    roots = sum(n.num_params for n in nodes if n.kind != "block")
-    if not dist:
-        copy = p_all * c if mp else 0
-    elif piped or not zero3:
-        copy = p_all * c
-    else:
-        copy = roots * c
-    reduce_b = 4 if mp else w
-    if piped and (dist or mp):
-        g_total = p_tr * max(reduce_b, w if not dist else reduce_b)
-    else:
-        g_total = p_tr * w / shard
-    g_final = p_tr * w / shard
+    dist, piped = config.distribute_param, config.num_stages > 1
+    sz = _Sizes(w=w, c=2 if mp else w, r=4 if mp else w, d=dp if dist else 1, dp=dp)
+    master, opt = p_all * w / sz.d, p_tr * k * w / sz.d
     scale = config.batch_per_device / max(1, graph.batch_size)
     prec = "mixed" if mp else "full"
     kept, trans = [], []
     prev = None
-    for ci, chunk in enumerate(virt):
+    for chunk in virt:
         for j, n in enumerate(chunk):
             a, t = _node_acts(graph, n, prev, prec=prec, scale=scale, recompute=config.recomputation)
-            if j == len(chunk) - 1 and n.kind != "post":  # a stage output kept for its backward
+            if piped and j == len(chunk) - 1 and n.kind != "post":  # a stage output kept for its backward
                 a += n.out_bytes.get(prec, 0) * scale
-            comm = 0.0
-            if dist and not piped:
-                comm += n.trainable_params * (c + (4 if mp else 0))
-                if zero3 and n.kind == "block":
-                    comm += (n.num_params + (prev.num_params if prev is not None and prev.kind == "block" else 0)) * c
-            elif mp and dp > 1 and not dist and not piped:
-                comm += n.trainable_params * c
             kept.append(a)
-            trans.append(t + comm)
+            trans.append(t)
             prev = n
-    a_mb = sum(kept)
-    infl = in_flight(config, rank)
-    accumulate = config.num_micro_batches > 1 or piped
-    g_nodes = [n.trainable_params for n in nodes]
-    g_unit = g_total / p_tr if p_tr else 0.0
-    best = None
-    prefix = 0.0
-    prefix_list = []
-    for a in kept:
-        prefix += a
-        prefix_list.append(prefix)
-    suffix = 0.0
-    for i in range(len(nodes) - 1, -1, -1):
-        suffix += g_nodes[i] * g_unit
-        grads = g_total if accumulate else suffix
-        acts = (infl - 1) * a_mb + prefix_list[i]
-        total = acts + grads + trans[i]
-        if best is None or total > best[0]:
-            best = (total, grads, acts, trans[i])
-    params = int(master + copy)
-    bwd_total = best[0] if best else 0.0
+    ddp = not piped and not dist and dp > 1
+    if piped:
+        copy = p_all * sz.c if (dist or mp) else 0.0  # gathered for the whole schedule
+        g_total = p_tr * sz.r if (dist or mp) else p_tr * w
+        unit = max((n.trainable_params for n in nodes), default=0)
+        comm_unit = unit * sz.r * (1 + 1 / dp) if dp > 1 else 0.0
+        total, grads, acts, tr = _piped_peak(nodes, kept, trans, config=config, rank=rank, g_total=g_total,
+                                             comm_unit=comm_unit)
+        bwd = (master + copy + opt + total, copy, grads, acts, tr)
+        phase = "backward"
+    else:
+        buckets = p_tr * w if ddp else 0.0  # DDP's reducer buckets (gradient_as_bucket_view=False)
+        total, copy, grads, acts, tr, phase = _flat_peak(nodes, kept, trans, _units(graph, nodes), config=config,
+                                                         sz=sz, ddp_buckets=buckets)
+        bwd = (master + opt + total, copy, grads, acts, tr)
     if dist or piped:  # FSDP2-managed parameters are DTensors: torch steps them with the per-tensor loop
         temps = 0.0
     largest = max((n.largest_param for n in nodes if n.trainable_params), default=0)
-    step_trans = temps * p_tr * w / shard + 2 * largest * w / shard
-    if g_final + step_trans > bwd_total:
+    g_final = p_tr * w / sz.d
+    step_trans = temps * p_tr * w / sz.d + 2 * largest * w / sz.d + (p_tr * w if ddp else 0.0)
+    if master + opt + g_final + step_trans > bwd[0]:
         return MemoryBreakdown(
-            params=params, grads=int(g_final), optimizer=int(opt), activations=0,
+            params=int(master), grads=int(g_final), optimizer=int(opt), activations=0,
             transient=int(step_trans), stage=rank, phase="optimizer",
         )
-    _, grads, acts, tr = best
+    _, copy, grads, acts, tr = bwd
     return MemoryBreakdown(
-        params=params, grads=int(grads), optimizer=int(opt), activations=int(acts),
-        transient=int(tr), stage=rank, phase="backward",
+        params=int(master + copy), grads=int(grads), optimizer=int(opt), activations=int(acts),
+        transient=int(tr), stage=rank, phase=phase,
     )
 
 

@@ -3,8 +3,9 @@
 
 - :func:`apply_pipeline`: this pp rank's stage modules (virtual stage ``s`` on pp rank ``s % pp``).
 - :func:`apply_recompute`: ``checkpoint_wrapper`` around every block.
-- :func:`apply_fsdp`: ``fully_shard`` per block and on the stage root, bf16 params / fp32 reduction
-  under mixed precision, ``reshard_after_forward = distribute_low_prec_param``.
+- :func:`apply_fsdp`: ``fully_shard`` per block, per large module outside the blocks (embedding, head)
+  and on the stage root, bf16 params / fp32 reduction under mixed precision,
+  ``reshard_after_forward = distribute_low_prec_param``.
 - :func:`apply_replicate`: FSDP-based ``replicate`` per block and root (replication that works inside
   pipelines, unlike DDP).
 - :func:`apply_ddp`: ``DistributedDataParallel`` (pp = 1 only).
@@ -78,14 +79,46 @@ def _mp_policy(config: ParallelConfig):
     return MixedPrecisionPolicy()
 
 
+def _large_non_block_modules(stage: Stage) -> list[nn.Module]:
+    """Modules outside the blocks that own big parameters no other module shares (embeddings, heads).
+
+    "Big": at least 1/8 of an average block's parameters. Wrapped as their own FSDP units (as torchtitan
+    does), they are gathered only around their own forward/backward and their gradients are
+    reduce-scattered right after their backward, instead of staying with the root unit for the step.
+    Tied parameters (GPT-2's wte / lm_head) stay with the root unit.
+    """
+    blocks = list(stage.container.children()) if stage.container is not None else []
+    if not blocks:
+        return []
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    owners: dict[int, int] = {}
+    for m in stage.module.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    avg = sum(p.numel() for b in blocks for p in b.parameters()) / len(blocks)
+    out = []
+    for m in stage.module.modules():
+        own = list(m.parameters(recurse=False))
+        if m is stage.module or not own or any(id(p) in in_blocks or owners[id(p)] > 1 for p in own):
+            continue
+        if sum(p.numel() for p in own) * 8 >= avg:
+            out.append(m)
+    return out
+
+
 def apply_fsdp(stage: Stage, config: ParallelConfig, dp_mesh) -> None:
-    """``fully_shard`` every block, then the stage root (ZeRO-3 when distribute_low_prec_param, else ZeRO-2)."""
+    """``fully_shard`` every block, the large modules outside them, then the stage root.
+
+    ZeRO-3 (``reshard_after_forward=True``) when distribute_low_prec_param, else ZeRO-2.
+    """
     from torch.distributed.fsdp import fully_shard
 
     kw = dict(mesh=dp_mesh, mp_policy=_mp_policy(config), reshard_after_forward=config.distribute_low_prec_param)
     if stage.container is not None:
         for child in stage.container.children():
             fully_shard(child, **kw)
+    for module in _large_non_block_modules(stage):
+        fully_shard(module, **kw)
     fully_shard(stage.module, **kw)
 
 

@@ -370,22 +370,24 @@ class ParallelModel(nn.Module):
         mbs = list(zip(_split(args, nmb, local), _split(kwargs, nmb, local), _split(target, nmb, local)))
         total = torch.zeros((), device=self.device)
         for i in range(nmb):
-            last = i == nmb - 1
-            self._set_sync(last)
+            self._set_sync(i == nmb - 1)
             with torch.autocast(self.device.type, dtype=torch.bfloat16) if self._autocast else nullcontext():
                 a, k, t = mbs[i]
                 out = module(*a, **k)
                 loss = plan.piece(extract_logits(out), t)
+            del out  # the logits are not saved for backward: let them go before it (one logits-sized tensor)
             loss.backward()
             total += loss.detach().float() / self.dp
         self._set_sync(True)
         return total
 
     def _set_sync(self, on: bool) -> None:
+        """Gradient sync for the next backward: DDP accumulates locally until the last micro-batch; FSDP2
+        (distribute_param) reduce-scatters after every micro-batch so that only sharded gradients accumulate."""
         module = self._stages[0].module
         if self._wrapper == "ddp":
             module.require_backward_grad_sync = on
-        elif self._wrapper in ("fsdp", "replicate"):
+        elif self._wrapper == "replicate":
             module.set_requires_gradient_sync(on)
 
     def _run_pipeline(self, args, kwargs, target, nmb: int, plan: LossPlan, hf: bool) -> torch.Tensor:
