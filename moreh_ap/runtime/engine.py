@@ -3,8 +3,8 @@
 
 ``parallelize`` does, in order: validate -> mesh (pp, dp) -> pipeline split -> this rank's stages
 to its device (nothing else moves) -> rank 0's weights into them -> recompute -> FSDP2 / replicate /
-DDP -> optimizer rebinding. The
-engine never looks at planner internals: it only reads the ``ParallelConfig``.
+DDP -> optimizer rebinding. The engine never looks at planner internals: it only reads the
+``ParallelConfig``.
 """
 from __future__ import annotations
 
