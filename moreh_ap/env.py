@@ -13,6 +13,9 @@ MEMORY_USAGE_CORRECTION_RATIO = "MOREH_ADVANCED_PARALLELIZATION_MEMORY_USAGE_COR
 NPROC = "MOREH_AP_NPROC"
 CACHE_DIR = "MOREH_AP_CACHE_DIR"
 DIST_TIMEOUT = "MOREH_AP_DIST_TIMEOUT"
+RANK_OUTPUT = "MOREH_AP_RANK_OUTPUT"
+RANK_OUTPUT_CHOICES = ("rank0", "all")
+"""rank0: only rank 0 writes to the console, the self-launched ranks to files; all: every rank on the console."""
 
 ALL_VARIABLES = (
     ENABLE,
@@ -22,6 +25,7 @@ ALL_VARIABLES = (
     NPROC,
     CACHE_DIR,
     DIST_TIMEOUT,
+    RANK_OUTPUT,
 )
 
 
@@ -43,6 +47,9 @@ class EnvSettings:
     """Where the calibration DB is kept."""
     dist_timeout_s: float = 60.0
     """Seconds before a collective with a dead peer fails (MOREH_AP_DIST_TIMEOUT, a number > 0)."""
+    rank_output: str = "rank0"
+    """Where self-launched ranks print (MOREH_AP_RANK_OUTPUT): 'rank0' = rank 0 on the console, ranks
+    1..G-1 to per-rank files; 'all' = every rank on the console."""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -89,6 +96,15 @@ def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _choice(environ: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    if raw.strip().lower() not in choices:
+        raise ValueError(f"{name}={raw!r} is not valid: expected one of {', '.join(choices)}")
+    return raw.strip().lower()
+
+
 def read_env(environ: Mapping[str, str] | None = None) -> EnvSettings:
     """Parse and validate every MOREH_* variable.
 
@@ -115,4 +131,5 @@ def read_env(environ: Mapping[str, str] | None = None) -> EnvSettings:
         nproc=_int(environ, NPROC, None, lo=1),
         cache_dir=Path(cache).expanduser() if cache and cache.strip() else default_cache_dir(environ),
         dist_timeout_s=_seconds(environ, DIST_TIMEOUT, 60.0),
+        rank_output=_choice(environ, RANK_OUTPUT, "rank0", RANK_OUTPUT_CHOICES),
     )

@@ -14,10 +14,16 @@ does; every rank, rank 0 included, then connects to it as a client through
 plain ``env://`` initialization (``TORCHELASTIC_USE_AGENT_STORE=True``, the
 variable torchrun sets for the same purpose).
 Children are started and stopped with torch's own elastic process context
-(``torch.distributed.elastic.multiprocessing.start_processes``). If a child
-fails, the others and rank 0 are stopped and the failing rank is named (its
-traceback is on the shared stderr); if rank 0 fails or gets Ctrl-C, the
-children are stopped. The exit code is then non-zero.
+(``torch.distributed.elastic.multiprocessing.start_processes``). By default
+(``MOREH_AP_RANK_OUTPUT=rank0``) only rank 0 writes to the console: the
+children's stdout and stderr are redirected by that context (a ``LogsSpecs``)
+to ``rank<r>.stdout.log`` / ``rank<r>.stderr.log`` in a directory of their own
+under ``MOREH_AP_CACHE_DIR/logs/``, named in one log line at launch;
+``MOREH_AP_RANK_OUTPUT=all`` keeps every rank on the console. If a child
+fails, the others and rank 0 are stopped and the failing rank is named, with
+its traceback (from its torch elastic error file, or the tail of its stderr
+file; with ``all`` it is already on the console); if rank 0 fails or gets
+Ctrl-C, the children are stopped. The exit code is then non-zero.
 
 Code that runs before the launch point runs once per rank: every child
 re-executes the script from its first line.
@@ -43,6 +49,9 @@ _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "G
 _LAUNCHED_MARK = "MOREH_AP_LAUNCHED"
 _POLL_S = 0.2
 _STOP_GRACE_S = 5
+_TAIL_LINES = 80
+"""Lines of a failed rank's stderr file shown on rank 0's console (its traceback is at the end)."""
+_TAIL_CHARS = 16000
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -130,6 +139,62 @@ def self_command() -> list[str]:
     return [sys.executable, *flags, os.path.abspath(path), *sys.argv[1:]]
 
 
+def _log_dir(cache_dir) -> str:
+    """A new directory for this launch's per-rank output: ``<cache>/logs/<date>-<time>-<pid>`` (a temporary one if
+    the cache cannot be written)."""
+    name = time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+    path = os.path.join(str(cache_dir), "logs", name)
+    try:
+        os.makedirs(path, exist_ok=True)
+        return path
+    except OSError:
+        import tempfile
+
+        return tempfile.mkdtemp(prefix=f"moreh_ap_logs_{name}_")
+
+
+def _rank_files(log_dir: str):
+    """torch elastic ``LogsSpecs``: every child's stdout and stderr redirected to files named by its RANK."""
+    from torch.distributed.elastic.multiprocessing import LogsDest, LogsSpecs, Std
+
+    class RankFiles(LogsSpecs):
+        def __init__(self) -> None:
+            super().__init__(log_dir=log_dir, redirects=Std.ALL, tee=Std.NONE)
+
+        @property
+        def root_log_dir(self) -> str:
+            return log_dir
+
+        def reify(self, envs: dict[int, dict[str, str]]) -> LogsDest:
+            dest = LogsDest()
+            for local, environ in envs.items():
+                base = os.path.join(log_dir, f"rank{environ['RANK']}")
+                dest.stdouts[local], dest.stderrs[local] = base + ".stdout.log", base + ".stderr.log"
+                dest.error_files[local] = environ["TORCHELASTIC_ERROR_FILE"] = base + ".error.json"
+            return dest
+
+    return RankFiles()
+
+
+def _failure_text(failure, stderr_path: str | None) -> tuple[str, str]:
+    """``(traceback, where from)`` of a failed child: its torch elastic error file (written by ``@record``),
+    else the tail of its stderr file; ``("", "")`` when neither has anything."""
+    data = None
+    if os.path.isfile(failure.error_file) and isinstance(failure.error_file_data, dict):
+        data = failure.error_file_data.get("message")
+    if isinstance(data, dict) and data.get("extraInfo", {}).get("py_callstack"):
+        return str(data["extraInfo"]["py_callstack"]).rstrip() + "\n", failure.error_file
+    if isinstance(data, str) and data:
+        return data.rstrip() + "\n", failure.error_file
+    if not stderr_path or not os.path.isfile(stderr_path):
+        return "", ""
+    with open(stderr_path, errors="replace") as f:
+        text = "".join(f.readlines()[-_TAIL_LINES:])[-_TAIL_CHARS:]
+    if not text.strip():
+        return "", ""
+    return (text if text.endswith("\n") else text + "\n"), f"end of {stderr_path}"
+
+
 class _Launch:
     """The children of rank 0, watched by a thread; stopped on any failure."""
 
@@ -137,6 +202,8 @@ class _Launch:
         from torch.distributed import TCPStore
 
         self.world = decision.nproc
+        settings = _env.read_env()
+        self.log_dir = _log_dir(settings.cache_dir) if settings.rank_output == "rank0" else None
         # torch's own excepthook swaps sys.stderr for a buffer while hooks run: report to the real stream
         self._stderr = sys.stderr
         self.store = TCPStore("127.0.0.1", 0, self.world, is_master=True, wait_for_workers=False,
@@ -181,7 +248,7 @@ class _Launch:
             entrypoint=command[0],
             args={r - 1: tuple(command[1:]) for r in children},
             envs=envs,
-            logs_specs=DefaultLogsSpecs(),
+            logs_specs=DefaultLogsSpecs() if self.log_dir is None else _rank_files(self.log_dir),
         )
 
     def _poll(self):
@@ -203,10 +270,21 @@ class _Launch:
         """Name the rank that failed first (the others were stopped because of it)."""
         failures = sorted(result.failures.items(), key=lambda item: (item[1].exitcode < 0, item[1].timestamp))
         local, first = failures[0]
-        self._stderr.write(
-            f"moreh_ap: rank {local + 1} of {self.world} failed (exit code {first.exitcode}); "
-            f"stopping the other ranks. See rank {local + 1}'s traceback above.\n"
-        )
+        rank = local + 1
+        if self.log_dir is None:  # MOREH_AP_RANK_OUTPUT=all: the traceback is on the shared console already
+            self._stderr.write(
+                f"moreh_ap: rank {rank} of {self.world} failed (exit code {first.exitcode}); "
+                f"stopping the other ranks. See rank {rank}'s traceback above.\n"
+            )
+        else:
+            path = result.stderrs.get(local) or os.path.join(self.log_dir, f"rank{rank}.stderr.log")
+            text, source = _failure_text(first, path)
+            shown = f"its traceback ({source}):\n{text}" if text else f"it wrote nothing to {path}\n"
+            self._stderr.write(
+                f"moreh_ap: rank {rank} of {self.world} failed (exit code {first.exitcode}); "
+                f"stopping the other ranks; {shown}"
+                f"moreh_ap: rank {rank} of {self.world} failed; every rank's output is in {self.log_dir}\n"
+            )
         self._stderr.flush()
 
     def stop(self) -> None:
@@ -261,4 +339,8 @@ def maybe_launch() -> LaunchDecision:
             return decision
         logger.info(f"Launching {decision.reason}: this process is rank 0.")
         _launch = _Launch(decision)
+        if _launch.log_dir is not None:
+            others = "rank 1" if decision.nproc == 2 else f"ranks 1-{decision.nproc - 1}"
+            logger.info(f"Output of {others} goes to {_launch.log_dir} (rank<r>.stdout.log, "
+                        f"rank<r>.stderr.log); MOREH_AP_RANK_OUTPUT=all shows every rank on the console.")
     return decision

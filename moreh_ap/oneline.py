@@ -210,9 +210,11 @@ def _module_to(self, *args, **kwargs):
 
 
 def _place_deferred(except_root: nn.Module) -> None:
-    """Move the modules whose `.cuda()` was deferred (other than the root) for real."""
+    """Move the modules whose `.cuda()` was deferred for real, except the root and its submodules
+    (the runtime places the root's parameters: only this rank's stages go to its device)."""
+    inside = {id(m) for m in except_root.modules()}
     for m in list(_state.deferred):
-        if m is not except_root and _cuda_available():
+        if id(m) not in inside and _cuda_available():
             with _Internal():
                 m.cuda()
     _state.deferred = weakref.WeakSet()

@@ -221,8 +221,14 @@ def parallel_run(case: dict, world: int, rank: int) -> dict:
     seed = case.get("seed", 0) + (rank if case.get("rank_seed") else 0)
     model = _prepare_model(case, seed)
     opt = make_optimizer(case, [p for p in model.parameters()])
-    pm = moreh_ap.parallelize(model, cfg, optimizer=opt, loss_fn=loss_fn_for(case["model"]))
-    losses, extra = [], {}
+    if case.get("spy_moves"):
+        with _MoveSpy(model) as spy:
+            pm = moreh_ap.parallelize(model, cfg, optimizer=opt, loss_fn=loss_fn_for(case["model"]))
+        extra = spy.report(pm)
+    else:
+        pm = moreh_ap.parallelize(model, cfg, optimizer=opt, loss_fn=loss_fn_for(case["model"]))
+        extra = {}
+    losses = []
     for step, batch in enumerate(case_batches(case, cfg.global_batch(world))):
         if case.get("crash") and rank == case["crash"] and step == 1:
             _arm_crash(pm)
@@ -246,6 +252,56 @@ def parallel_run(case: dict, world: int, rank: int) -> dict:
                                     if not p.requires_grad)
     state = pm.full_state_dict()
     return {"losses": losses, "state": state, **extra}
+
+
+class _MoveSpy:
+    """Records every tensor that ``nn.Module._apply`` (``.to``/``.cuda``/``.float``...) or ``Tensor.to``
+    with a device is applied to while active: on the CPU a move is a no-op, so this is how a test sees one.
+
+    ``report(pm)`` (a collective) counts, over all ranks, the model's parameters and buffers that the
+    plan gives to another rank (no stage of ``pm`` holds them) but that were moved anyway.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.tensors = list(model.named_parameters(remove_duplicate=False)) + \
+            list(model.named_buffers(remove_duplicate=False))  # before any wrapper replaces them
+
+    def __enter__(self):
+        self.seen: list[torch.Tensor] = []  # strong references: ids stay unique
+        self._apply0, self._to0 = nn.Module._apply, torch.Tensor.to
+        spy, apply0, to0 = self, self._apply0, self._to0
+
+        def _apply(module, fn, recurse=True):
+            def watched(t):
+                spy.seen.append(t)
+                return fn(t)
+            return apply0(module, watched, recurse)
+
+        def to(t, *args, **kwargs):
+            if torch._C._nn._parse_to(*args, **kwargs)[0] is not None:
+                spy.seen.append(t)
+            return to0(t, *args, **kwargs)
+
+        nn.Module._apply, torch.Tensor.to = _apply, to
+        return self
+
+    def __exit__(self, *exc):
+        nn.Module._apply, torch.Tensor.to = self._apply0, self._to0
+
+    def report(self, pm) -> dict:
+        import torch.distributed as dist
+
+        held = {n for st in pm._stages for names in st.names.values() for n in names}
+        seen = {id(t) for t in self.seen}
+        foreign = [t for n, t in self.tensors if n not in held]
+        own = [t for n, t in self.tensors if n in held and isinstance(t, nn.Parameter)]
+        moved = torch.tensor([sum(id(t) in seen for t in foreign)])
+        mins = torch.tensor([-sum(id(t) in seen for t in own), -len(foreign)])  # max of negatives = min
+        if dist.is_initialized():
+            dist.all_reduce(moved)
+            dist.all_reduce(mins, op=dist.ReduceOp.MAX)
+        counts = [int(moved[0]), int(mins[0]), int(mins[1])]
+        return {"foreign_moved": int(counts[0]), "own_moved_min": -int(counts[1]), "foreign_min": -int(counts[2])}
 
 
 def _spread(loss: torch.Tensor) -> float:

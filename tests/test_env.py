@@ -35,6 +35,9 @@ def test_good_values(tmp_path):
     assert env.read_env({env.ENABLE: "0"}).enable is False
     assert env.read_env({env.DIST_TIMEOUT: "2.5"}).dist_timeout_s == 2.5
     assert env.read_env({}).dist_timeout_s == 60.0
+    assert env.read_env({}).rank_output == "rank0"
+    assert env.read_env({env.RANK_OUTPUT: "all"}).rank_output == "all"
+    assert env.read_env({env.RANK_OUTPUT: " Rank0 "}).rank_output == "rank0"
 
 
 @pytest.mark.parametrize(
@@ -53,6 +56,8 @@ def test_good_values(tmp_path):
         (env.DIST_TIMEOUT, "0", "a number of seconds > 0"),
         (env.DIST_TIMEOUT, "soon", "a number of seconds > 0"),
         (env.DIST_TIMEOUT, "nan", "a number of seconds > 0"),
+        (env.RANK_OUTPUT, "none", "one of rank0, all"),
+        (env.RANK_OUTPUT, "1", "one of rank0, all"),
     ],
 )
 def test_bad_values_name_the_variable(name, value, accepted):

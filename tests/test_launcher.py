@@ -3,6 +3,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,7 @@ from moreh_ap import launcher
 from tests.conftest import clean_subprocess_env
 
 TIMEOUT_S = 90
+ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = textwrap.dedent(
     """
@@ -40,6 +42,7 @@ def _write(tmp_path, name="train.py", text=SCRIPT):
 
 def _run(args, *, cwd, **environ):
     start = time.monotonic()
+    environ.setdefault("PYTHONPATH", str(ROOT))  # this checkout's moreh_ap, not another installed one
     proc = subprocess.run(
         [sys.executable, *args], cwd=cwd, env=clean_subprocess_env(**environ),
         capture_output=True, text=True, timeout=TIMEOUT_S,
@@ -68,26 +71,48 @@ def test_self_command_keeps_interpreter_and_argv(monkeypatch):
     assert cmd[0] == sys.executable and cmd[-2:] == ["--lr", "1e-3"]
 
 
+def _rank_log(cache, rank: int, stream: str = "stdout") -> str:
+    """The one launch's ``rank<r>.<stream>.log`` under ``cache/logs/<run>/``."""
+    runs = sorted((cache / "logs").iterdir())
+    assert len(runs) == 1, runs
+    return (runs[0] / f"rank{rank}.{stream}.log").read_text()
+
+
 @pytest.mark.multirank
 def test_two_ranks_from_plain_python(tmp_path):
     script = _write(tmp_path)
-    proc, _ = _run([str(script), "--x", "1"], cwd=tmp_path, MOREH_AP_NPROC="2")
+    cache = tmp_path / "cache"
+    proc, _ = _run([str(script), "--x", "1"], cwd=tmp_path, MOREH_AP_NPROC="2", MOREH_AP_CACHE_DIR=str(cache))
+    assert proc.returncode == 0, proc.stderr
+    # default (MOREH_AP_RANK_OUTPUT=rank0): the user's prints appear once on the console, rank 1's in its file
+    assert "rank 0/2 sum=3 argv=['--x', '1']" in proc.stdout
+    assert "rank 1/2" not in proc.stdout and proc.stdout.count("before-line") == 1
+    assert "rank 1/2 sum=3 argv=['--x', '1']" in _rank_log(cache, 1)
+    assert _rank_log(cache, 1).count("before-line") == 1
+    assert "[info] Launching 2 local cpu ranks: this process is rank 0." in proc.stderr
+    run_dir = next((cache / "logs").iterdir())
+    assert f"[info] Output of rank 1 goes to {run_dir} (rank<r>.stdout.log, rank<r>.stderr.log)" in proc.stderr
+    # MOREH_AP_RANK_OUTPUT=all: every rank on the console (each user print twice)
+    proc, _ = _run([str(script), "--x", "1"], cwd=tmp_path, MOREH_AP_NPROC="2", MOREH_AP_RANK_OUTPUT="all",
+                   MOREH_AP_CACHE_DIR=str(tmp_path / "cache_all"))
     assert proc.returncode == 0, proc.stderr
     assert "rank 0/2 sum=3 argv=['--x', '1']" in proc.stdout
     assert "rank 1/2 sum=3 argv=['--x', '1']" in proc.stdout
     assert proc.stdout.count("before-line") == 2
-    assert "[info] Launching 2 local cpu ranks: this process is rank 0." in proc.stderr
+    assert "Output of rank 1 goes to" not in proc.stderr and not (tmp_path / "cache_all" / "logs").exists()
 
 
 @pytest.mark.multirank
 def test_module_launch_and_env_only(tmp_path):
     _write(tmp_path, "pkg/__init__.py", "")
     _write(tmp_path, "pkg/train.py")
-    proc, _ = _run(["-m", "pkg.train", "a"], cwd=tmp_path, MOREH_AP_NPROC="2")
+    proc, _ = _run(["-m", "pkg.train", "a"], cwd=tmp_path, MOREH_AP_NPROC="2", MOREH_AP_CACHE_DIR=str(tmp_path / "c"))
     assert proc.returncode == 0, proc.stderr
-    assert "rank 1/2 sum=3 argv=['a']" in proc.stdout
+    assert "rank 0/2 sum=3 argv=['a']" in proc.stdout
+    assert "rank 1/2 sum=3 argv=['a']" in _rank_log(tmp_path / "c", 1)
     env_only = _write(tmp_path, "envonly.py", "import os, torch\nprint('rank', os.environ.get('RANK'), flush=True)\n")
-    proc, _ = _run([str(env_only)], cwd=tmp_path, MOREH_AP_NPROC="2", MOREH_ENABLE_ADVANCED_PARALLELIZATION="1")
+    proc, _ = _run([str(env_only)], cwd=tmp_path, MOREH_AP_NPROC="2", MOREH_ENABLE_ADVANCED_PARALLELIZATION="1",
+                   MOREH_AP_RANK_OUTPUT="all")
     assert proc.returncode == 0, proc.stderr
     assert sorted(proc.stdout.split("\n")[:2]) == ["rank 0", "rank 1"]
 
@@ -95,13 +120,18 @@ def test_module_launch_and_env_only(tmp_path):
 @pytest.mark.multirank
 @pytest.mark.parametrize("crash_rank", [2, 0])
 def test_a_failing_rank_stops_the_run(tmp_path, crash_rank):
+    """A child's traceback reaches rank 0's console from its stderr file (default) or directly (all)."""
     script = _write(tmp_path)
-    proc, elapsed = _run([str(script)], cwd=tmp_path, MOREH_AP_NPROC="3", CRASH_RANK=str(crash_rank))
-    assert proc.returncode != 0
-    assert elapsed < 60
-    assert f"RuntimeError: boom on rank {crash_rank}" in proc.stderr
-    assert f"moreh_ap: rank {crash_rank} of 3 failed" in proc.stderr
-    assert "rank 1/3" not in proc.stdout  # nobody finished
+    for output in ("rank0", "all") if crash_rank else ("rank0",):
+        proc, elapsed = _run([str(script)], cwd=tmp_path, MOREH_AP_NPROC="3", CRASH_RANK=str(crash_rank),
+                             MOREH_AP_RANK_OUTPUT=output, MOREH_AP_CACHE_DIR=str(tmp_path / output))
+        assert proc.returncode != 0
+        assert elapsed < 60
+        assert f"RuntimeError: boom on rank {crash_rank}" in proc.stderr
+        assert f"moreh_ap: rank {crash_rank} of 3 failed" in proc.stderr
+        assert "rank 1/3" not in proc.stdout  # nobody finished
+        if crash_rank and output == "rank0":
+            assert f"rank{crash_rank}.stderr.log" in proc.stderr and "Traceback (most recent call last)" in proc.stderr
 
 
 def test_no_launch_in_python_c_or_under_a_rank(tmp_path):

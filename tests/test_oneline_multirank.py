@@ -33,6 +33,7 @@ def _config(**fields) -> str:
 
 
 def _run(cmd, cwd, *, ap: str | None, nproc: int | None = None, config: str | None = None, timeout=400, **extra):
+    extra.setdefault("MOREH_AP_RANK_OUTPUT", "all")  # the checks read every rank's RESULT / log lines
     env = clean_subprocess_env(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TRANSFORMERS_VERBOSITY="error",
                                HF_HUB_DISABLE_PROGRESS_BARS="1", **extra)
     if ap is not None:
@@ -143,7 +144,8 @@ def test_example_pipelined_matches_one_device(tmp_path):
 @pytest.mark.timeout(600)
 def test_crashing_rank_ends_the_run_with_its_traceback(tmp_path):
     proc = _run([SCRIPT, tmp_path, "line", "--crash-rank", "1"], tmp_path, ap=None, nproc=2,
-                config=_config(num_stages=2, num_micro_batches=2))
+                config=_config(num_stages=2, num_micro_batches=2), MOREH_AP_RANK_OUTPUT="rank0",
+                MOREH_AP_CACHE_DIR=str(tmp_path / "cache"))  # rank 1's traceback comes from its stderr file
     assert proc.returncode != 0
     crash_at = float(re.search(r"CRASH_AT ([0-9.]+)", proc.stderr).group(1))
     assert time.time() - crash_at < 60  # every rank gone within 60 s of the failure (start-up varies with load)

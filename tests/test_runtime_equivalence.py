@@ -67,8 +67,14 @@ FEATURE_CASES = [
     {"id": "gpt-seqlen-pp2dp2-1F1B-dist10", "model": "gpt", "world": 4, "seq_last": 5,
      "cfg": _cfg(num_stages=2, num_micro_batches=2, distribute_param=True)},
     # rank 0's weights win when ranks initialize differently
-    {"id": "gpt-rankseed-pp2dp2-1F1B", "model": "gpt", "world": 4, "rank_seed": True,
+    {"id": "gpt-rankseed-pp2dp2-1F1B", "model": "gpt", "world": 4, "rank_seed": True, "spy_moves": True,
      "cfg": _cfg(num_stages=2, num_micro_batches=2)},
+    # ... and only this rank's stages are moved to its device (a spy on module/tensor moves)
+    {"id": "gpt2-placement-pp2dp1-1F1B", "model": "gpt2", "world": 2, "rank_seed": True, "spy_moves": True,
+     "cfg": _cfg(num_stages=2, num_micro_batches=2)},
+    {"id": "llama-placement-pp2dp1-Interleaved", "model": "llama", "world": 2, "rank_seed": True,
+     "spy_moves": True, "cfg": _cfg(num_stages=2, num_micro_batches=2, schedule="Interleaved1F1B",
+                                    stages_per_rank=2)},
     {"id": "llama-rankseed-pp1dp2-ddp", "model": "llama", "world": 2, "rank_seed": True, "eval": True,
      "cfg": _cfg(num_stages=1, num_micro_batches=2)},
     # dropout on: only checks that it trains (the loss on one repeated batch goes down)
@@ -117,6 +123,10 @@ def _check(case: dict, got: dict) -> None:
             torch.testing.assert_close(got["state"][k], v, rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
     if case.get("eval"):  # eval-mode loss of a held-out batch after training
         torch.testing.assert_close(got["eval_loss"], ref["eval_loss"], rtol=1e-4, atol=1e-5)
+    if case.get("spy_moves"):  # parameters of another pp rank's stages are never moved; this rank's are
+        assert got["foreign_min"] > 0, "every rank should have parameters it does not keep"
+        assert got["own_moved_min"] > 0, "the spy saw no move of this rank's own stage parameters"
+        assert got["foreign_moved"] == 0, f"{got['foreign_moved']} parameters/buffers of other ranks' stages moved"
     if case.get("frozen"):
         assert got["frozen_state"] == 0, "frozen parameters got optimizer state"
         frozen = [k for k in ref["state"] if k.startswith(FROZEN_PREFIX[case["model"]])]

@@ -9,7 +9,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["init_distributed", "world_size", "rank", "device_for_rank", "build_mesh", "subgroup", "broadcast_from_rank0"]
+__all__ = ["init_distributed", "world_size", "rank", "device_for_rank", "build_mesh", "subgroup", "broadcast_from_rank0",
+           "module_tensors", "send_tensors", "recv_tensors", "BUCKET_BYTES"]
+
+BUCKET_BYTES = 64 * 1024 * 1024
+"""Size of one message when weights are copied between ranks (DDP's broadcast bucket)."""
 
 
 def world_size() -> int:
@@ -101,4 +105,59 @@ def broadcast_from_rank0(module: nn.Module) -> None:
         return
     tensors = [p.data for p in module.parameters()] + [b for b in module.buffers()]
     # torch's coalesced broadcast (the one DDP uses), in 64 MiB buckets
-    dist._broadcast_coalesced(dist.group.WORLD, tensors, 64 * 1024 * 1024, 0)
+    dist._broadcast_coalesced(dist.group.WORLD, tensors, BUCKET_BYTES, 0)
+
+
+def module_tensors(modules: list[nn.Module]) -> list[torch.Tensor]:
+    """Parameters, then buffers, of ``modules`` in registration order, each tensor once.
+
+    Two ranks that build the same modules get the same list (the order a weight transfer relies on).
+    """
+    seen: set[int] = set()
+    out: list[torch.Tensor] = []
+    for kind in ("parameters", "buffers"):
+        for m in modules:
+            for t in getattr(m, kind)():
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    out.append(t)
+    return out
+
+
+def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
+    """Consecutive runs of tensors of one dtype, each run at most ``bucket_bytes`` (or one larger tensor)."""
+    out: list[list[torch.Tensor]] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if not out or out[-1][0].dtype != t.dtype or size + nbytes > bucket_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(t)
+        size += nbytes
+    return out
+
+
+@torch.no_grad()
+def send_tensors(tensors: list[torch.Tensor], *, dst: int, device: torch.device,
+                 bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Send ``tensors`` (anywhere: CPU or ``device``) to global rank ``dst``, one flat bucket at a time.
+
+    Each bucket is copied to ``device`` only while it is sent (NCCL sends device memory), so the
+    sender's peak extra memory is one bucket; the tensors themselves stay where they are.
+    """
+    for bucket in _buckets(tensors, bucket_bytes):
+        flat = torch.cat([t.detach().reshape(-1).to(device) for t in bucket])
+        dist.send(flat, dst=dst)
+
+
+@torch.no_grad()
+def recv_tensors(tensors: list[torch.Tensor], *, src: int, bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Receive into ``tensors`` (in place, on their own device) what :func:`send_tensors` sent from ``src``."""
+    for bucket in _buckets(tensors, bucket_bytes):
+        flat = torch.empty(sum(t.numel() for t in bucket), dtype=bucket[0].dtype, device=bucket[0].device)
+        dist.recv(flat, src=src)
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()

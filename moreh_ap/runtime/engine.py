@@ -1,9 +1,10 @@
 # parallelize() and ParallelModel: apply a ParallelConfig and run training steps with one-device semantics.
 """The engine: glue between the user's objects and the applied parallelism.
 
-``parallelize`` does, in order: validate -> rank-0 weight broadcast -> mesh (pp, dp) ->
-pipeline split -> recompute -> FSDP2 / replicate / DDP -> optimizer rebinding. The
-engine never looks at planner internals: it only reads the ``ParallelConfig``.
+``parallelize`` does, in order: validate -> mesh (pp, dp) -> pipeline split -> this rank's stages
+to its device (nothing else moves) -> rank 0's weights into them -> recompute -> FSDP2 / replicate /
+DDP -> optimizer rebinding. The engine never looks at planner internals: it only reads the
+``ParallelConfig``.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from torch import nn
 from moreh_ap.config import ParallelConfig
 from moreh_ap.log import logger
 from moreh_ap.runtime import apply as A
-from moreh_ap.runtime.dist import broadcast_from_rank0, build_mesh, device_for_rank, subgroup, world_size
+from moreh_ap.runtime.dist import (BUCKET_BYTES, build_mesh, device_for_rank, module_tensors, recv_tensors,
+                                   send_tensors, subgroup, world_size)
 from moreh_ap.runtime.loss import LossPlan, extract_logits, hf_num_items
 from moreh_ap.runtime.norm import clip_grad_norm_ as _clip, set_active_layout
 from moreh_ap.runtime.split import _WholeModel, clean_name, find_adapter, map_stage_names, param_names
@@ -125,8 +127,6 @@ class ParallelModel(nn.Module):
         self._hf_loss = getattr(model, "loss_function", None) if self._hf else None
         self._vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         self._orig_keys = list(model.state_dict().keys())
-        model.to(self.device)
-        broadcast_from_rank0(model)
         self.mesh = build_mesh(self.pp, self.dp, self.device)
         self.pp_rank = self.mesh.get_local_rank("pp") if self.mesh is not None else 0
         self.dp_rank = self.mesh.get_local_rank("dp") if self.mesh is not None else 0
@@ -134,6 +134,9 @@ class ParallelModel(nn.Module):
         stages = A.apply_pipeline(adapter, config, pp_rank=self.pp_rank)
         for st in stages:
             st.names = map_stage_names(st.module, ids)
+        for st in stages:  # only this rank's stages go to its device; the others' weights stay where they are
+            st.module.to(self.device)
+        self._copy_rank0_weights(adapter, stages)
         self._setup_ties(model, adapter, ids)
         self._wrap(stages)
         self._stages = stages
@@ -167,6 +170,30 @@ class ParallelModel(nn.Module):
             elif self.dp > 1:
                 A.apply_ddp(st, dp_mesh)
                 self._wrapper = "ddp"
+
+    @torch.no_grad()
+    def _copy_rank0_weights(self, adapter, stages: list[A.Stage]) -> None:
+        """Global rank 0's values into this rank's stage tensors (already on this rank's device).
+
+        Rank 0 holds the whole model (its own stages on its device, the rest where the user left
+        them): it sends pp rank p's stage tensors to the dp-index-0 rank of pp rank p, one bucket
+        at a time copied to its device (NCCL sends device memory; gloo takes either); then every pp
+        rank's dp group broadcasts from its dp-index-0 rank, as DDP does at construction.
+        """
+        if self.mesh is None:
+            return
+        mine = [t.detach() for t in module_tensors([st.module for st in stages])]  # same storage, no autograd
+        if self.pp > 1:
+            rank = dist.get_rank()
+            if rank == 0:
+                for p in range(1, self.pp):
+                    theirs = A.apply_pipeline(adapter, self.config, pp_rank=p)
+                    send_tensors(module_tensors([st.module for st in theirs]), dst=int(self.mesh.mesh[p, 0]),
+                                 device=self.device)
+            elif self.dp_rank == 0:
+                recv_tensors(mine, src=0)
+        if self.dp > 1:
+            dist._broadcast_coalesced(self.mesh.get_group("dp"), mine, BUCKET_BYTES, 0)
 
     def _setup_ties(self, model: nn.Module, adapter, ids: dict[int, list[str]]) -> None:
         """Parameters shared by stages on different pp ranks: a group per dp index to sum their grads."""
