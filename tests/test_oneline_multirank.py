@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from moreh_ap.config import ParallelConfig
+
 from tests.conftest import clean_subprocess_env
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
@@ -119,14 +121,23 @@ def test_script_matches_one_device(case, reference, tmp_path):
 LOSS = re.compile(r"\[Step (\d+)/\d+\] Loss: ([0-9.]+)")
 
 
+EXAMPLE_CASES = {
+    "2-ranks-2-stages": (2, dict(num_stages=2, num_micro_batches=4)),
+    "4-ranks-2-stages-x-dp2-zero3": (4, dict(num_stages=2, num_micro_batches=4, distribute_param=True,
+                                             distribute_low_prec_param=True)),
+}
+
+
 @pytest.mark.timeout(900)
-def test_example_pipelined_matches_one_device(tmp_path):
-    """The seed's walkthrough with AP on (2 ranks, 2 stages) vs off: same loss at every step, same weights."""
+@pytest.mark.parametrize("case", list(EXAMPLE_CASES))
+def test_example_pipelined_matches_one_device(case, tmp_path):
+    """The seed's walkthrough with AP on (2 or 4 ranks) vs off: same loss at every step, same weights."""
+    nproc, fields = EXAMPLE_CASES[case]
     common = ["--num-samples", "24", "--block-size", "32", "--log-interval", "1", "--ap-options",
               "mixed_precision=false"]
     off = _run([EXAMPLE, *common, "--save-model-dir", tmp_path / "off"], tmp_path, ap="0")
-    on = _run([EXAMPLE, *common, "--save-model-dir", tmp_path / "on"], tmp_path, ap=None, nproc=2,
-              config=_config(num_stages=2, num_micro_batches=4))
+    on = _run([EXAMPLE, *common, "--save-model-dir", tmp_path / "on"], tmp_path, ap=None, nproc=nproc,
+              config=_config(**fields))
     assert off.returncode == 0, off.stderr[-3000:]
     assert on.returncode == 0, on.stderr[-3000:]
     ref = [float(v) for _, v in LOSS.findall(off.stderr)]
@@ -136,8 +147,8 @@ def test_example_pipelined_matches_one_device(tmp_path):
     assert len(ref) == 3 and sorted(got) == [1, 2, 3]
     assert all(len(v) == 1 for v in got.values()), got
     assert [next(iter(got[s])) for s in sorted(got)] == pytest.approx(ref, rel=1e-5)
-    assert "num_stages : 2, num_micro_batches : 4" in on.stderr
-    assert on.stdout.count("weights match") == 2
+    assert ParallelConfig.from_dict(json.loads(_config(**fields))).to_moreh_line() in on.stderr
+    assert on.stdout.count("weights match") == nproc
     _assert_weights_close(_saved(tmp_path / "off"), _saved(tmp_path / "on"))
 
 

@@ -246,9 +246,13 @@ def _flat_peak(nodes, kept, trans, u: _Units, *, config: ParallelConfig, sz: _Si
     fsdp, zero3 = config.distribute_param, config.distribute_low_prec_param
     w, c, r, d = sz.w, sz.c, sz.r, sz.d
     n, p, t = len(nodes), u.p, u.t
-    prefix = [0.0] * (n + 1)
+    prefix = [0.0] * (n + 1)  # activations kept by nodes < i
+    p_upto = [0] * (n + 1)  # unit parameters of nodes < i, and of the non-block ones among them
+    p_root_upto = [0] * (n + 1)
     for i in range(n):
         prefix[i + 1] = prefix[i] + kept[i]
+        p_upto[i + 1] = p_upto[i] + p[i]
+        p_root_upto[i + 1] = p_root_upto[i] + (p[i] if nodes[i].kind != "block" else 0)
     post = n - 1 if nodes and nodes[-1].kind == "post" else None
     best = (0.0, 0.0, 0.0, 0.0, 0.0)
     phase = "backward"
@@ -264,12 +268,15 @@ def _flat_peak(nodes, kept, trans, u: _Units, *, config: ParallelConfig, sz: _Si
                 prefetch = c * p[i - 1] if i > 0 else 0.0
                 copy, copy_end = c * p[i] + prefetch + root, prefetch + root
             else:  # ZeRO-2: units after i already resharded by their post-backward
-                copy = c * sum(p[: i + 1]) + root
+                copy = c * p_upto[i + 1] + root
                 copy_end = copy - c * p[i]
             held_rs = r * t[i + 1] if i + 1 < n else 0.0
         else:
-            copy = c * _autocast_copies(nodes, p, i, recompute=config.recomputation) if config.mixed_precision else 0.0
-            copy += c * u.root_p if config.mixed_precision else 0.0
+            # autocast's bf16 weight copies live as long as the saved tensors holding them (until each
+            # node's backward); with recomputation a block keeps none and casts again when recomputed
+            alive = p_root_upto[i + 1] + (p[i] if nodes[i].kind == "block" else 0) if config.recomputation \
+                else p_upto[i + 1]
+            copy = c * (alive + u.root_p) if config.mixed_precision else 0.0
             copy_end, held_rs = copy, 0.0
         moments = [(copy, done_grads, prefix[i + 1], trans[i] + held_rs + ddp_buckets)]
         if fsdp and zero3 and i == post:  # the loss backward runs before the head is gathered again
@@ -307,17 +314,6 @@ def _flat_peak(nodes, kept, trans, u: _Units, *, config: ParallelConfig, sz: _Si
             best = (copy + done + rs, copy, done, 0.0, rs)
             phase = "backward"
     return (*best, phase)
-
-
-def _autocast_copies(nodes, p, i: int, *, recompute: bool) -> float:
-    """Elements of autocast's bf16 weight copies alive during node ``i``'s backward (no FSDP).
-
-    Saved by the matmuls that used them, a copy lives until its node's backward; with recomputation a
-    block saves nothing in forward and casts its weights again when it is recomputed.
-    """
-    if not recompute:
-        return float(sum(p[: i + 1]))
-    return float(sum(p[j] for j in range(i + 1) if nodes[j].kind != "block") + (p[i] if nodes[i].kind == "block" else 0))
 
 
 def _rs_bytes(numel: int, sz: _Sizes) -> float:
