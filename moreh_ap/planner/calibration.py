@@ -20,9 +20,13 @@ the analytic ring model from the Cluster's bandwidths::
 with ``bw`` the intra-node bandwidth when the group lies within one node,
 else the inter-node one, times ``Cluster.comm_efficiency``.
 
-The JSON file is ``calibration.json`` in ``MOREH_AP_CACHE_DIR``; it carries a
-fingerprint (device, torch version, world size, threads). A corrupt or
-foreign file gives a warning and is measured again, never a crash.
+The JSON file is ``calibration.json`` in ``MOREH_AP_CACHE_DIR``. It holds one
+entry per fingerprint (device, torch version, threads, world size of the
+process group -- 0 without one -- and, with a group, its backend and ranks per
+node), so a planner run in one process and the same planner run under 2 or 8
+ranks each find their own DB; measuring a new one keeps the others. A missing
+entry is measured quietly; a corrupt or foreign file gives a warning and is
+measured again (and replaced), never a crash.
 """
 from __future__ import annotations
 
@@ -39,6 +43,9 @@ from moreh_ap.env import read_env
 from moreh_ap.log import logger
 
 FORMAT = "moreh_ap.calibration/1"
+"""Format of one DB (an entry of the file; also the whole file as written before entries existed)."""
+FILE_FORMAT = "moreh_ap.calibration/2"
+"""Format of the file: one entry per fingerprint (device, torch, threads, world size, ...)."""
 FILENAME = "calibration.json"
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
 MATMUL_SIZES = (256, 512, 1024)
@@ -189,12 +196,18 @@ def fingerprint(cluster) -> dict[str, Any]:
         device = torch.cuda.get_device_name(torch.cuda.current_device())
     else:
         device = f"cpu:{platform.machine()}:{os.cpu_count()}"
-    return {
+    fp: dict[str, Any] = {
         "device": device,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "world": _pg_world(),
     }
+    if fp["world"] > 1:  # collective times depend on the backend and on how many ranks share a node
+        import torch.distributed as dist
+
+        fp["backend"] = str(dist.get_backend())
+        fp["ranks_per_node"] = int(cluster.devices_per_node)
+    return fp
 
 
 def _device(cluster):
@@ -275,18 +288,69 @@ def _send_recv(buf, rank: int, world: int) -> None:
         dist.recv(buf, src=0)
 
 
-def _read_cache(path: Path, fp: dict[str, Any]) -> CalibrationDB | None:
+def entry_key(fp: dict[str, Any]) -> str:
+    """The key of a DB in the file: every fingerprint field, sorted (device, torch, threads, world, ...)."""
+    return "|".join(f"{k}={fp[k]}" for k in sorted(fp))
+
+
+def _read_entries(path: Path, *, warn: bool = True) -> dict[str, CalibrationDB] | None:
+    """Every DB in the file by :func:`entry_key`: {} when there is no file, None when it is corrupt or foreign.
+
+    Reads format 2 (``{"format": .../2, "entries": {key: db}}``) and the one-DB format 1.
+    A malformed entry makes the whole file count as corrupt (it was not written by this code).
+    """
     if not path.exists():
-        return None
+        return {}
     try:
-        db = CalibrationDB.from_dict(json.loads(path.read_text()), source="cache")
-    except Exception as exc:  # corrupt: measure again
-        logger.warning(f"Calibration DB {path} is unreadable ({exc}); measuring it again.")
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and data.get("format") == FORMAT:
+            db = CalibrationDB.from_dict(data, source="cache")
+            return {entry_key(db.fingerprint): db}
+        if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
+            raise ValueError(f"not a {FILE_FORMAT} file")
+        entries = data.get("entries")
+        if not isinstance(entries, dict):
+            raise ValueError("'entries' must be an object")
+        out = {}
+        for key, entry in entries.items():
+            db = CalibrationDB.from_dict(entry, source="cache")
+            if key != entry_key(db.fingerprint):
+                raise ValueError(f"entry {key!r} does not match its fingerprint {db.fingerprint}")
+            out[key] = db
+        return out
+    except Exception as exc:  # corrupt or foreign: measure again, never crash
+        if warn:
+            logger.warning(f"Calibration DB {path} is unreadable ({exc}); measuring it again.")
         return None
-    if db.fingerprint != fp:
-        logger.warning(f"Calibration DB {path} was measured on {db.fingerprint}, not this {fp}; measuring it again.")
+
+
+def _read_cache(path: Path, fp: dict[str, Any]) -> CalibrationDB | None:
+    entries = _read_entries(path)
+    if not entries:
         return None
-    return db
+    key = entry_key(fp)
+    if key not in entries:
+        logger.info(f"Calibration DB {path} has no entry for {key} (it has {len(entries)} other(s)); measuring one.")
+        return None
+    return entries[key]
+
+
+def _write_entry(path: Path, db: CalibrationDB) -> None:
+    """Add (or replace) ``db``'s entry in the file, keeping the others; atomic, serialised with a lock file."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            entries = _read_entries(path, warn=False) or {}  # a corrupt file (warned about already) is replaced
+            entries[entry_key(db.fingerprint)] = db
+            data = {"format": FILE_FORMAT, "entries": {k: v.to_dict() for k, v in sorted(entries.items())}}
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, path)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def load_or_measure(
@@ -332,10 +396,7 @@ def load_or_measure(
 
     if current_rank() == 0:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(db.to_dict(), indent=1))
-            os.replace(tmp, path)
+            _write_entry(path, db)
         except OSError as exc:
             logger.warning(f"Could not write the calibration DB to {path}: {exc}")
     logger.info(f"Calibration DB measured in {ms:.0f} [ms] and saved to {path}.")
