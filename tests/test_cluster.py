@@ -8,6 +8,7 @@ from moreh_ap.planner import calibration as cal
 from moreh_ap.planner.cluster import PRESETS, Cluster
 
 pytestmark = pytest.mark.timeout(60)
+TINY_BLOCK = (32, 2, 16, 1)  # reference block for the block-efficiency measurement: fast in tests
 
 
 def test_presets_and_errors():
@@ -42,13 +43,13 @@ def _log_lines(capsys):
 
 def test_calibration_measured_cached_and_reloaded(tmp_path, capsys):
     c = Cluster.preset("cpu")
-    db = cal.load_or_measure(c, cache_dir=tmp_path, matmul_sizes=(32, 64))
+    db = cal.load_or_measure(c, cache_dir=tmp_path, matmul_sizes=(32, 64), block_shape=TINY_BLOCK)
     err = _log_lines(capsys)
     assert "analytic ring model" in err and "Calibration DB measured" in err
     assert db.matmul_flops("bf16") > 0 and db.matmul_flops("fp32") > 0 and db.collectives is None
     saved = json.loads((tmp_path / cal.FILENAME).read_text())
     assert saved["format"] == cal.FILE_FORMAT and list(saved["entries"]) == [cal.entry_key(db.fingerprint)]
-    again = cal.load_or_measure(c, cache_dir=tmp_path, matmul_sizes=(32, 64))
+    again = cal.load_or_measure(c, cache_dir=tmp_path, matmul_sizes=(32, 64), block_shape=TINY_BLOCK)
     assert "Got DBs from backend for auto config." in _log_lines(capsys)
     assert again.source == "cache" and again.matmul == db.matmul
 
@@ -56,32 +57,32 @@ def test_calibration_measured_cached_and_reloaded(tmp_path, capsys):
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"format": "other"}), json.dumps([1, 2])])
 def test_corrupt_cache_is_remeasured(tmp_path, capsys, content):
     (tmp_path / cal.FILENAME).write_text(content)
-    db = cal.load_or_measure(Cluster.preset("cpu"), cache_dir=tmp_path, matmul_sizes=(32,))
+    db = cal.load_or_measure(Cluster.preset("cpu"), cache_dir=tmp_path, matmul_sizes=(32,), block_shape=TINY_BLOCK)
     err = _log_lines(capsys)
     assert "unreadable" in err and "measuring it again" in err
     assert db.source == "measured"
     assert json.loads((tmp_path / cal.FILENAME).read_text())["format"] == cal.FILE_FORMAT
-    assert cal.load_or_measure(Cluster.preset("cpu"), cache_dir=tmp_path, matmul_sizes=(32,)).source == "cache"
+    assert cal.load_or_measure(Cluster.preset("cpu"), cache_dir=tmp_path, matmul_sizes=(32,), block_shape=TINY_BLOCK).source == "cache"
 
 
 @pytest.mark.parametrize("entry", [{"format": "other"}, {"format": cal.FORMAT, "matmul": {"fp32": [[64, -1]]}}, 7])
 def test_corrupt_entry_is_remeasured_and_replaced(tmp_path, capsys, entry):
     key = cal.entry_key(cal.fingerprint(Cluster.preset("cpu")))
     (tmp_path / cal.FILENAME).write_text(json.dumps({"format": cal.FILE_FORMAT, "entries": {key: entry}}))
-    db = cal.load_or_measure(Cluster.preset("cpu"), cache_dir=tmp_path, matmul_sizes=(32,))
+    db = cal.load_or_measure(Cluster.preset("cpu"), cache_dir=tmp_path, matmul_sizes=(32,), block_shape=TINY_BLOCK)
     assert "unreadable" in _log_lines(capsys) and db.source == "measured"
-    assert cal.load_or_measure(Cluster.preset("cpu"), cache_dir=tmp_path, matmul_sizes=(32,)).source == "cache"
+    assert cal.load_or_measure(Cluster.preset("cpu"), cache_dir=tmp_path, matmul_sizes=(32,), block_shape=TINY_BLOCK).source == "cache"
 
 
 def test_other_device_entry_is_kept_not_warned(tmp_path, capsys):
     c = Cluster.preset("cpu")
-    db = cal.load_or_measure(c, cache_dir=tmp_path, matmul_sizes=(32,))
+    db = cal.load_or_measure(c, cache_dir=tmp_path, matmul_sizes=(32,), block_shape=TINY_BLOCK)
     other = cal.CalibrationDB.from_dict(dict(db.to_dict(), fingerprint=dict(db.fingerprint, device="some-other-gpu")))
     other_key = cal.entry_key(other.fingerprint)
     (tmp_path / cal.FILENAME).write_text(json.dumps({"format": cal.FILE_FORMAT,
                                                      "entries": {other_key: other.to_dict()}}))
     capsys.readouterr()
-    assert cal.load_or_measure(c, cache_dir=tmp_path, matmul_sizes=(32,)).source == "measured"
+    assert cal.load_or_measure(c, cache_dir=tmp_path, matmul_sizes=(32,), block_shape=TINY_BLOCK).source == "measured"
     err = _log_lines(capsys)
     assert "no entry for" in err and "[warning]" not in err
     assert set(json.loads((tmp_path / cal.FILENAME).read_text())["entries"]) == {other_key, cal.entry_key(db.fingerprint)}
@@ -101,7 +102,7 @@ def test_entries_per_world_size_coexist(tmp_path, capsys):
 
     if dist.is_initialized():
         pytest.skip("a process group is already up")
-    kw = dict(cache_dir=tmp_path, matmul_sizes=(32,), collective_sizes=(4096,))
+    kw = dict(cache_dir=tmp_path, matmul_sizes=(32,), collective_sizes=(4096,), block_shape=TINY_BLOCK)
     single = cal.load_or_measure(Cluster.preset("cpu"), **kw)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)  # a 2-rank group in one process
     try:
@@ -122,7 +123,7 @@ def test_entries_per_world_size_coexist(tmp_path, capsys):
 
 def test_cache_dir_from_env(tmp_path, monkeypatch):
     monkeypatch.setenv("MOREH_AP_CACHE_DIR", str(tmp_path / "c"))
-    cal.load_or_measure(Cluster.preset("cpu"), matmul_sizes=(16,))
+    cal.load_or_measure(Cluster.preset("cpu"), matmul_sizes=(16,), block_shape=TINY_BLOCK)
     assert (tmp_path / "c" / cal.FILENAME).exists()
 
 

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import bisect
 import json
-import math
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +42,9 @@ from typing import Any
 from moreh_ap.env import read_env
 from moreh_ap.log import logger
 
-FORMAT = "moreh_ap.calibration/1"
-"""Format of one DB (an entry of the file; also the whole file as written before entries existed)."""
-FILE_FORMAT = "moreh_ap.calibration/2"
+FORMAT = "moreh_ap.calibration/2"
+"""Format of one DB (an entry of the file). /2 added ``block_efficiency``; /1 entries are measured again."""
+FILE_FORMAT = "moreh_ap.calibration-file/1"
 """Format of the file: one entry per fingerprint (device, torch, threads, world size, ...)."""
 FILENAME = "calibration.json"
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
@@ -64,13 +64,29 @@ class CalibrationDB:
     """kind -> [[bytes, seconds], ...] on ``collective_world`` ranks; None = analytic model."""
     collective_world: int = 1
     """Ranks of the group the collectives were timed on."""
+    block_efficiency: dict[str, float] = field(default_factory=dict)
+    """dtype -> FLOP/s of a reference transformer block's forward+backward (attention, norms,
+    activations, casts included) over the matmul FLOP/s at the same GEMM size (<= 1): the share of
+    the matmul rate a real block sustains. Empty = 1.0."""
     source: str = "measured"
     """"measured", "cache" or "injected"."""
 
-    def matmul_flops(self, dtype: str) -> float | None:
-        """Sustained FLOP/s for ``dtype`` (the largest measured size), or None."""
-        pts = self.matmul.get(dtype)
-        return float(max(pts)[1]) if pts else None
+    def matmul_flops(self, dtype: str, size: float | None = None) -> float | None:
+        """Sustained FLOP/s for ``dtype`` at square-matmul side ``size``, or None without a table.
+
+        Linear in ``size`` between measured sides, the end value outside them; ``size`` None = the
+        largest measured side.
+        """
+        pts = sorted(self.matmul.get(dtype) or [])
+        if not pts:
+            return None
+        if size is None or size >= pts[-1][0]:
+            return float(pts[-1][1])
+        if size <= pts[0][0]:
+            return float(pts[0][1])
+        i = bisect.bisect_left([p[0] for p in pts], size)
+        (x0, y0), (x1, y1) = pts[i - 1], pts[i]
+        return float(y0 + (y1 - y0) * (size - x0) / (x1 - x0))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +95,7 @@ class CalibrationDB:
             "matmul": self.matmul,
             "collectives": self.collectives,
             "collective_world": self.collective_world,
+            "block_efficiency": self.block_efficiency,
         }
 
     @classmethod
@@ -99,8 +116,14 @@ class CalibrationDB:
                 if k not in COLLECTIVES:
                     raise ValueError(f"unknown collective {k!r}")
                 _check_points(f"collectives[{k}]", pts)
+        eff = data.get("block_efficiency")
+        if not isinstance(eff, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in eff.values()
+        ):
+            raise ValueError("block_efficiency must be an object of numbers in (0, 1]")
         return cls(
             fingerprint=dict(data.get("fingerprint") or {}),
+            block_efficiency={str(k): float(v) for k, v in eff.items()},
             matmul={k: [list(map(float, p)) for p in v] for k, v in matmul.items()},
             collectives=None if coll is None else {k: [list(map(float, p)) for p in v] for k, v in coll.items()},
             collective_world=int(data.get("collective_world", 1)),
@@ -164,14 +187,23 @@ def collective_time(cluster, kind: str, nbytes: float, *, group: int, inter_node
     return _ring_factor(kind, max(group, 2)) * nbytes / bw + hops * cluster.link_latency
 
 
-def matmul_flops(cluster, dtype: str) -> float:
-    """Sustained matmul FLOP/s: calibrated when the DB has the dtype, else peak x compute_efficiency."""
+def matmul_flops(cluster, dtype: str, size: float | None = None) -> float:
+    """Sustained matmul FLOP/s: calibrated (at square side ``size`` when given) when the DB has the
+    dtype, else peak x compute_efficiency."""
     db = cluster.calibration
     if db is not None:
-        measured = db.matmul_flops(dtype)
+        measured = db.matmul_flops(dtype, size)
         if measured:
             return measured
     return cluster.flops(dtype) * cluster.compute_efficiency
+
+
+def block_efficiency(cluster, dtype: str) -> float:
+    """The calibrated share of the matmul rate a transformer block sustains (1.0 without a DB)."""
+    db = cluster.calibration
+    if db is None:
+        return 1.0
+    return float(db.block_efficiency.get(dtype, 1.0))
 
 
 # ------------------------------------------------------------------ measuring
@@ -223,8 +255,8 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_matmul(device, *, sizes=MATMUL_SIZES, repeats: int = 3) -> dict[str, list[list[float]]]:
-    """FLOP/s of square matmuls per dtype (best of ``repeats`` after one warm-up)."""
+def measure_matmul(device, *, sizes=MATMUL_SIZES, repeats: int = 5) -> dict[str, list[list[float]]]:
+    """FLOP/s of square matmuls per dtype (median of ``repeats`` after one warm-up)."""
     import torch
 
     table: dict[str, list[list[float]]] = {}
@@ -235,18 +267,81 @@ def measure_matmul(device, *, sizes=MATMUL_SIZES, repeats: int = 3) -> dict[str,
             b = torch.randn(n, n, device=device, dtype=dtype)
             a @ b
             _sync(device)
-            best = math.inf
+            times = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 a @ b
                 _sync(device)
-                best = min(best, time.perf_counter() - t0)
-            pts.append([float(n), 2.0 * n**3 / max(best, 1e-9)])
+                times.append(time.perf_counter() - t0)
+            pts.append([float(n), 2.0 * n**3 / max(statistics.median(times), 1e-9)])
         table[key] = pts
     return table
 
 
-def measure_collectives(device, *, sizes=COLLECTIVE_SIZES, repeats: int = 2) -> dict[str, list[list[float]]]:
+def gemm_size(flops: float, params: int, largest_param: int) -> float | None:
+    """Square-matmul side with the FLOPs of a node's typical GEMM: ``(rows * largest_param) ** (1/3)``.
+
+    ``rows = flops / (2 * params)`` is how many rows each weight multiplies in a forward (exact for
+    linear layers: ``2 * rows * K * N`` FLOPs per ``K x N`` weight). None for nodes without parameters
+    or FLOPs (the rate at the largest measured side is used then).
+    """
+    if params <= 0 or largest_param <= 0 or flops <= 0:
+        return None
+    return (flops / (2.0 * params) * largest_param) ** (1.0 / 3.0)
+
+
+# reference block (width, heads, seq, batch) per device type: a mid-size GPT block for the device
+BLOCK_SHAPES = {"cpu": (256, 4, 128, 1), "cuda": (2048, 16, 1024, 4)}
+
+
+def measure_block_efficiency(device, matmul: dict[str, list[list[float]]], *, shape=None,
+                             repeats: int = 5) -> dict[str, float]:
+    """Per dtype: the FLOP/s of a pre-LN GPT block's forward + backward (flash attention, LayerNorm,
+    GELU, residuals; bf16 via autocast) over the square-matmul FLOP/s at the same GEMM size.
+
+    FLOPs are counted as the planner counts them (linear layers, attention as the causal flash
+    kernel, backward = 2 x forward), so the ratio is what the cost model must scale its matmul rate
+    by for a block's real time.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    d, heads, seq, batch = shape or BLOCK_SHAPES.get(device.type, BLOCK_SHAPES["cuda"])
+    layers = nn.ModuleDict({"ln1": nn.LayerNorm(d), "ln2": nn.LayerNorm(d), "qkv": nn.Linear(d, 3 * d),
+                            "proj": nn.Linear(d, d), "fc1": nn.Linear(d, 4 * d), "fc2": nn.Linear(4 * d, d)}).to(device)
+    x = torch.randn(batch, seq, d, device=device, requires_grad=True)
+    rows = batch * seq
+    flops = 3.0 * (2.0 * rows * 12 * d * d + 4.0 * batch * seq * seq * d / 2)
+    out: dict[str, float] = {}
+    for key in ("bf16", "fp32"):
+        if key not in matmul:
+            continue
+
+        def step():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=key == "bf16"):
+                q, k, v = layers["qkv"](layers["ln1"](x)).view(batch, seq, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                h = x + layers["proj"](a.transpose(1, 2).reshape(batch, seq, d))
+                h = h + layers["fc2"](F.gelu(layers["fc1"](layers["ln2"](h))))
+            h.float().sum().backward()
+
+        step()
+        _sync(device)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        achieved = flops / max(statistics.median(times), 1e-9)
+        db = CalibrationDB(fingerprint={}, matmul=matmul)
+        rate = db.matmul_flops(key, gemm_size(flops / 3, 12 * d * d, 4 * d * d))
+        out[key] = float(min(1.0, max(0.01, achieved / rate)))
+    return out
+
+
+def measure_collectives(device, *, sizes=COLLECTIVE_SIZES, repeats: int = 5) -> dict[str, list[list[float]]]:
     """Seconds per collective at each size on the live process group (all ranks must call this)."""
     import torch
     import torch.distributed as dist
@@ -273,7 +368,7 @@ def measure_collectives(device, *, sizes=COLLECTIVE_SIZES, repeats: int = 2) -> 
                 op()
                 _sync(device)
                 times.append(time.perf_counter() - t0)
-            t = torch.tensor([min(times[1:])], dtype=torch.float64)
+            t = torch.tensor([statistics.median(times[1:])], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the group is as fast as its slowest rank
             table[kind].append([float(numel * 4), float(max(t.item(), 1e-7))])
     return {k: v for k, v in table.items() if v}
@@ -359,6 +454,7 @@ def load_or_measure(
     cache_dir: str | os.PathLike | None = None,
     matmul_sizes=MATMUL_SIZES,
     collective_sizes=COLLECTIVE_SIZES,
+    block_shape: tuple[int, int, int, int] | None = None,
 ) -> CalibrationDB:
     """The cached DB for this machine, or a fresh measurement (then cached).
 
@@ -383,6 +479,7 @@ def load_or_measure(
     t0 = time.perf_counter()
     device = _device(cluster)
     db = CalibrationDB(fingerprint=fp, matmul=measure_matmul(device, sizes=matmul_sizes))
+    db.block_efficiency = measure_block_efficiency(device, db.matmul, shape=block_shape)
     if world > 1:
         db.collectives = measure_collectives(device, sizes=collective_sizes)
         db.collective_world = world

@@ -1,0 +1,87 @@
+# Tests for the cost model's use of the calibration DB: GEMM-size rates, block efficiency, FSDP collectives per unit.
+import pytest
+import torch
+
+from moreh_ap import trace
+from moreh_ap.config import ParallelConfig
+from moreh_ap.planner import calibration as cal
+from moreh_ap.planner import cost
+from moreh_ap.planner.cluster import Cluster
+from test_graph_models import TinyGPT
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def graph():
+    idx = torch.randint(0, 128, (8, 64))
+    return trace(TinyGPT(d=64, layers=4, heads=4, seq=64), (idx,), {"labels": idx})
+
+
+def _cpu(db=None, dpn=2):
+    c = Cluster.preset("cpu", devices_per_node=dpn)
+    c.calibration = db
+    return c
+
+
+def _db(**kw):
+    kw.setdefault("matmul", {"bf16": [[64.0, 1e10], [256.0, 4e10]], "fp32": [[64.0, 5e9], [256.0, 2e10]]})
+    return cal.CalibrationDB(fingerprint={}, source="injected", **kw)
+
+
+def test_matmul_rate_interpolated_by_size():
+    db = _db()
+    assert db.matmul_flops("bf16") == 4e10  # no size: the largest measured side
+    assert db.matmul_flops("bf16", 160.0) == pytest.approx(2.5e10)
+    assert db.matmul_flops("bf16", 16.0) == 1e10 and db.matmul_flops("bf16", 4096.0) == 4e10
+    assert db.matmul_flops("int8") is None
+    # (rows * largest weight) ** (1/3): a 128-row micro-batch through 64x256 weights
+    assert cal.gemm_size(2 * 128 * 20000, 20000, 64 * 256) == pytest.approx((128 * 64 * 256) ** (1 / 3))
+    assert cal.gemm_size(0, 10, 10) is None and cal.gemm_size(10, 0, 10) is None
+
+
+def test_small_micro_batches_run_slower_gemms(graph):
+    """Same samples per step: 8 micro-batches of 1 take longer than 1 of 8 when small GEMMs are slower."""
+    c = _cpu(_db(), dpn=1)
+    one = cost.estimate(graph, ParallelConfig(num_stages=1, num_micro_batches=1, batch_per_device=8), c, world_size=1)
+    eight = cost.estimate(graph, ParallelConfig(num_stages=1, num_micro_batches=8, batch_per_device=1), c,
+                          world_size=1)
+    assert eight.compute > 1.2 * one.compute
+    flat = _cpu(_db(matmul={"bf16": [[64.0, 4e10], [256.0, 4e10]]}), dpn=1)  # size-independent rate: equal
+    a = cost.estimate(graph, ParallelConfig(num_stages=1, num_micro_batches=1, batch_per_device=8), flat, world_size=1)
+    b = cost.estimate(graph, ParallelConfig(num_stages=1, num_micro_batches=8, batch_per_device=1), flat, world_size=1)
+    assert a.compute == pytest.approx(b.compute)
+
+
+def test_block_efficiency_scales_block_time_only(graph):
+    cfg = ParallelConfig(num_stages=1, num_micro_batches=1, batch_per_device=8)
+    flat = {"bf16": [[64.0, 4e10]]}
+    full = cost.estimate(graph, cfg, _cpu(_db(matmul=flat), dpn=1), world_size=1).compute
+    half = cost.estimate(graph, cfg, _cpu(_db(matmul=flat, block_efficiency={"bf16": 0.5}), dpn=1),
+                         world_size=1).compute
+    blocks = sum(3 * n.fwd_flops for n in graph.blocks) / 4e10
+    assert half - full == pytest.approx(blocks, rel=1e-6)  # blocks take twice as long, the head does not change
+    assert cal.block_efficiency(_cpu(None), "bf16") == 1.0
+
+
+def test_fsdp_without_pipeline_reduce_scatters_once(graph):
+    """pp = 1: parameters gathered every micro-batch (twice for ZeRO-3), gradients reduce-scattered once."""
+    db = _db(collective_world=2, collectives={"all_gather": [[1e3, 1e-3], [1e7, 2e-3]],
+                                              "reduce_scatter": [[1e3, 5e-3], [1e7, 6e-3]],
+                                              "all_reduce": [[1e3, 1e-3], [1e7, 2e-3]]})
+    c = _cpu(db)
+    z2 = ParallelConfig(num_stages=1, num_micro_batches=1, batch_per_device=4, distribute_param=True)
+    t1 = cost.estimate(graph, z2, c).dp_comm
+    t4 = cost.estimate(graph, z2.replace(num_micro_batches=4, batch_per_device=1), c).dp_comm
+    units = [n.num_params for n in graph.blocks] + [graph.params_of([graph.pre.name, graph.post.name])]
+    ag = sum(cal.collective_time(c, "all_gather", 2 * u, group=2, inter_node=False) for u in units)
+    assert t4 - t1 == pytest.approx(3 * ag)  # 3 more all-gathers, no more reduce-scatters
+    z3 = z2.replace(distribute_low_prec_param=True)
+    assert cost.estimate(graph, z3, c).dp_comm - t1 == pytest.approx(ag)
+    assert len(units) == 5 and ag > 5e-3  # one collective per fully_shard unit, each paying its latency
+
+
+def test_measured_block_efficiency_is_a_fraction():
+    m = cal.measure_matmul(torch.device("cpu"), sizes=(32, 64), repeats=2)
+    eff = cal.measure_block_efficiency(torch.device("cpu"), m, shape=(32, 2, 16, 1), repeats=2)
+    assert set(eff) == {"bf16", "fp32"} and all(0 < v <= 1 for v in eff.values())
