@@ -131,7 +131,7 @@ def test_collective_time_analytic_and_calibrated():
     c = Cluster.preset("h100-80gb", nodes=2, devices_per_node=8)
     t_ar = cal.collective_time(c, "all_reduce", 1e9, group=8, inter_node=False)
     t_ag = cal.collective_time(c, "all_gather", 1e9, group=8, inter_node=False)
-    assert t_ar == pytest.approx(2 * t_ag, rel=0.01)
+    assert t_ar == pytest.approx(2 * t_ag, rel=0.02)  # ring all-reduce: 2(n-1) latencies; all-gather: log2(n)
     assert cal.collective_time(c, "all_reduce", 1e9, group=16, inter_node=True) > t_ar
     assert cal.collective_time(c, "all_reduce", 1e9, group=1, inter_node=False) == 0.0
     with pytest.raises(ValueError, match="all_reduce"):

@@ -85,3 +85,35 @@ def test_measured_block_efficiency_is_a_fraction():
     m = cal.measure_matmul(torch.device("cpu"), sizes=(32, 64), repeats=2)
     eff = cal.measure_block_efficiency(torch.device("cpu"), m, shape=(32, 2, 16, 1), repeats=2)
     assert set(eff) == {"bf16", "fp32"} and all(0 < v <= 1 for v in eff.values())
+
+
+def test_small_collectives_pay_log_latency_not_ring():
+    c = Cluster.preset("h100-80gb", nodes=1, devices_per_node=8)
+    lat = c.link_latency
+    small = cal.collective_time(c, "all_reduce", 8, group=8, inter_node=False)
+    assert small == pytest.approx(3 * lat, rel=0.01)  # recursive doubling: log2(8) steps, not 2 * 7
+    assert cal.collective_time(c, "all_gather", 8, group=8, inter_node=False) == pytest.approx(3 * lat, rel=0.01)
+    assert cal.collective_time(c, "all_gather", 8, group=3, inter_node=False) == pytest.approx(2 * lat, rel=0.01)
+    big = 10**10  # bandwidth-bound: the ring's 2 (n-1)/n bytes per rank
+    bw = c.intra_node_bandwidth * c.comm_efficiency
+    assert cal.collective_time(c, "all_reduce", big, group=8, inter_node=False) == pytest.approx(
+        2 * 7 / 8 * big / bw + 14 * lat)
+
+
+def test_tiny_model_on_one_node_prefers_data_parallel():
+    """A ~200k-parameter model on 8 H100 of one node: no pipeline (the issue-3 note picked 4 stages x 1)."""
+    from moreh_ap.planner.planning import plan_graph
+
+    idx = torch.randint(0, 128, (8, 32))
+    g = trace(TinyGPT(d=64, layers=4, heads=4, seq=32), (idx,), {"labels": idx})
+    p = plan_graph(g, cluster=Cluster.preset("h100-80gb", nodes=1, devices_per_node=8))
+    assert p.config.num_stages == 1, p.summary()
+
+
+def test_noisy_collective_table_is_made_monotone():
+    """A small size measured slower than a larger one (a busy machine) is clamped to the larger one's time."""
+    db = _db(collective_world=2, collectives={"all_reduce": [[65536.0, 3.6e-3], [2**20, 1.5e-3], [2**22, 4.7e-3]]})
+    c = _cpu(db)
+    assert cal.collective_time(c, "all_reduce", 65536, group=2, inter_node=False) == pytest.approx(1.5e-3)
+    assert cal.collective_time(c, "all_reduce", 2**21, group=2, inter_node=False) == pytest.approx(
+        1.5e-3 + (4.7e-3 - 1.5e-3) / 3)

@@ -12,10 +12,17 @@ Collectives need a process group. When none is up (the planner never spawns
 processes), the DB has no collective table and :func:`collective_time` uses
 the analytic ring model from the Cluster's bandwidths::
 
-    all_reduce      2 (n-1)/n * S / bw + 2 (n-1) * latency
-    all_gather      (n-1)/n * S / bw + (n-1) * latency      (S = gathered bytes)
-    reduce_scatter  (n-1)/n * S / bw + (n-1) * latency      (S = input bytes)
+    all_reduce      min(ring: 2 (n-1)/n * S / bw + 2 (n-1) * latency,
+                        recursive doubling: ceil(log2 n) * (S / bw + latency))
+    all_gather      (n-1)/n * S / bw + min(n-1, ceil(log2 n)) * latency   (S = gathered bytes)
+    reduce_scatter  (n-1)/n * S / bw + min(n-1, ceil(log2 n)) * latency   (S = input bytes)
     send_recv       S / bw + latency
+
+(the classic alpha-beta costs of Thakur, Rabenseifner & Gropp 2005: ring for large
+messages, recursive doubling / halving -- what NCCL's tree / LL and gloo use for
+small ones -- for small; a pure ring model charges 2 (n-1) latencies to a
+small all-reduce and makes pipelines look cheaper than data parallelism on
+small models)
 
 with ``bw`` the intra-node bandwidth when the group lies within one node,
 else the inter-node one, times ``Cluster.comm_efficiency``.
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import os
 import statistics
 import time
@@ -141,8 +149,14 @@ def _check_points(what: str, pts: Any) -> None:
 
 # ------------------------------------------------------------------ time models
 def _interp(points: list[list[float]], x: float) -> float:
-    """Piecewise-linear time(bytes) through the points, extrapolated with the last slope."""
-    pts = sorted(points)
+    """Piecewise-linear time(bytes) through the points, extrapolated with the last slope.
+
+    The points are first made non-decreasing from the right (a time larger than one measured for
+    more bytes is noise from a busy machine: moving more bytes is never faster).
+    """
+    pts = [list(p) for p in sorted(points)]
+    for i in range(len(pts) - 2, -1, -1):
+        pts[i][1] = min(pts[i][1], pts[i + 1][1])
     xs = [p[0] for p in pts]
     if len(pts) == 1:
         return pts[0][1] * x / pts[0][0]
@@ -183,8 +197,15 @@ def collective_time(cluster, kind: str, nbytes: float, *, group: int, inter_node
             return measured
         return measured * _ring_factor(kind, max(group, 2)) / _ring_factor(kind, w)
     bw = (cluster.inter_node_bandwidth if inter_node else cluster.intra_node_bandwidth) * cluster.comm_efficiency
-    hops = 1 if kind == "send_recv" else (2 if kind == "all_reduce" else 1) * (group - 1)
-    return _ring_factor(kind, max(group, 2)) * nbytes / bw + hops * cluster.link_latency
+    lat = cluster.link_latency
+    if kind == "send_recv":
+        return nbytes / bw + lat
+    n = max(group, 2)
+    steps = math.ceil(math.log2(n))
+    ring = _ring_factor(kind, n) * nbytes / bw + (2 if kind == "all_reduce" else 1) * (n - 1) * lat
+    if kind == "all_reduce":  # recursive doubling: log2(n) exchanges of the whole buffer
+        return min(ring, steps * (nbytes / bw + lat))
+    return min(ring, _ring_factor(kind, n) * nbytes / bw + steps * lat)  # recursive doubling / halving (Bruck)
 
 
 def matmul_flops(cluster, dtype: str, size: float | None = None) -> float:
