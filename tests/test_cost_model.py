@@ -12,6 +12,15 @@ from test_graph_models import TinyGPT
 pytestmark = pytest.mark.timeout(60)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Calibration timings with 2 OpenMP threads on a busy 2-core machine take seconds (spinning threads)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def graph():
     idx = torch.randint(0, 128, (8, 64))
@@ -83,8 +92,24 @@ def test_fsdp_without_pipeline_reduce_scatters_once(graph):
 
 def test_measured_block_efficiency_is_a_fraction():
     m = cal.measure_matmul(torch.device("cpu"), sizes=(32, 64), repeats=2)
-    eff = cal.measure_block_efficiency(torch.device("cpu"), m, shape=(32, 2, 16, 1), repeats=2)
+    eff, floor = cal.measure_block(torch.device("cpu"), m, shape=(32, 2, 16, 1), tiny_shape=(8, 2, 4, 1), repeats=2)
     assert set(eff) == {"bf16", "fp32"} and all(0 < v <= 1 for v in eff.values())
+    assert set(floor) == {"bf16", "fp32"} and all(v > 0 for v in floor.values())
+
+
+def test_block_floor_is_paid_per_block_and_micro_batch(graph):
+    flat = {"bf16": [[64.0, 4e10]]}
+    db = _db(matmul=flat, block_floor={"bf16": 1e-3})
+    one = ParallelConfig(num_stages=1, num_micro_batches=1, batch_per_device=8)
+    eight = one.replace(num_micro_batches=8, batch_per_device=1)
+    base = cost.estimate(graph, eight, _cpu(_db(matmul=flat), dpn=1), world_size=1).compute
+    assert cost.estimate(graph, eight, _cpu(db, dpn=1), world_size=1).compute - base == pytest.approx(8 * 4 * 1e-3)
+    rec = cost.estimate(graph, one.replace(recomputation=True), _cpu(db, dpn=1), world_size=1).compute
+    rec0 = cost.estimate(graph, one.replace(recomputation=True), _cpu(_db(matmul=flat), dpn=1), world_size=1).compute
+    assert rec - rec0 == pytest.approx(4 * 1e-3 * 4 / 3)  # a recomputed forward pays a third more
+    bad = dict(db.to_dict(), block_floor={"bf16": -1})
+    with pytest.raises(ValueError, match="block_floor"):
+        cal.CalibrationDB.from_dict(bad)
 
 
 def test_small_collectives_pay_log_latency_not_ring():

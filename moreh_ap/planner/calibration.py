@@ -51,7 +51,8 @@ from moreh_ap.env import read_env
 from moreh_ap.log import logger
 
 FORMAT = "moreh_ap.calibration/2"
-"""Format of one DB (an entry of the file). /2 added ``block_efficiency``; /1 entries are measured again."""
+"""Format of one DB (an entry of the file). /2 added ``block_efficiency`` and ``block_floor``; /1 entries are
+measured again."""
 FILE_FORMAT = "moreh_ap.calibration-file/1"
 """Format of the file: one entry per fingerprint (device, torch, threads, world size, ...)."""
 FILENAME = "calibration.json"
@@ -75,7 +76,10 @@ class CalibrationDB:
     block_efficiency: dict[str, float] = field(default_factory=dict)
     """dtype -> FLOP/s of a reference transformer block's forward+backward (attention, norms,
     activations, casts included) over the matmul FLOP/s at the same GEMM size (<= 1): the share of
-    the matmul rate a real block sustains. Empty = 1.0."""
+    the matmul rate a real block sustains (measured above the block floor). Empty = 1.0."""
+    block_floor: dict[str, float] = field(default_factory=dict)
+    """dtype -> seconds of a tiny block's forward + backward: the fixed cost every block pays per
+    micro-batch (op dispatch, kernel launches). Empty = 0."""
     source: str = "measured"
     """"measured", "cache" or "injected"."""
 
@@ -104,6 +108,7 @@ class CalibrationDB:
             "collectives": self.collectives,
             "collective_world": self.collective_world,
             "block_efficiency": self.block_efficiency,
+            "block_floor": self.block_floor,
         }
 
     @classmethod
@@ -129,9 +134,15 @@ class CalibrationDB:
             isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in eff.values()
         ):
             raise ValueError("block_efficiency must be an object of numbers in (0, 1]")
+        floor = data.get("block_floor", {})
+        if not isinstance(floor, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in floor.values()
+        ):
+            raise ValueError("block_floor must be an object of seconds >= 0")
         return cls(
             fingerprint=dict(data.get("fingerprint") or {}),
             block_efficiency={str(k): float(v) for k, v in eff.items()},
+            block_floor={str(k): float(v) for k, v in floor.items()},
             matmul={k: [list(map(float, p)) for p in v] for k, v in matmul.items()},
             collectives=None if coll is None else {k: [list(map(float, p)) for p in v] for k, v in coll.items()},
             collective_world=int(data.get("collective_world", 1)),
@@ -227,6 +238,14 @@ def block_efficiency(cluster, dtype: str) -> float:
     return float(db.block_efficiency.get(dtype, 1.0))
 
 
+def block_floor(cluster, dtype: str) -> float:
+    """The calibrated fixed seconds of one block's forward + backward per micro-batch (0 without a DB)."""
+    db = cluster.calibration
+    if db is None:
+        return 0.0
+    return float(db.block_floor.get(dtype, 0.0))
+
+
 # ------------------------------------------------------------------ measuring
 def _pg_world() -> int:
     try:
@@ -313,53 +332,75 @@ def gemm_size(flops: float, params: int, largest_param: int) -> float | None:
 
 # reference block (width, heads, seq, batch) per device type: a mid-size GPT block for the device
 BLOCK_SHAPES = {"cpu": (256, 4, 128, 1), "cuda": (2048, 16, 1024, 4)}
+TINY_BLOCK_SHAPE = (32, 2, 8, 1)
+"""A block so small that its time is all fixed cost (op dispatch, kernel launches, autocast casts)."""
 
 
-def measure_block_efficiency(device, matmul: dict[str, list[list[float]]], *, shape=None,
-                             repeats: int = 5) -> dict[str, float]:
-    """Per dtype: the FLOP/s of a pre-LN GPT block's forward + backward (flash attention, LayerNorm,
-    GELU, residuals; bf16 via autocast) over the square-matmul FLOP/s at the same GEMM size.
+def _block_flops(shape) -> float:
+    """Forward + backward FLOPs of the reference block as the planner counts them."""
+    d, _, seq, batch = shape
+    return 3.0 * (2.0 * batch * seq * 12 * d * d + 4.0 * batch * seq * seq * d / 2)
 
-    FLOPs are counted as the planner counts them (linear layers, attention as the causal flash
-    kernel, backward = 2 x forward), so the ratio is what the cost model must scale its matmul rate
-    by for a block's real time.
-    """
+
+def _time_block(device, shape, key: str, repeats: int) -> float:
+    """Median seconds of a pre-LN GPT block's forward + backward (bf16 via autocast for "bf16")."""
     import torch
     import torch.nn.functional as F
     from torch import nn
 
-    d, heads, seq, batch = shape or BLOCK_SHAPES.get(device.type, BLOCK_SHAPES["cuda"])
+    d, heads, seq, batch = shape
     layers = nn.ModuleDict({"ln1": nn.LayerNorm(d), "ln2": nn.LayerNorm(d), "qkv": nn.Linear(d, 3 * d),
                             "proj": nn.Linear(d, d), "fc1": nn.Linear(d, 4 * d), "fc2": nn.Linear(4 * d, d)}).to(device)
     x = torch.randn(batch, seq, d, device=device, requires_grad=True)
-    rows = batch * seq
-    flops = 3.0 * (2.0 * rows * 12 * d * d + 4.0 * batch * seq * seq * d / 2)
-    out: dict[str, float] = {}
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=key == "bf16"):
+            q, k, v = layers["qkv"](layers["ln1"](x)).view(batch, seq, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            h = x + layers["proj"](a.transpose(1, 2).reshape(batch, seq, d))
+            h = h + layers["fc2"](F.gelu(layers["fc1"](layers["ln2"](h))))
+        h.float().sum().backward()
+
+    step()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_block(device, matmul: dict[str, list[list[float]]], *, shape=None, tiny_shape=TINY_BLOCK_SHAPE,
+                  repeats: int = 5) -> tuple[dict[str, float], dict[str, float]]:
+    """Per dtype, a block's time as ``floor + FLOPs / (matmul rate x efficiency)``, from two sizes.
+
+    ``floor``: seconds of a tiny block's forward + backward (fixed costs: op dispatch, kernel
+    launches, casts). ``efficiency``: the reference block's FLOPs over its time above the floor, as
+    a share of the square-matmul FLOP/s at the same GEMM size (attention, norms, activations make a
+    block slower than its matmuls). FLOPs are counted as the planner counts them (linear layers,
+    attention as the causal flash kernel, backward = 2 x forward).
+
+    Returns:
+        (efficiency, floor) dicts keyed by "bf16" / "fp32".
+    """
+    shape = shape or BLOCK_SHAPES.get(device.type, BLOCK_SHAPES["cuda"])
+    d = shape[0]
+    flops = _block_flops(shape)
+    eff: dict[str, float] = {}
+    floor: dict[str, float] = {}
+    ref_db = CalibrationDB(fingerprint={}, matmul=matmul)
     for key in ("bf16", "fp32"):
         if key not in matmul:
             continue
-
-        def step():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=key == "bf16"):
-                q, k, v = layers["qkv"](layers["ln1"](x)).view(batch, seq, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-                a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-                h = x + layers["proj"](a.transpose(1, 2).reshape(batch, seq, d))
-                h = h + layers["fc2"](F.gelu(layers["fc1"](layers["ln2"](h))))
-            h.float().sum().backward()
-
-        step()
-        _sync(device)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            step()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        achieved = flops / max(statistics.median(times), 1e-9)
-        db = CalibrationDB(fingerprint={}, matmul=matmul)
-        rate = db.matmul_flops(key, gemm_size(flops / 3, 12 * d * d, 4 * d * d))
-        out[key] = float(min(1.0, max(0.01, achieved / rate)))
-    return out
+        t_tiny = _time_block(device, tiny_shape, key, repeats)
+        t_ref = _time_block(device, shape, key, repeats)
+        above = max(t_ref - t_tiny, 0.1 * t_ref)  # noise guard: the floor is never most of the reference
+        rate = ref_db.matmul_flops(key, gemm_size(flops / 3, 12 * d * d, 4 * d * d))
+        eff[key] = float(min(1.0, max(0.01, flops / above / rate)))
+        floor[key] = float(min(t_tiny, 0.9 * t_ref))
+    return eff, floor
 
 
 def measure_collectives(device, *, sizes=COLLECTIVE_SIZES, repeats: int = 5) -> dict[str, list[list[float]]]:
@@ -500,7 +541,7 @@ def load_or_measure(
     t0 = time.perf_counter()
     device = _device(cluster)
     db = CalibrationDB(fingerprint=fp, matmul=measure_matmul(device, sizes=matmul_sizes))
-    db.block_efficiency = measure_block_efficiency(device, db.matmul, shape=block_shape)
+    db.block_efficiency, db.block_floor = measure_block(device, db.matmul, shape=block_shape)
     if world > 1:
         db.collectives = measure_collectives(device, sizes=collective_sizes)
         db.collective_world = world

@@ -5,7 +5,8 @@
   forward for backward, +1 forward for recomputed blocks) over the calibrated
   matmul rate (bf16 under mixed precision, else fp32) at each node's GEMM size
   for that micro-batch (see ``calibration.gemm_size``), blocks at the
-  calibrated block efficiency, times micro-batches;
+  calibrated block efficiency plus the calibrated fixed cost per block and
+  micro-batch (``calibration.measure_block``), times micro-batches;
 * bubble: ``(num_stages - 1) / stages_per_rank`` micro-batch slots of the
   slowest rank;
 * p2p: one activation send and one gradient send per stage boundary per
@@ -30,7 +31,8 @@ from typing import Any
 
 from moreh_ap.config import ParallelConfig
 from moreh_ap.graph.model_graph import ModelGraph
-from moreh_ap.planner.calibration import block_efficiency, collective_time, gemm_size, matmul_flops
+from moreh_ap.planner.calibration import (block_efficiency, block_floor, collective_time, gemm_size,
+                                          matmul_flops)
 from moreh_ap.planner.cluster import Cluster
 from moreh_ap.planner.memory import optimizer_profile, rank_nodes
 
@@ -73,16 +75,18 @@ def _node_seconds(node, cluster: Cluster, *, dtype: str, scale: float, recompute
     """Forward + backward (+ recompute) seconds of one node for one micro-batch.
 
     FLOPs over the calibrated matmul rate at the node's GEMM size (small micro-batches run smaller,
-    slower GEMMs), times the calibrated block efficiency for blocks (attention, norms, activations).
+    slower GEMMs); a block also runs at the calibrated block efficiency (attention, norms,
+    activations) and pays the calibrated per-block fixed cost (dispatch, launches) every micro-batch.
     """
     flops = node.fwd_flops * scale
     if flops <= 0:
         return 0.0
     size = gemm_size(flops, node.num_params, node.largest_param)
     rate = matmul_flops(cluster, dtype, size)
-    if node.kind == "block":
-        rate *= block_efficiency(cluster, dtype)
-    return flops * (4 if (recompute and node.kind == "block") else 3) / rate
+    if node.kind != "block":
+        return flops * 3 / rate
+    passes = 4 if recompute else 3  # forward, backward = 2 forwards, + a forward when recomputed
+    return block_floor(cluster, dtype) * passes / 3 + flops * passes / (rate * block_efficiency(cluster, dtype))
 
 
 def _fsdp_units(graph: ModelGraph, nodes: list) -> list[int]:
