@@ -95,6 +95,10 @@ def test_measured_block_efficiency_is_a_fraction():
     eff, floor = cal.measure_block(torch.device("cpu"), m, shape=(32, 2, 16, 1), tiny_shape=(8, 2, 4, 1), repeats=2)
     assert set(eff) == {"bf16", "fp32"} and all(0 < v <= 1 for v in eff.values())
     assert set(floor) == {"bf16", "fp32"} and all(v > 0 for v in floor.values())
+    table, eff, floor = cal.measure_compute(torch.device("cpu"), sizes=(32, 64), shape=(32, 2, 16, 1),
+                                            tiny_shape=(8, 2, 4, 1), repeats=2)  # what load_or_measure runs
+    assert [p[0] for p in table["bf16"]] == [32.0, 64.0] and all(p[1] > 0 for p in table["fp32"])
+    assert all(0 < v <= 1 for v in eff.values()) and all(v > 0 for v in floor.values())
 
 
 def test_block_floor_is_paid_per_block_and_micro_batch(graph):

@@ -295,27 +295,47 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_matmul(device, *, sizes=MATMUL_SIZES, repeats: int = 5) -> dict[str, list[list[float]]]:
-    """FLOP/s of square matmuls per dtype (median of ``repeats`` after one warm-up)."""
+def _interleaved_medians(fns: dict, device, repeats: int) -> dict:
+    """Median seconds of each callable, timed round-robin (one warm-up each first).
+
+    Interleaving spreads a busy spell of a shared machine over every item instead of spoiling one,
+    so the ratios the cost model takes between them (block vs matmul, size vs size) stay sound.
+    """
+    for fn in fns.values():
+        fn()
+    _sync(device)
+    times: dict = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+_DTYPES = (("bf16", "bfloat16"), ("fp32", "float32"))
+
+
+def _matmul_fns(device, sizes) -> dict:
     import torch
 
-    table: dict[str, list[list[float]]] = {}
-    for key, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        pts = []
+    fns = {}
+    for key, name in _DTYPES:
         for n in sizes:
-            a = torch.randn(n, n, device=device, dtype=dtype)
-            b = torch.randn(n, n, device=device, dtype=dtype)
-            a @ b
-            _sync(device)
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                a @ b
-                _sync(device)
-                times.append(time.perf_counter() - t0)
-            pts.append([float(n), 2.0 * n**3 / max(statistics.median(times), 1e-9)])
-        table[key] = pts
-    return table
+            a = torch.randn(n, n, device=device, dtype=getattr(torch, name))
+            b = torch.randn(n, n, device=device, dtype=getattr(torch, name))
+            fns[("mm", key, n)] = lambda a=a, b=b: a @ b
+    return fns
+
+
+def _table(medians: dict, sizes) -> dict[str, list[list[float]]]:
+    return {key: [[float(n), 2.0 * n**3 / max(medians[("mm", key, n)], 1e-9)] for n in sizes] for key, _ in _DTYPES}
+
+
+def measure_matmul(device, *, sizes=MATMUL_SIZES, repeats: int = 5) -> dict[str, list[list[float]]]:
+    """FLOP/s of square matmuls per dtype (median of ``repeats``, sizes interleaved, after a warm-up)."""
+    return _table(_interleaved_medians(_matmul_fns(device, sizes), device, repeats), sizes)
 
 
 def gemm_size(flops: float, params: int, largest_param: int) -> float | None:
@@ -342,8 +362,8 @@ def _block_flops(shape) -> float:
     return 3.0 * (2.0 * batch * seq * 12 * d * d + 4.0 * batch * seq * seq * d / 2)
 
 
-def _time_block(device, shape, key: str, repeats: int) -> float:
-    """Median seconds of a pre-LN GPT block's forward + backward (bf16 via autocast for "bf16")."""
+def _block_fn(device, shape, key: str):
+    """A pre-LN GPT block's forward + backward as a callable (bf16 via autocast for "bf16")."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -361,15 +381,32 @@ def _time_block(device, shape, key: str, repeats: int) -> float:
             h = h + layers["fc2"](F.gelu(layers["fc1"](layers["ln2"](h))))
         h.float().sum().backward()
 
-    step()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return step
+
+
+def _block_fns(device, shape, tiny_shape) -> dict:
+    fns = {}
+    for key, _ in _DTYPES:
+        fns[("tiny", key)] = _block_fn(device, tiny_shape, key)
+        fns[("ref", key)] = _block_fn(device, shape, key)
+    return fns
+
+
+def _block_numbers(medians: dict, matmul, shape) -> tuple[dict[str, float], dict[str, float]]:
+    d = shape[0]
+    flops = _block_flops(shape)
+    ref_db = CalibrationDB(fingerprint={}, matmul=matmul)
+    eff: dict[str, float] = {}
+    floor: dict[str, float] = {}
+    for key, _ in _DTYPES:
+        if key not in matmul:
+            continue
+        t_tiny, t_ref = medians[("tiny", key)], medians[("ref", key)]
+        above = max(t_ref - t_tiny, 0.1 * t_ref)  # noise guard: the floor is never most of the reference
+        rate = ref_db.matmul_flops(key, gemm_size(flops / 3, 12 * d * d, 4 * d * d))
+        eff[key] = float(min(1.0, max(0.01, flops / above / rate)))
+        floor[key] = float(min(t_tiny, 0.9 * t_ref))
+    return eff, floor
 
 
 def measure_block(device, matmul: dict[str, list[list[float]]], *, shape=None, tiny_shape=TINY_BLOCK_SHAPE,
@@ -386,21 +423,21 @@ def measure_block(device, matmul: dict[str, list[list[float]]], *, shape=None, t
         (efficiency, floor) dicts keyed by "bf16" / "fp32".
     """
     shape = shape or BLOCK_SHAPES.get(device.type, BLOCK_SHAPES["cuda"])
-    d = shape[0]
-    flops = _block_flops(shape)
-    eff: dict[str, float] = {}
-    floor: dict[str, float] = {}
-    ref_db = CalibrationDB(fingerprint={}, matmul=matmul)
-    for key in ("bf16", "fp32"):
-        if key not in matmul:
-            continue
-        t_tiny = _time_block(device, tiny_shape, key, repeats)
-        t_ref = _time_block(device, shape, key, repeats)
-        above = max(t_ref - t_tiny, 0.1 * t_ref)  # noise guard: the floor is never most of the reference
-        rate = ref_db.matmul_flops(key, gemm_size(flops / 3, 12 * d * d, 4 * d * d))
-        eff[key] = float(min(1.0, max(0.01, flops / above / rate)))
-        floor[key] = float(min(t_tiny, 0.9 * t_ref))
-    return eff, floor
+    return _block_numbers(_interleaved_medians(_block_fns(device, shape, tiny_shape), device, repeats), matmul, shape)
+
+
+def measure_compute(device, *, sizes=MATMUL_SIZES, shape=None, tiny_shape=TINY_BLOCK_SHAPE, repeats: int = 5):
+    """:func:`measure_matmul` and :func:`measure_block` timed together, interleaved (one busy spell hits both).
+
+    Returns:
+        (matmul table, block efficiency, block floor).
+    """
+    shape = shape or BLOCK_SHAPES.get(device.type, BLOCK_SHAPES["cuda"])
+    med = _interleaved_medians({**_matmul_fns(device, sizes), **_block_fns(device, shape, tiny_shape)}, device,
+                               repeats)
+    table = _table(med, sizes)
+    eff, floor = _block_numbers(med, table, shape)
+    return table, eff, floor
 
 
 def measure_collectives(device, *, sizes=COLLECTIVE_SIZES, repeats: int = 5) -> dict[str, list[list[float]]]:
@@ -540,8 +577,8 @@ def load_or_measure(
         return db
     t0 = time.perf_counter()
     device = _device(cluster)
-    db = CalibrationDB(fingerprint=fp, matmul=measure_matmul(device, sizes=matmul_sizes))
-    db.block_efficiency, db.block_floor = measure_block(device, db.matmul, shape=block_shape)
+    matmul, eff, floor = measure_compute(device, sizes=matmul_sizes, shape=block_shape)
+    db = CalibrationDB(fingerprint=fp, matmul=matmul, block_efficiency=eff, block_floor=floor)
     if world > 1:
         db.collectives = measure_collectives(device, sizes=collective_sizes)
         db.collective_world = world
