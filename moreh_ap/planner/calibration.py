@@ -384,10 +384,27 @@ def _block_fn(device, shape, key: str):
     return step
 
 
+def _one_thread(fn):
+    """``fn`` run with one intra-op thread: a tiny block's ops are too small to split, and on a busy
+    machine waking a second OpenMP thread for each of them costs ~1 ms (contention, not the device)."""
+    import torch
+
+    def run():
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            fn()
+        finally:
+            torch.set_num_threads(n)
+
+    return run
+
+
 def _block_fns(device, shape, tiny_shape) -> dict:
     fns = {}
     for key, _ in _DTYPES:
-        fns[("tiny", key)] = _block_fn(device, tiny_shape, key)
+        tiny = _block_fn(device, tiny_shape, key)
+        fns[("tiny", key)] = _one_thread(tiny) if device.type == "cpu" else tiny
         fns[("ref", key)] = _block_fn(device, shape, key)
     return fns
 
