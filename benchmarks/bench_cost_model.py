@@ -270,13 +270,21 @@ def main() -> None:
     print(f"median |error| {statistics.median(abs_err):.1f} %, max |error| {max(abs_err):.1f} %")
     print(f"regret (measured time of the planner's pick / best measured): {regret:.3f} "
           f"({1e3 * sel['measured_median_s']:.1f} ms vs {1e3 * best['measured_median_s']:.1f} ms for {best['label']})")
+    per_round = []  # the same statistics from each round alone: how much of the above is the machine's noise
+    for k in range(args.rounds):
+        med = [statistics.median(row["measured_s"][k * args.steps:(k + 1) * args.steps]) for row in rows]
+        sel_k = next(m for m, row in zip(med, rows) if row["selected"])
+        per_round.append({"spearman": _spearman(pred, med), "regret": sel_k / min(med)})
+    print("per round alone: Spearman " + " / ".join(f"{r['spearman']:.2f}" for r in per_round)
+          + ", regret " + " / ".join(f"{r['regret']:.2f}" for r in per_round))
     meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "model": dict(vocab=VOCAB, seq=SEQ, dim=DIM,
             layers=LAYERS, heads=HEADS, params=r["params"]), "global_batch": args.batch, "warmup": args.warmup,
             "steps": args.steps, "rounds": args.rounds, "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "wall_s": time.time() - t0}
     summary = {"spearman": rho, "regret": regret, "median_abs_error_pct": statistics.median(abs_err),
-               "max_abs_error_pct": max(abs_err), "selected": sel["label"], "best_measured": best["label"]}
+               "max_abs_error_pct": max(abs_err), "selected": sel["label"], "best_measured": best["label"],
+               "per_round": per_round}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "summary": summary, **r}, f, indent=1)
