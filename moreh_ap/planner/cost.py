@@ -3,7 +3,10 @@
 
 * compute: the slowest pipeline rank's FLOPs per micro-batch (forward, 2x
   forward for backward, +1 forward for recomputed blocks) over the calibrated
-  matmul rate (bf16 under mixed precision, else fp32), times micro-batches;
+  matmul rate (bf16 under mixed precision, else fp32) at each node's GEMM size
+  for that micro-batch (see ``calibration.gemm_size``), blocks at the
+  calibrated block efficiency plus the calibrated fixed cost per block and
+  micro-batch (``calibration.measure_block``), times micro-batches;
 * bubble: ``(num_stages - 1) / stages_per_rank`` micro-batch slots of the
   slowest rank;
 * p2p: one activation send and one gradient send per stage boundary per
@@ -11,8 +14,10 @@
   num_stages - 1) * 2`` sends;
 * dp collectives by mode: replicated = one all-reduce of the gradients per
   step; distribute_param = reduce-scatter of gradients + all-gather of the
-  compute copy (once per step inside a pipeline, per micro-batch without
-  one; ZeRO-3-like adds a second all-gather for backward). Mesh ('pp', 'dp')
+  compute copy, one collective per fully_shard unit (each block, the stage
+  root): inside a pipeline all-gathers once per step; without one per
+  micro-batch (ZeRO-3-like twice: forward and backward) and the
+  reduce-scatter once, after the last micro-batch. Mesh ('pp', 'dp')
   with dp innermost: a dp group is intra-node when dp <= devices_per_node,
   pipeline hops cross nodes when num_stages * dp > devices_per_node.
   Collectives are not assumed to overlap compute (an upper bound);
@@ -26,7 +31,8 @@ from typing import Any
 
 from moreh_ap.config import ParallelConfig
 from moreh_ap.graph.model_graph import ModelGraph
-from moreh_ap.planner.calibration import collective_time, matmul_flops
+from moreh_ap.planner.calibration import (block_efficiency, block_floor, collective_time, gemm_size,
+                                          matmul_flops)
 from moreh_ap.planner.cluster import Cluster
 from moreh_ap.planner.memory import optimizer_profile, rank_nodes
 
@@ -65,6 +71,31 @@ def _placement(config: ParallelConfig, world_size: int, devices_per_node: int) -
     return dp_inter, pp_inter
 
 
+def _node_seconds(node, cluster: Cluster, *, dtype: str, scale: float, recompute: bool) -> float:
+    """Forward + backward (+ recompute) seconds of one node for one micro-batch.
+
+    FLOPs over the calibrated matmul rate at the node's GEMM size (small micro-batches run smaller,
+    slower GEMMs); a block also runs at the calibrated block efficiency (attention, norms,
+    activations) and pays the calibrated per-block fixed cost (dispatch, launches) every micro-batch.
+    """
+    flops = node.fwd_flops * scale
+    if flops <= 0:
+        return 0.0
+    size = gemm_size(flops, node.num_params, node.largest_param)
+    rate = matmul_flops(cluster, dtype, size)
+    if node.kind != "block":
+        return flops * 3 / rate
+    passes = 4 if recompute else 3  # forward, backward = 2 forwards, + a forward when recomputed
+    return block_floor(cluster, dtype) * passes / 3 + flops * passes / (rate * block_efficiency(cluster, dtype))
+
+
+def _fsdp_units(graph: ModelGraph, nodes: list) -> list[int]:
+    """Parameter elements of each fully_shard unit the runtime makes on a rank: one per block, one root."""
+    units = [n.num_params for n in nodes if n.kind == "block"]
+    root = graph.params_of([n.name for n in nodes if n.kind != "block"])
+    return units + ([root] if root else [])
+
+
 def estimate(
     graph: ModelGraph, config: ParallelConfig, cluster: Cluster, *, world_size: int | None = None,
     optimizer: Any = "adamw",
@@ -81,18 +112,19 @@ def estimate(
     world = world_size or cluster.world_size
     _, k, _ = optimizer_profile(optimizer, device_type=cluster.device_type)
     mp = config.mixed_precision
-    rate = matmul_flops(cluster, "bf16" if mp else "fp32")
+    dtype = "bf16" if mp else "fp32"
     scale = config.batch_per_device / max(1, graph.batch_size)
     pp, nmb, spr = config.num_stages, config.num_micro_batches, config.stages_per_rank
-    per_mb, params_rank, trainable_rank = [], [], []
+    per_mb, params_rank, trainable_rank, units_rank = [], [], [], []
     for r in range(pp):
         chunks = rank_nodes(graph, config, r)
         nodes = [n for ch in chunks for n in ch]
-        flops = sum(n.fwd_flops * (4 if (config.recomputation and n.kind == "block") else 3) for n in nodes)
-        per_mb.append(flops * scale / rate)
+        per_mb.append(sum(_node_seconds(n, cluster, dtype=dtype, scale=scale, recompute=config.recomputation)
+                          for n in nodes))
         names = [n.name for n in nodes]
         params_rank.append(graph.params_of(names))
         trainable_rank.append(graph.params_of(names, trainable_only=True))
+        units_rank.append(_fsdp_units(graph, nodes))
     slot = max(per_mb)
     t = TimeBreakdown(compute=slot * nmb)
     dp_inter, pp_inter = _placement(config, world, cluster.devices_per_node)
@@ -105,19 +137,26 @@ def estimate(
     dp = config.dp(world)
     c = 2 if mp else graph.param_dtype_bytes
     reduce_b = 4 if mp else graph.param_dtype_bytes
-    p_all, p_tr = max(params_rank), max(trainable_rank)
+    p_tr = max(trainable_rank)
     if dp > 1:
         if not config.distribute_param:
             t.dp_comm = collective_time(cluster, "all_reduce", p_tr * reduce_b, group=dp, inter_node=dp_inter)
         else:
-            ag = collective_time(cluster, "all_gather", p_all * c, group=dp, inter_node=dp_inter)
-            rs = collective_time(cluster, "reduce_scatter", p_tr * reduce_b, group=dp, inter_node=dp_inter)
+            # one all-gather / reduce-scatter per fully_shard unit (each block, the stage root)
+            frac = p_tr / max(1, max(params_rank))
+            units = max(units_rank, key=sum)
+            ag = sum(collective_time(cluster, "all_gather", u * c, group=dp, inter_node=dp_inter) for u in units)
+            rs = sum(collective_time(cluster, "reduce_scatter", u * frac * reduce_b, group=dp, inter_node=dp_inter)
+                     for u in units)
             if pp > 1:
                 n_ag = (min(nmb, pp) + 1) if config.distribute_low_prec_param else 1
                 t.dp_comm = n_ag * ag + rs
             else:
+                # params are resharded after every micro-batch's backward and gathered again (twice per
+                # micro-batch when also resharded after forward); gradients are reduce-scattered once,
+                # after the last micro-batch (the runtime turns gradient sync off for the others)
                 n_ag = 2 if config.distribute_low_prec_param else 1
-                t.dp_comm = nmb * (n_ag * ag + rs)
+                t.dp_comm = nmb * n_ag * ag + rs
     shard = dp if config.distribute_param else 1
     t.optimizer = p_tr / shard * (4 + 3 * k) * graph.param_dtype_bytes / cluster.mem_bandwidth
     return t
