@@ -16,8 +16,8 @@
   step; distribute_param = reduce-scatter of gradients + all-gather of the
   compute copy, one collective per fully_shard unit (each block, the stage
   root): inside a pipeline all-gathers once per step; without one per
-  micro-batch (ZeRO-3-like twice: forward and backward) and the
-  reduce-scatter once, after the last micro-batch. Mesh ('pp', 'dp')
+  micro-batch (ZeRO-3-like twice: forward and backward) and a
+  reduce-scatter after every micro-batch. Mesh ('pp', 'dp')
   with dp innermost: a dp group is intra-node when dp <= devices_per_node,
   pipeline hops cross nodes when num_stages * dp > devices_per_node.
   Collectives are not assumed to overlap compute (an upper bound);
@@ -153,10 +153,11 @@ def estimate(
                 t.dp_comm = n_ag * ag + rs
             else:
                 # params are resharded after every micro-batch's backward and gathered again (twice per
-                # micro-batch when also resharded after forward); gradients are reduce-scattered once,
-                # after the last micro-batch (the runtime turns gradient sync off for the others)
+                # micro-batch when also resharded after forward); gradients are reduce-scattered after
+                # every micro-batch too (the runtime keeps FSDP2's gradient sync on: only sharded
+                # gradients accumulate, see planner.memory)
                 n_ag = 2 if config.distribute_low_prec_param else 1
-                t.dp_comm = nmb * n_ag * ag + rs
+                t.dp_comm = nmb * (n_ag * ag + rs)
     shard = dp if config.distribute_param else 1
     t.optimizer = p_tr / shard * (4 + 3 * k) * graph.param_dtype_bytes / cluster.mem_bandwidth
     return t
