@@ -177,6 +177,12 @@ def in_flight(config: ParallelConfig, rank: int) -> float:
     return (warmup + 1) / spr
 
 
+def prev_out(graph: ModelGraph, block: int, prec: str) -> int:
+    """Bytes a pipeline cut before block ``block`` sends (the output of the node before it)."""
+    node = graph.blocks[block - 1] if block > 0 else graph.pre
+    return node.out_bytes.get(prec, 0) if node is not None else 0
+
+
 def _node_acts(graph: ModelGraph, node: NodeInfo, prev: NodeInfo | None, *, prec: str, scale: float, recompute: bool):
     """(kept activation bytes, transient bytes during its backward) of one node for one micro-batch."""
     saved = node.saved_bytes.get(prec, 0) * scale
@@ -321,23 +327,74 @@ def _rs_bytes(numel: int, sz: _Sizes) -> float:
     return numel * (sz.c + sz.r + sz.r / sz.d)
 
 
-def _piped_peak(nodes, kept, trans, *, config: ParallelConfig, rank: int, g_total: float, comm_unit: float):
-    """Backward peak of a pipeline rank: (total, grads, activations, transient).
+def backward_in_flight(config: ParallelConfig, rank: int) -> list[tuple[float, bool]]:
+    """Per backward of a pipeline rank, in order: (micro-batches in flight, a forward ran since the last one).
 
-    Inside torch's ``PipelineStage`` every backward but the last runs without gradient sync, so the
-    stage's unsharded gradients (``g_total``) are counted from the first backward on; the micro-batches
-    in flight hold their activations; the last backward adds one unit's gradient reduction buffer.
+    GPipe: every forward first, then the backwards (``n - j`` in flight at the j-th). 1F1B (torch 2.13's
+    ``Schedule1F1B``): ``w = min(n, pp - rank)`` warm-up forwards, then backward / forward pairs, then
+    the cool-down backwards. Interleaved1F1B: the averaged :func:`in_flight` at every backward (its
+    order is built at run time), a forward between any two.
     """
-    a_mb = sum(kept)
+    n, pp = config.num_micro_batches, config.num_stages
+    if config.schedule == "GPipe":
+        return [(float(n - j), False) for j in range(n)]
+    if config.schedule == "1F1B":
+        w = min(n, pp - rank)
+        return [(float(min(n, w + j) - j), j > 0 and w + j - 1 < n) for j in range(n)]
     infl = in_flight(config, rank)
-    best = (0.0, 0.0, 0.0, 0.0)
-    prefix = 0.0
-    for a, tr in zip(kept, trans):
-        prefix += a
-        acts = (infl - 1) * a_mb + prefix
-        total = acts + g_total + tr + comm_unit
+    return [(infl, j > 0) for j in range(min(n, 2))]
+
+
+def _piped_peak(nodes, kept, trans, u: _Units, *, config: ParallelConfig, rank: int, sz: _Sizes):
+    """Peak of a pipeline rank: (total, compute copy, grads, activations, transient, phase).
+
+    torch 2.13's ``PipelineStage`` runs every backward without gradient sync and without resharding
+    (``set_requires_gradient_sync(False)``, ``set_reshard_after_backward(False)``) and reduces all
+    gradients once after the last backward (``perform_reduce_grad``). The runtime wraps every stage
+    with FSDP2 or FSDP-based replicate, so a compute copy of the parameters exists even in fp32. Moments:
+
+    * each node's backward of each micro-batch: the activations of the other micro-batches in flight
+      plus this one's up to the node, its working set; gradients: at the first backward only those of
+      the nodes after it, later the stage's accumulated unsharded ones (reduce dtype); compute copy:
+      ZeRO-2 / replicate the whole stage from the first forward on; ZeRO-3 the units backwarded so far
+      plus the prefetched one when a forward (which reshards) ran since the previous backward, else all;
+      the last stage's loss backward runs before its head is gathered again;
+    * the gradient reduction after the last backward: every unit's unsharded gradients, the copy, one
+      unit's reduce-scatter buffers.
+    """
+    zero3 = config.distribute_low_prec_param and config.distribute_param
+    c, r = sz.c, sz.r if (config.distribute_param or config.mixed_precision) else sz.w
+    n, p, t = len(nodes), u.p, u.t
+    a_mb = sum(kept)
+    full_copy = c * (sum(p) + u.root_p)
+    g_total = r * (sum(t) + u.root_t)
+    post = n - 1 if nodes and nodes[-1].kind == "post" else None
+    best = (0.0, 0.0, 0.0, 0.0, 0.0, "backward")
+    for j, (infl, fwd_between) in enumerate(backward_in_flight(config, rank)):
+        prefix = a_mb
+        after = 0.0  # unsharded gradients of the nodes after i, this backward
+        for i in range(n - 1, -1, -1):
+            if not zero3:
+                copy = full_copy
+            elif i == post:  # the loss backward runs before the head unit is gathered again
+                copy = c * u.root_p if (j == 0 or fwd_between) else full_copy - c * p[i]
+            elif j == 0 or fwd_between:  # gathered progressively: units after i, i, the prefetched one
+                copy = c * (sum(p[i:]) + (p[i - 1] if i > 0 else 0) + u.root_p)
+            else:
+                copy = full_copy
+            grads = g_total if j > 0 else after
+            acts = (infl - 1) * a_mb + prefix
+            total = copy + grads + acts + trans[i]
+            if total > best[0]:
+                best = (total, copy, grads, acts, trans[i], "backward")
+            prefix -= kept[i]
+            after += r * t[i]
+    largest = max(t, default=0)
+    if largest:
+        rs = largest * (sz.r + sz.r / sz.d)
+        total = full_copy + g_total + rs
         if total > best[0]:
-            best = (total, g_total, acts, tr + comm_unit)
+            best = (total, full_copy, g_total, 0.0, rs, "backward")
     return best
 
 
@@ -366,24 +423,27 @@ def estimate_rank(
     prec = "mixed" if mp else "full"
     kept, trans = [], []
     prev = None
-    for chunk in virt:
+    recv = 0.0  # torch's receive buffers: every micro-batch's stage input and output gradient, kept
+    ranges = stage_ranges(graph.num_blocks, config)
+    for v, chunk in zip(range(rank, len(ranges), max(1, config.num_stages)), virt):
         for j, n in enumerate(chunk):
             a, t = _node_acts(graph, n, prev, prec=prec, scale=scale, recompute=config.recomputation)
-            if piped and j == len(chunk) - 1 and n.kind != "post":  # a stage output kept for its backward
+            if piped and j == 0 and v > 0:  # the stage input is a receive buffer (counted in recv)
+                a = 0.0 if config.recomputation else max(0.0, a - prev_out(graph, ranges[v][0], prec) * scale)
+            if piped and j == len(chunk) - 1:  # the stage output (logits on the last) kept for its backward
                 a += n.out_bytes.get(prec, 0) * scale
             kept.append(a)
             trans.append(t)
             prev = n
+        if piped:
+            nmb = config.num_micro_batches
+            recv += nmb * prev_out(graph, ranges[v][0], prec) * scale if v > 0 else 0.0
+            recv += nmb * prev_out(graph, ranges[v][1], prec) * scale if v < len(ranges) - 1 else 0.0
     ddp = not piped and not dist and dp > 1
     if piped:
-        copy = p_all * sz.c if (dist or mp) else 0.0  # gathered for the whole schedule
-        g_total = p_tr * sz.r if (dist or mp) else p_tr * w
-        unit = max((n.trainable_params for n in nodes), default=0)
-        comm_unit = unit * sz.r * (1 + 1 / dp) if dp > 1 else 0.0
-        total, grads, acts, tr = _piped_peak(nodes, kept, trans, config=config, rank=rank, g_total=g_total,
-                                             comm_unit=comm_unit)
-        bwd = (master + copy + opt + total, copy, grads, acts, tr)
-        phase = "backward"
+        total, copy, grads, acts, tr, phase = _piped_peak(nodes, kept, trans, _units(graph, nodes), config=config,
+                                                           rank=rank, sz=sz)
+        bwd = (master + opt + recv + total, copy, grads, acts, tr + recv)
     else:
         buckets = p_tr * w if ddp else 0.0  # DDP's reducer buckets (gradient_as_bucket_view=False)
         total, copy, grads, acts, tr, phase = _flat_peak(nodes, kept, trans, _units(graph, nodes), config=config,
