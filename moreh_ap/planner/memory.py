@@ -327,74 +327,122 @@ def _rs_bytes(numel: int, sz: _Sizes) -> float:
     return numel * (sz.c + sz.r + sz.r / sz.d)
 
 
-def backward_in_flight(config: ParallelConfig, rank: int) -> list[tuple[float, bool]]:
-    """Per backward of a pipeline rank, in order: (micro-batches in flight, a forward ran since the last one).
+def schedule_order(config: ParallelConfig, rank: int) -> list[tuple[str, int, int]]:
+    """The forwards and backwards a pipeline rank runs, in order: ``("F" | "B", local stage, micro-batch)``.
 
-    GPipe: every forward first, then the backwards (``n - j`` in flight at the j-th). 1F1B (torch 2.13's
-    ``Schedule1F1B``): ``w = min(n, pp - rank)`` warm-up forwards, then backward / forward pairs, then
-    the cool-down backwards. Interleaved1F1B: the averaged :func:`in_flight` at every backward (its
-    order is built at run time), a forward between any two.
+    As torch 2.13 orders them: GPipe every forward, then every backward; 1F1B ``min(n, pp - rank)``
+    warm-up forwards, then backward / forward pairs, then the remaining backwards; Interleaved1F1B
+    (``_get_warmup_ops`` / ``_get_1f1b_rank_ops``) ``(spr - 1) * mb_per_round + 2 * (pp - 1 - rank)``
+    warm-up forwards (capped), local stages taken ``mb_per_round`` micro-batches at a time (forwards in
+    increasing, backwards in decreasing stage order), then forward / backward pairs, then backwards.
     """
-    n, pp = config.num_micro_batches, config.num_stages
+    n, pp, spr = config.num_micro_batches, config.num_stages, config.stages_per_rank
     if config.schedule == "GPipe":
-        return [(float(n - j), False) for j in range(n)]
+        return [("F", 0, i) for i in range(n)] + [("B", 0, i) for i in range(n)]
     if config.schedule == "1F1B":
         w = min(n, pp - rank)
-        return [(float(min(n, w + j) - j), j > 0 and w + j - 1 < n) for j in range(n)]
-    infl = in_flight(config, rank)
-    return [(infl, j > 0) for j in range(min(n, 2))]
+        order = [("F", 0, i) for i in range(w)]
+        for i in range(n):
+            order.append(("B", 0, i))
+            if w + i < n:
+                order.append(("F", 0, w + i))
+        return order
+    per_round = n // max(1, n // pp)
+    total = spr * n
+    warmup = min((spr - 1) * per_round + 2 * (pp - 1 - rank), total)
+    fwd_next, bwd_next = [0] * spr, [0] * spr
+    order = []
+
+    def fwd(step):
+        local = (step // per_round) % spr
+        order.append(("F", local, fwd_next[local]))
+        fwd_next[local] += 1
+
+    def bwd(step):
+        local = spr - 1 - ((step - warmup) // per_round) % spr
+        order.append(("B", local, bwd_next[local]))
+        bwd_next[local] += 1
+
+    for step in range(warmup):
+        fwd(step)
+    for step in range(warmup, total):
+        fwd(step)
+        bwd(step)
+    for step in range(total, total + warmup):
+        bwd(step)
+    return order
 
 
-def _piped_peak(nodes, kept, trans, u: _Units, *, config: ParallelConfig, rank: int, sz: _Sizes):
+def _piped_peak(nodes, kept, trans, chunks, u: _Units, *, config: ParallelConfig, rank: int, sz: _Sizes):
     """Peak of a pipeline rank: (total, compute copy, grads, activations, transient, phase).
 
     torch 2.13's ``PipelineStage`` runs every backward without gradient sync and without resharding
     (``set_requires_gradient_sync(False)``, ``set_reshard_after_backward(False)``) and reduces all
     gradients once after the last backward (``perform_reduce_grad``). The runtime wraps every stage
-    with FSDP2 or FSDP-based replicate, so a compute copy of the parameters exists even in fp32. Moments:
+    with FSDP2 or FSDP-based replicate, so a compute copy of the parameters exists even in fp32. The
+    rank's forwards and backwards are replayed in :func:`schedule_order`; moments checked:
 
-    * each node's backward of each micro-batch: the activations of the other micro-batches in flight
-      plus this one's up to the node, its working set; gradients: at the first backward only those of
-      the nodes after it, later the stage's accumulated unsharded ones (reduce dtype); compute copy:
-      ZeRO-2 / replicate the whole stage from the first forward on; ZeRO-3 the units backwarded so far
-      plus the prefetched one when a forward (which reshards) ran since the previous backward, else all;
-      the last stage's loss backward runs before its head is gathered again;
+    * each node's backward of each (local stage, micro-batch): the activations of every other
+      forwarded-not-yet-backwarded pair plus this one's up to the node, its working set; gradients
+      (reduce dtype, unsharded, accumulated): of the local stages that ran a backward already, and of
+      this stage's nodes after the node at its first backward; compute copy: ZeRO-2 / replicate the
+      whole rank's from the first forward on; ZeRO-3 the stage's units backwarded so far plus the
+      prefetched one when a forward (which reshards) ran since the previous backward, else all; the
+      last stage's loss backward runs before its head is gathered again;
     * the gradient reduction after the last backward: every unit's unsharded gradients, the copy, one
       unit's reduce-scatter buffers.
     """
     zero3 = config.distribute_low_prec_param and config.distribute_param
     c, r = sz.c, sz.r if (config.distribute_param or config.mixed_precision) else sz.w
     n, p, t = len(nodes), u.p, u.t
-    a_mb = sum(kept)
     full_copy = c * (sum(p) + u.root_p)
-    g_total = r * (sum(t) + u.root_t)
+    acts = [sum(kept[a:b]) for a, b in chunks]
+    grads = [r * sum(t[a:b]) for a, b in chunks]
+    grads[-1] += r * u.root_t
     post = n - 1 if nodes and nodes[-1].kind == "post" else None
     best = (0.0, 0.0, 0.0, 0.0, 0.0, "backward")
-    for j, (infl, fwd_between) in enumerate(backward_in_flight(config, rank)):
-        prefix = a_mb
-        after = 0.0  # unsharded gradients of the nodes after i, this backward
-        for i in range(n - 1, -1, -1):
+    live: dict[tuple[int, int], float] = {}
+    done: set[int] = set()
+    fwd_between, seen = True, set()
+    for kind, local, mb in schedule_order(config, rank):
+        if kind == "F":
+            live[(local, mb)] = acts[local]
+            fwd_between = True
+            continue
+        others = sum(live.values()) - live.pop((local, mb))
+        key = (local, others, frozenset(done), fwd_between)
+        g_done = sum(grads[l] for l in done if l != local)
+        first = local not in done
+        progressive = zero3 and (first or fwd_between)
+        done.add(local)
+        fwd_between = False
+        if key in seen:
+            continue
+        seen.add(key)
+        a, b = chunks[local]
+        prefix = acts[local]
+        after = 0.0
+        for i in range(b - 1, a - 1, -1):
             if not zero3:
                 copy = full_copy
             elif i == post:  # the loss backward runs before the head unit is gathered again
-                copy = c * u.root_p if (j == 0 or fwd_between) else full_copy - c * p[i]
-            elif j == 0 or fwd_between:  # gathered progressively: units after i, i, the prefetched one
-                copy = c * (sum(p[i:]) + (p[i - 1] if i > 0 else 0) + u.root_p)
+                copy = c * u.root_p if progressive else full_copy - c * p[i]
+            elif progressive:  # gathered progressively: units after i, i, the prefetched one
+                copy = c * (sum(p[i:b]) + (p[i - 1] if i > a else 0) + u.root_p)
             else:
                 copy = full_copy
-            grads = g_total if j > 0 else after
-            acts = (infl - 1) * a_mb + prefix
-            total = copy + grads + acts + trans[i]
+            g = g_done + (after if first else grads[local])
+            total = copy + g + others + prefix + trans[i]
             if total > best[0]:
-                best = (total, copy, grads, acts, trans[i], "backward")
+                best = (total, copy, g, others + prefix, trans[i], "backward")
             prefix -= kept[i]
             after += r * t[i]
     largest = max(t, default=0)
     if largest:
         rs = largest * (sz.r + sz.r / sz.d)
-        total = full_copy + g_total + rs
+        total = full_copy + sum(grads) + rs
         if total > best[0]:
-            best = (total, full_copy, g_total, 0.0, rs, "backward")
+            best = (total, full_copy, sum(grads), 0.0, rs, "backward")
     return best
 
 
@@ -425,7 +473,9 @@ def estimate_rank(
     prev = None
     recv = 0.0  # torch's receive buffers: every micro-batch's stage input and output gradient, kept
     ranges = stage_ranges(graph.num_blocks, config)
+    chunks = []
     for v, chunk in zip(range(rank, len(ranges), max(1, config.num_stages)), virt):
+        chunks.append((len(kept), len(kept) + len(chunk)))
         for j, n in enumerate(chunk):
             a, t = _node_acts(graph, n, prev, prec=prec, scale=scale, recompute=config.recomputation)
             if piped and j == 0 and v > 0:  # the stage input is a receive buffer (counted in recv)
@@ -441,7 +491,7 @@ def estimate_rank(
             recv += nmb * prev_out(graph, ranges[v][1], prec) * scale if v < len(ranges) - 1 else 0.0
     ddp = not piped and not dist and dp > 1
     if piped:
-        total, copy, grads, acts, tr, phase = _piped_peak(nodes, kept, trans, _units(graph, nodes), config=config,
+        total, copy, grads, acts, tr, phase = _piped_peak(nodes, kept, trans, chunks, _units(graph, nodes), config=config,
                                                            rank=rank, sz=sz)
         bwd = (master + opt + recv + total, copy, grads, acts, tr + recv)
     else:
