@@ -27,18 +27,10 @@ sys.path.insert(0, str(ROOT))
 
 from _dist_harness import launch  # noqa: E402
 
-from moreh_ap.config import ParallelConfig  # noqa: E402
+
+from _pipeline_memory_cases import make_case as case, rows as case_rows  # noqa: E402
 
 MIB = 2**20
-RUNNER = "_pipeline_memory_cases:memory_run"
-
-
-def case(label: str, world: int, *, kind: str = "llama", seq: int = 256, **kw) -> dict:
-    kw.setdefault("mixed_precision", False)
-    kw.setdefault("batch_per_device", 2)
-    cfg = ParallelConfig(num_stages=2, **kw)
-    cfg.validate(world, num_blocks=4)
-    return dict(id=label, runner=RUNNER, kind=kind, seq=seq, cfg=cfg.to_dict(), world=world)
 
 
 Z2, Z3 = dict(distribute_param=True), dict(distribute_param=True, distribute_low_prec_param=True)
@@ -66,6 +58,12 @@ def cases(quick: bool) -> list[dict]:
         case("pp2xdp2 ZeRO-2 GPipe mb2 bf16 recompute", 4, schedule="GPipe", num_micro_batches=2,
              mixed_precision=True, recomputation=True, **Z2),
         case("pp2xdp2 replicate Interleaved mb2 bf16", 4, num_micro_batches=2, mixed_precision=True, **IL),
+        # short sequences: small activations, the first stage's peak moves towards the gradient reduction
+        case("GPipe mb4 recompute fp32, seq 128", 2, seq=128, schedule="GPipe", num_micro_batches=4,
+             recomputation=True),
+        case("1F1B mb4 bf16, seq 128", 2, seq=128, schedule="1F1B", num_micro_batches=4, mixed_precision=True),
+        case("pp2xdp2 ZeRO-3 1F1B mb4 bf16, seq 128", 4, seq=128, schedule="1F1B", num_micro_batches=4,
+             mixed_precision=True, **Z3),
     ]
     return out[:4] + out[11:13] if quick else out
 
@@ -79,13 +77,7 @@ def run(selected: list[dict]) -> list[dict]:
             print(res.output[-6000:])
             raise SystemExit(f"launch of {world} ranks failed (rc {res.returncodes})")
         for c in batch:
-            for r in res.results[c["id"]]["ranks"]:
-                if r["dp_rank"] != 0:
-                    continue
-                pred, meas = r["predicted"]["total"], r["measured"]
-                rows.append(dict(case=c["id"], world=world, pp_rank=r["pp_rank"], predicted=pred, measured=meas,
-                                 error=(pred - meas) / meas, predicted_breakdown=r["predicted"],
-                                 measured_categories=r["categories"], wrapper=r["wrapper"]))
+            rows.extend(case_rows(c, res.results[c["id"]]))
         print(f"{world} ranks: {len(batch)} configs in {res.seconds:.1f} s", flush=True)
     return rows
 

@@ -17,6 +17,33 @@ VOCAB = 8192
 """Vocabulary of the "llama" kind (logits dominate the last stage); "llama-v256" has 256."""
 
 
+RUNNER = "_pipeline_memory_cases:memory_run"
+
+
+def make_case(label: str, world: int, *, kind: str = "llama", seq: int = 256, **kw) -> dict:
+    """A case for :func:`memory_run`: pp 2, batch 2 per micro-batch, fp32 unless ``mixed_precision``."""
+    from moreh_ap.config import ParallelConfig
+
+    kw.setdefault("mixed_precision", False)
+    kw.setdefault("batch_per_device", 2)
+    cfg = ParallelConfig(num_stages=2, **kw)
+    cfg.validate(world, num_blocks=4)
+    return dict(id=label, runner=RUNNER, kind=kind, seq=seq, cfg=cfg.to_dict(), world=world)
+
+
+def rows(case: dict, result: dict) -> list[dict]:
+    """One row per pipeline rank (dp index 0) of a launch result: predicted vs measured."""
+    out = []
+    for r in result["ranks"]:
+        if r["dp_rank"] != 0:
+            continue
+        pred, meas = r["predicted"]["total"], r["measured"]
+        out.append(dict(case=case["id"], world=case["world"], pp_rank=r["pp_rank"], predicted=pred, measured=meas,
+                        error=(pred - meas) / meas, predicted_breakdown=r["predicted"],
+                        measured_categories=r["categories"], wrapper=r["wrapper"]))
+    return out
+
+
 def build(kind: str, *, seq: int):
     """Tiny HF Llama (4 blocks, hidden 256, SDPA attention), random weights, seed 0."""
     from transformers import LlamaConfig, LlamaForCausalLM
