@@ -57,6 +57,7 @@ MEMORY_USAGE_CORRECTION_RATIO / 100``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Any
 
 from moreh_ap.config import ParallelConfig, balanced_boundaries
@@ -373,6 +374,33 @@ def schedule_order(config: ParallelConfig, rank: int) -> list[tuple[str, int, in
     return order
 
 
+@lru_cache(maxsize=4096)
+def backward_moments(schedule: str, n: int, pp: int, spr: int, rank: int):
+    """The distinct backwards of a pipeline rank in :func:`schedule_order`, independent of sizes.
+
+    Each: (local stage, micro-batches of every local stage forwarded and not yet backwarded besides
+    this one, local stages that ran a backward before, whether a forward ran since the previous backward).
+    """
+    cfg = ParallelConfig(num_stages=pp, num_micro_batches=n, stages_per_rank=spr, schedule=schedule,
+                         batch_per_device=1)
+    counts = [0] * spr
+    done: set[int] = set()
+    fwd_between, out, seen = True, [], set()
+    for kind, local, _ in schedule_order(cfg, rank):
+        if kind == "F":
+            counts[local] += 1
+            fwd_between = True
+            continue
+        counts[local] -= 1
+        key = (local, tuple(counts), frozenset(done), fwd_between)
+        done.add(local)
+        fwd_between = False
+        if key not in seen:
+            seen.add(key)
+            out.append(key)
+    return tuple(out)
+
+
 def _piped_peak(nodes, kept, trans, chunks, u: _Units, *, config: ParallelConfig, rank: int, sz: _Sizes):
     """Peak of a pipeline rank: (total, compute copy, grads, activations, transient, phase).
 
@@ -401,48 +429,61 @@ def _piped_peak(nodes, kept, trans, chunks, u: _Units, *, config: ParallelConfig
     grads[-1] += r * u.root_t
     post = n - 1 if nodes and nodes[-1].kind == "post" else None
     best = (0.0, 0.0, 0.0, 0.0, 0.0, "backward")
-    live: dict[tuple[int, int], float] = {}
-    done: set[int] = set()
-    fwd_between, seen = True, set()
-    for kind, local, mb in schedule_order(config, rank):
-        if kind == "F":
-            live[(local, mb)] = acts[local]
-            fwd_between = True
-            continue
-        others = sum(live.values()) - live.pop((local, mb))
-        key = (local, others, frozenset(done), fwd_between)
-        g_done = sum(grads[l] for l in done if l != local)
-        first = local not in done
-        progressive = zero3 and (first or fwd_between)
-        done.add(local)
-        fwd_between = False
-        if key in seen:
-            continue
-        seen.add(key)
+    inner: dict[tuple[int, bool, bool], tuple[float, ...]] = {}  # a stage's own worst node per kind of backward
+
+    def stage_worst(local: int, first: bool, progressive: bool) -> tuple[float, ...]:
+        """(sum, copy, this stage's grads, this micro-batch's activations, transient) at the stage's worst node."""
         a, b = chunks[local]
         prefix = acts[local]
-        after = 0.0
+        after = suffix = 0.0  # gradients / unit parameters of the nodes after i in this stage
+        worst = (-1.0, 0.0, 0.0, 0.0, 0.0)
         for i in range(b - 1, a - 1, -1):
             if not zero3:
                 copy = full_copy
             elif i == post:  # the loss backward runs before the head unit is gathered again
                 copy = c * u.root_p if progressive else full_copy - c * p[i]
             elif progressive:  # gathered progressively: units after i, i, the prefetched one
-                copy = c * (sum(p[i:b]) + (p[i - 1] if i > a else 0) + u.root_p)
+                copy = c * (suffix + p[i] + (p[i - 1] if i > a else 0) + u.root_p)
             else:
                 copy = full_copy
-            g = g_done + (after if first else grads[local])
-            total = copy + g + others + prefix + trans[i]
-            if total > best[0]:
-                best = (total, copy, g, others + prefix, trans[i], "backward")
+            g = after if first else grads[local]
+            # from the second backward on, each fresh weight gradient (compute dtype) is added into the
+            # accumulated one: the node's largest parameter's gradient is a temporary, next to the gradient
+            # of that op's output (half the node's working set)
+            fresh = 0.0 if first or not nodes[i].trainable_params else c * nodes[i].largest_param
+            tr = max(trans[i], trans[i] / 2 + fresh)
+            total = copy + g + prefix + tr
+            if total > worst[0]:
+                worst = (total, copy, g, prefix, tr)
             prefix -= kept[i]
             after += r * t[i]
-    largest = max(t, default=0)
-    if largest:
-        rs = largest * (sz.r + sz.r / sz.d)
-        total = full_copy + sum(grads) + rs
+            suffix += p[i]
+        return worst
+
+    for local, counts, done, fwd_between in backward_moments(config.schedule, config.num_micro_batches,
+                                                             config.num_stages, config.stages_per_rank, rank):
+        if chunks[local][0] == chunks[local][1]:
+            continue
+        others = sum(k * a for k, a in zip(counts, acts))
+        g_done = sum(grads[l] for l in done if l != local)
+        first = local not in done
+        key = (local, first, zero3 and (first or fwd_between))
+        if key not in inner:
+            inner[key] = stage_worst(*key)
+        s_total, copy, g, prefix, tr = inner[key]
+        total = s_total + others + g_done
         if total > best[0]:
-            best = (total, full_copy, sum(grads), 0.0, rs, "backward")
+            best = (total, copy, g + g_done, others + prefix, tr, "backward")
+    # the reduction after the last backward (``perform_reduce_grad``), at the largest unit: it is resharded
+    # first; every unit's accumulated gradients are still alive; its reduce-scatter input and output, and
+    # when the reduce-scatter spans several ranks one more input-sized buffer (measured with gloo)
+    k = max(range(n), key=lambda i: t[i], default=None)
+    if k is not None and t[k]:
+        rs = t[k] * (sz.r + sz.r / sz.d + (sz.r if sz.d > 1 else 0))
+        copy = full_copy - c * p[k]
+        total = copy + sum(grads) + rs
+        if total > best[0]:
+            best = (total, copy, sum(grads), 0.0, rs, "backward")
     return best
 
 
