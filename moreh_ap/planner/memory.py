@@ -25,17 +25,25 @@ none for frozen parameters):
   reduce-scatter input and the output coexist, and the input is kept until the
   next unit's post-backward (torch 2.13's one buffer in flight); tied parameters
   stay with the root unit, whose gradients are reduced at the end of backward;
-* inside a pipeline (num_stages > 1) torch's ``PipelineStage`` runs every
-  backward but the last without gradient sync and without resharding, so the
-  compute copy ``P*c`` stays gathered and unsharded gradients accumulate in
-  the reduce dtype (fp32) for the whole stage, whatever the dp mode;
+* inside a pipeline (num_stages > 1) the rank's forwards and backwards are replayed in
+  torch 2.13's order (:func:`schedule_order`: GPipe, 1F1B, Interleaved1F1B); ``PipelineStage``
+  runs every backward without gradient sync and without resharding, so gradients accumulate
+  unsharded in the reduce dtype (from each local stage's first backward on, whatever the dp
+  mode) and are reduced once after the last backward (the largest unit's reduction, with every
+  accumulated gradient still alive, is one more moment); the runtime wraps every stage with FSDP2
+  or FSDP-based replicate, so a compute copy ``P*c`` exists even in fp32 (ZeRO-3: gathered
+  unit by unit in a backward that follows a forward); from the second backward on each fresh
+  weight gradient is a temporary; torch's receive buffers (every micro-batch's stage input and
+  output gradient) persist; every stage keeps its output (the last one its logits) until that
+  micro-batch's backward;
 * several micro-batches without a pipeline: the runtime reduce-scatters after
   every micro-batch under FSDP2 and lets DDP accumulate, so full (sharded or
   replicated) gradients are held from the second micro-batch on;
 * activations: bytes saved for backward per micro-batch (traced, scaled to
   ``batch_per_device``) times micro-batches in flight (1 without a pipeline,
   ``num_micro_batches`` for GPipe, ``num_stages - rank`` for 1F1B, torch's
-  warm-up count + 1 for Interleaved1F1B); with recomputation only each
+  warm-up count + 1 for Interleaved1F1B; the pipeline peak itself follows the replayed order);
+  with recomputation only each
   block's input is kept, and one block's working set is re-created during
   its backward; non-last pipeline stages also keep their outputs;
 * the peak is the largest of: the end of the forward (loss being computed:
@@ -49,7 +57,9 @@ none for frozen parameters):
 The runtime computes the loss outside the model's forward (HF ``labels`` are
 popped), so a ZeRO-3 head is gathered again only after the loss backward.
 Checked against torch's own trackers on the runtime's wrapped models
-(``benchmarks/bench_memory_model.py``, ``tests/test_memory_ties.py``).
+(``benchmarks/bench_memory_model.py``, ``tests/test_memory_ties.py``) and, for pipelines, against
+the live-storage tracker on real gloo ranks (``benchmarks/bench_memory_model_pipeline.py``,
+``tests/test_memory_ties_pipeline.py``).
 
 The memory cap the planner applies is ``device_memory *
 MEMORY_USAGE_CORRECTION_RATIO / 100``.
@@ -532,9 +542,9 @@ def estimate_rank(
             recv += nmb * prev_out(graph, ranges[v][1], prec) * scale if v < len(ranges) - 1 else 0.0
     ddp = not piped and not dist and dp > 1
     if piped:
-        total, copy, grads, acts, tr, phase = _piped_peak(nodes, kept, trans, chunks, _units(graph, nodes), config=config,
-                                                           rank=rank, sz=sz)
-        bwd = (master + opt + recv + total, copy, grads, acts, tr + recv)
+        total, copy, grads, acts, tr, phase = _piped_peak(nodes, kept, trans, chunks, _units(graph, nodes),
+                                                           config=config, rank=rank, sz=sz)
+        bwd = (master + opt + recv + total, copy, grads, acts + recv, tr)  # receive buffers with activations
     else:
         buckets = p_tr * w if ddp else 0.0  # DDP's reducer buckets (gradient_as_bucket_view=False)
         total, copy, grads, acts, tr, phase = _flat_peak(nodes, kept, trans, _units(graph, nodes), config=config,

@@ -14,6 +14,14 @@ With the fake process group, DDP's reducer rejects the value-less futures of
 the fake collectives; :func:`tracked_step_peak` then registers torch's own
 ``noop_hook`` as DDP's comm hook (it returns the bucket it is given, as gloo's
 in-place all-reduce does, so memory is unchanged).
+
+Pipelines (several stages per process, each module called once per micro-batch) are measured
+with ``tracker="live"``: torch 2.13's trackers raise ``NotImplementedError`` when a module runs
+twice in one tracked step, so :class:`_LiveTracker` keeps ``MemTracker``'s storage accounting
+(every op output's untyped storage, weakref finalizers, ``UntypedStorage.resize_``) without its
+per-module statistics. It gives ``MemTracker`` / ``FSDPMemTracker``'s peak to the byte on the
+non-pipelined cases (``tests/test_memory_ties_pipeline.py``). Used with real gloo ranks by
+``benchmarks/bench_memory_model_pipeline.py``.
 """
 from __future__ import annotations
 
