@@ -395,19 +395,25 @@ def backward_moments(schedule: str, n: int, pp: int, spr: int, rank: int):
                          batch_per_device=1)
     counts = [0] * spr
     done: set[int] = set()
-    fwd_between, out, seen = True, [], set()
+    fwd_between, out = True, []
+    seen: dict[tuple, set[tuple[int, ...]]] = {}
     for kind, local, _ in schedule_order(cfg, rank):
         if kind == "F":
             counts[local] += 1
             fwd_between = True
             continue
         counts[local] -= 1
-        key = (local, tuple(counts), frozenset(done), fwd_between)
+        key = (local, frozenset(done), fwd_between)
         done.add(local)
         fwd_between = False
-        if key not in seen:
-            seen.add(key)
-            out.append(key)
+        seen.setdefault(key, set()).add(tuple(counts))
+    for (local, done_before, between), vectors in seen.items():
+        # only micro-batch counts that no other one of the same kind of backward dominates can be the worst
+        kept: list[tuple[int, ...]] = []
+        for v in sorted(vectors, key=sum, reverse=True):  # a dominating vector has a larger sum: seen first
+            if not any(all(x >= y for x, y in zip(w, v)) for w in kept):
+                kept.append(v)
+                out.append((local, v, done_before, between))
     return tuple(out)
 
 
@@ -523,7 +529,7 @@ def estimate_rank(
     kept, trans = [], []
     prev = None
     recv = 0.0  # torch's receive buffers: every micro-batch's stage input and output gradient, kept
-    ranges = stage_ranges(graph.num_blocks, config)
+    ranges = stage_ranges(graph.num_blocks, config) if piped else [(0, graph.num_blocks)]
     chunks = []
     for v, chunk in zip(range(rank, len(ranges), max(1, config.num_stages)), virt):
         chunks.append((len(kept), len(kept) + len(chunk)))
