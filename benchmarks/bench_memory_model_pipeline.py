@@ -64,6 +64,10 @@ def cases(quick: bool) -> list[dict]:
         case("1F1B mb4 bf16, seq 128", 2, seq=128, schedule="1F1B", num_micro_batches=4, mixed_precision=True),
         case("pp2xdp2 ZeRO-3 1F1B mb4 bf16, seq 128", 4, seq=128, schedule="1F1B", num_micro_batches=4,
              mixed_precision=True, **Z3),
+        # GPT-2: wte / lm_head tied, held by the first and the last stage
+        case("GPT-2 tied 1F1B mb4 fp32", 2, kind="gpt2", schedule="1F1B", num_micro_batches=4),
+        case("GPT-2 tied pp2xdp2 ZeRO-3 1F1B mb2 bf16", 4, kind="gpt2", schedule="1F1B", num_micro_batches=2,
+             mixed_precision=True, **Z3),
     ]
     return out[:4] + out[11:13] if quick else out
 

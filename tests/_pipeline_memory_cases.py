@@ -45,10 +45,18 @@ def rows(case: dict, result: dict) -> list[dict]:
 
 
 def build(kind: str, *, seq: int):
-    """Tiny HF Llama (4 blocks, hidden 256, SDPA attention), random weights, seed 0."""
+    """Tiny HF Llama (4 blocks, hidden 256, SDPA attention), random weights, seed 0; "gpt2": GPT-2 of the
+    same size with its tied wte / lm_head (on the first and the last pipeline stage)."""
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        # attn_pdrop=0: with attention dropout CPU's SDPA falls back to the math kernel (B*H*T^2 saved)
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=256, n_layer=4, n_head=8, n_positions=seq, attn_pdrop=0.0)
+        cfg._attn_implementation = "sdpa"
+        return GPT2LMHeadModel(cfg)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=256 if kind == "llama-v256" else VOCAB, hidden_size=256, intermediate_size=688,
                       num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
                       max_position_embeddings=seq, tie_word_embeddings=False)

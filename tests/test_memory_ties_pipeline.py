@@ -9,7 +9,7 @@ per micro-batch) with ``moreh_ap.parallelize``, runs one untracked AdamW step an
 (``tests/_pipeline_memory_cases.py``). The live tracker itself is checked against torch's ``MemTracker``
 / ``FSDPMemTracker`` on a non-pipelined case (equal to the byte).
 
-The full table (20 configs, 40 (config, rank) pairs, worst 3.8 %) is
+The full table (22 configs incl. GPT-2 tied, 44 (config, rank) pairs, worst 4.4 %) is
 ``benchmarks/bench_memory_model_pipeline.py``; this file keeps four configs at sequence 128 for time.
 """
 from __future__ import annotations
