@@ -10,9 +10,10 @@ before any process group exists. The second step is tracked by torch's
 ``FSDPMemTracker`` (FSDP2) or ``MemTracker`` (anything else) through
 ``moreh_ap.runtime.memtrack.tracked_step_peak``; its peak is compared with
 ``moreh_ap.planner.memory.estimate(trace(meta model), config)``. Target:
-within +-5 %. Pipelines need one process per rank and are not covered here;
-several micro-batches neither (torch 2.13's trackers reject a module called
-twice in one step).
+within +-5 %. Pipelines need one process per rank: see
+``benchmarks/bench_memory_model_pipeline.py``; several micro-batches without a
+pipeline are not covered (torch 2.13's trackers reject a module called twice in
+one step).
 
 Writes benchmarks/results/bench_memory_model.json.
 """

@@ -90,7 +90,7 @@ def _worker(tmp: str) -> None:
     for case in cases:
         t = time.time()
         try:
-            res = parallel_run(case, world, rank)
+            res = _runner(case, parallel_run)(case, world, rank)
         except BaseException:
             sys.stderr.write(f"[rank {rank}] case {case['id']} failed:\n{traceback.format_exc()}")
             sys.stderr.flush()
@@ -101,6 +101,16 @@ def _worker(tmp: str) -> None:
         torch.save(results, os.path.join(tmp, "results.pt"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _runner(case: dict, default):
+    """The case's ``runner`` ("module:function" in tests/), else ``_runtime_cases.parallel_run``."""
+    if not case.get("runner"):
+        return default
+    import importlib
+
+    mod, fn = case["runner"].split(":")
+    return getattr(importlib.import_module(mod), fn)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,9 @@ does, so it allocates no more and no less than the real all-reduce.
 Also one case with no process group at all (world 1: parallelize applies no
 wrapper), run before the fake-world cases.
 
-Not covered: pipelines (num_stages > 1) need one process per pipeline rank
-(send/recv between stages, the schedule's per-rank activations), which the
-trackers cannot follow in one process; their prediction is not tied here.
+Not covered here: pipelines (num_stages > 1) need one process per pipeline rank
+(send/recv between stages, the schedule's per-rank activations); they are tied in
+``tests/test_memory_ties_pipeline.py`` (real gloo ranks, ``tracker="live"``).
 """
 from __future__ import annotations
 

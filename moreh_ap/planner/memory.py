@@ -25,17 +25,25 @@ none for frozen parameters):
   reduce-scatter input and the output coexist, and the input is kept until the
   next unit's post-backward (torch 2.13's one buffer in flight); tied parameters
   stay with the root unit, whose gradients are reduced at the end of backward;
-* inside a pipeline (num_stages > 1) torch's ``PipelineStage`` runs every
-  backward but the last without gradient sync and without resharding, so the
-  compute copy ``P*c`` stays gathered and unsharded gradients accumulate in
-  the reduce dtype (fp32) for the whole stage, whatever the dp mode;
+* inside a pipeline (num_stages > 1) the rank's forwards and backwards are replayed in
+  torch 2.13's order (:func:`schedule_order`: GPipe, 1F1B, Interleaved1F1B); ``PipelineStage``
+  runs every backward without gradient sync and without resharding, so gradients accumulate
+  unsharded in the reduce dtype (from each local stage's first backward on, whatever the dp
+  mode) and are reduced once after the last backward (the largest unit's reduction, with every
+  accumulated gradient still alive, is one more moment); the runtime wraps every stage with FSDP2
+  or FSDP-based replicate, so a compute copy ``P*c`` exists even in fp32 (ZeRO-3: gathered
+  unit by unit in a backward that follows a forward); from the second backward on each fresh
+  weight gradient is a temporary; torch's receive buffers (every micro-batch's stage input and
+  output gradient) persist; every stage keeps its output (the last one its logits) until that
+  micro-batch's backward;
 * several micro-batches without a pipeline: the runtime reduce-scatters after
   every micro-batch under FSDP2 and lets DDP accumulate, so full (sharded or
   replicated) gradients are held from the second micro-batch on;
 * activations: bytes saved for backward per micro-batch (traced, scaled to
   ``batch_per_device``) times micro-batches in flight (1 without a pipeline,
   ``num_micro_batches`` for GPipe, ``num_stages - rank`` for 1F1B, torch's
-  warm-up count + 1 for Interleaved1F1B); with recomputation only each
+  warm-up count + 1 for Interleaved1F1B; the pipeline peak itself follows the replayed order);
+  with recomputation only each
   block's input is kept, and one block's working set is re-created during
   its backward; non-last pipeline stages also keep their outputs;
 * the peak is the largest of: the end of the forward (loss being computed:
@@ -49,7 +57,9 @@ none for frozen parameters):
 The runtime computes the loss outside the model's forward (HF ``labels`` are
 popped), so a ZeRO-3 head is gathered again only after the loss backward.
 Checked against torch's own trackers on the runtime's wrapped models
-(``benchmarks/bench_memory_model.py``, ``tests/test_memory_ties.py``).
+(``benchmarks/bench_memory_model.py``, ``tests/test_memory_ties.py``) and, for pipelines, against
+the live-storage tracker on real gloo ranks (``benchmarks/bench_memory_model_pipeline.py``,
+``tests/test_memory_ties_pipeline.py``).
 
 The memory cap the planner applies is ``device_memory *
 MEMORY_USAGE_CORRECTION_RATIO / 100``.
@@ -57,6 +67,7 @@ MEMORY_USAGE_CORRECTION_RATIO / 100``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Any
 
 from moreh_ap.config import ParallelConfig, balanced_boundaries
@@ -175,6 +186,12 @@ def in_flight(config: ParallelConfig, rank: int) -> float:
     per_round = nmb // rounds
     warmup = min(nmb * spr, (spr - 1) * per_round + 2 * (pp - 1 - rank))
     return (warmup + 1) / spr
+
+
+def prev_out(graph: ModelGraph, block: int, prec: str) -> int:
+    """Bytes a pipeline cut before block ``block`` sends (the output of the node before it)."""
+    node = graph.blocks[block - 1] if block > 0 else graph.pre
+    return node.out_bytes.get(prec, 0) if node is not None else 0
 
 
 def _node_acts(graph: ModelGraph, node: NodeInfo, prev: NodeInfo | None, *, prec: str, scale: float, recompute: bool):
@@ -321,23 +338,168 @@ def _rs_bytes(numel: int, sz: _Sizes) -> float:
     return numel * (sz.c + sz.r + sz.r / sz.d)
 
 
-def _piped_peak(nodes, kept, trans, *, config: ParallelConfig, rank: int, g_total: float, comm_unit: float):
-    """Backward peak of a pipeline rank: (total, grads, activations, transient).
+def schedule_order(config: ParallelConfig, rank: int) -> list[tuple[str, int, int]]:
+    """The forwards and backwards a pipeline rank runs, in order: ``("F" | "B", local stage, micro-batch)``.
 
-    Inside torch's ``PipelineStage`` every backward but the last runs without gradient sync, so the
-    stage's unsharded gradients (``g_total``) are counted from the first backward on; the micro-batches
-    in flight hold their activations; the last backward adds one unit's gradient reduction buffer.
+    As torch 2.13 orders them: GPipe every forward, then every backward; 1F1B ``min(n, pp - rank)``
+    warm-up forwards, then backward / forward pairs, then the remaining backwards; Interleaved1F1B
+    (``_get_warmup_ops`` / ``_get_1f1b_rank_ops``) ``(spr - 1) * mb_per_round + 2 * (pp - 1 - rank)``
+    warm-up forwards (capped), local stages taken ``mb_per_round`` micro-batches at a time (forwards in
+    increasing, backwards in decreasing stage order), then forward / backward pairs, then backwards.
     """
-    a_mb = sum(kept)
-    infl = in_flight(config, rank)
-    best = (0.0, 0.0, 0.0, 0.0)
-    prefix = 0.0
-    for a, tr in zip(kept, trans):
-        prefix += a
-        acts = (infl - 1) * a_mb + prefix
-        total = acts + g_total + tr + comm_unit
+    n, pp, spr = config.num_micro_batches, config.num_stages, config.stages_per_rank
+    if config.schedule == "GPipe":
+        return [("F", 0, i) for i in range(n)] + [("B", 0, i) for i in range(n)]
+    if config.schedule == "1F1B":
+        w = min(n, pp - rank)
+        order = [("F", 0, i) for i in range(w)]
+        for i in range(n):
+            order.append(("B", 0, i))
+            if w + i < n:
+                order.append(("F", 0, w + i))
+        return order
+    per_round = n // max(1, n // pp)
+    total = spr * n
+    warmup = min((spr - 1) * per_round + 2 * (pp - 1 - rank), total)
+    fwd_next, bwd_next = [0] * spr, [0] * spr
+    order = []
+
+    def fwd(step):
+        local = (step // per_round) % spr
+        order.append(("F", local, fwd_next[local]))
+        fwd_next[local] += 1
+
+    def bwd(step):
+        local = spr - 1 - ((step - warmup) // per_round) % spr
+        order.append(("B", local, bwd_next[local]))
+        bwd_next[local] += 1
+
+    for step in range(warmup):
+        fwd(step)
+    for step in range(warmup, total):
+        fwd(step)
+        bwd(step)
+    for step in range(total, total + warmup):
+        bwd(step)
+    return order
+
+
+@lru_cache(maxsize=4096)
+def backward_moments(schedule: str, n: int, pp: int, spr: int, rank: int):
+    """The distinct backwards of a pipeline rank in :func:`schedule_order`, independent of sizes.
+
+    Each: (local stage, micro-batches of every local stage forwarded and not yet backwarded besides
+    this one, local stages that ran a backward before, whether a forward ran since the previous backward).
+    """
+    cfg = ParallelConfig(num_stages=pp, num_micro_batches=n, stages_per_rank=spr, schedule=schedule,
+                         batch_per_device=1)
+    counts = [0] * spr
+    done: set[int] = set()
+    fwd_between, out = True, []
+    seen: dict[tuple, set[tuple[int, ...]]] = {}
+    for kind, local, _ in schedule_order(cfg, rank):
+        if kind == "F":
+            counts[local] += 1
+            fwd_between = True
+            continue
+        counts[local] -= 1
+        key = (local, frozenset(done), fwd_between)
+        done.add(local)
+        fwd_between = False
+        seen.setdefault(key, set()).add(tuple(counts))
+    for (local, done_before, between), vectors in seen.items():
+        # only micro-batch counts that no other one of the same kind of backward dominates can be the worst
+        kept: list[tuple[int, ...]] = []
+        for v in sorted(vectors, key=sum, reverse=True):  # a dominating vector has a larger sum: seen first
+            if not any(all(x >= y for x, y in zip(w, v)) for w in kept):
+                kept.append(v)
+                out.append((local, v, done_before, between))
+    return tuple(out)
+
+
+def _piped_peak(nodes, kept, trans, chunks, u: _Units, *, config: ParallelConfig, rank: int, sz: _Sizes):
+    """Peak of a pipeline rank: (total, compute copy, grads, activations, transient, phase).
+
+    torch 2.13's ``PipelineStage`` runs every backward without gradient sync and without resharding
+    (``set_requires_gradient_sync(False)``, ``set_reshard_after_backward(False)``) and reduces all
+    gradients once after the last backward (``perform_reduce_grad``). The runtime wraps every stage
+    with FSDP2 or FSDP-based replicate, so a compute copy of the parameters exists even in fp32. The
+    rank's forwards and backwards are replayed in :func:`schedule_order`; moments checked:
+
+    * each node's backward of each (local stage, micro-batch): the activations of every other
+      forwarded-not-yet-backwarded pair plus this one's up to the node, its working set; gradients
+      (reduce dtype, unsharded, accumulated): of the local stages that ran a backward already, and of
+      this stage's nodes after the node at its first backward; compute copy: ZeRO-2 / replicate the
+      whole rank's from the first forward on; ZeRO-3 the stage's units backwarded so far plus the
+      prefetched one when a forward (which reshards) ran since the previous backward, else all; the
+      last stage's loss backward runs before its head is gathered again;
+    * the gradient reduction after the last backward: every unit's unsharded gradients, the copy, one
+      unit's reduce-scatter buffers.
+    """
+    zero3 = config.distribute_low_prec_param and config.distribute_param
+    c, r = sz.c, sz.r if (config.distribute_param or config.mixed_precision) else sz.w
+    n, p, t = len(nodes), u.p, u.t
+    full_copy = c * (sum(p) + u.root_p)
+    acts = [sum(kept[a:b]) for a, b in chunks]
+    grads = [r * sum(t[a:b]) for a, b in chunks]
+    grads[-1] += r * u.root_t
+    post = n - 1 if nodes and nodes[-1].kind == "post" else None
+    best = (0.0, 0.0, 0.0, 0.0, 0.0, "backward")
+    inner: dict[tuple[int, bool, bool], tuple[float, ...]] = {}  # a stage's own worst node per kind of backward
+
+    def stage_worst(local: int, first: bool, progressive: bool) -> tuple[float, ...]:
+        """(sum, copy, this stage's grads, this micro-batch's activations, transient) at the stage's worst node."""
+        a, b = chunks[local]
+        prefix = acts[local]
+        after = suffix = 0.0  # gradients / unit parameters of the nodes after i in this stage
+        worst = (-1.0, 0.0, 0.0, 0.0, 0.0)
+        for i in range(b - 1, a - 1, -1):
+            if not zero3:
+                copy = full_copy
+            elif i == post:  # the loss backward runs before the head unit is gathered again
+                copy = c * u.root_p if progressive else full_copy - c * p[i]
+            elif progressive:  # gathered progressively: units after i, i, the prefetched one
+                copy = c * (suffix + p[i] + (p[i - 1] if i > a else 0) + u.root_p)
+            else:
+                copy = full_copy
+            g = after if first else grads[local]
+            # from the second backward on, each fresh weight gradient (compute dtype) is added into the
+            # accumulated one: the node's largest parameter's gradient is a temporary, next to the gradient
+            # of that op's output (half the node's working set)
+            fresh = 0.0 if first or not nodes[i].trainable_params else c * nodes[i].largest_param
+            tr = max(trans[i], trans[i] / 2 + fresh)
+            total = copy + g + prefix + tr
+            if total > worst[0]:
+                worst = (total, copy, g, prefix, tr)
+            prefix -= kept[i]
+            after += r * t[i]
+            suffix += p[i]
+        return worst
+
+    for local, counts, done, fwd_between in backward_moments(config.schedule, config.num_micro_batches,
+                                                             config.num_stages, config.stages_per_rank, rank):
+        if chunks[local][0] == chunks[local][1]:
+            continue
+        others = sum(k * a for k, a in zip(counts, acts))
+        g_done = sum(grads[l] for l in done if l != local)
+        first = local not in done
+        key = (local, first, zero3 and (first or fwd_between))
+        if key not in inner:
+            inner[key] = stage_worst(*key)
+        s_total, copy, g, prefix, tr = inner[key]
+        total = s_total + others + g_done
         if total > best[0]:
-            best = (total, g_total, acts, tr + comm_unit)
+            best = (total, copy, g + g_done, others + prefix, tr, "backward")
+    # the reduction after the last backward (``perform_reduce_grad``), at the largest unit: it is resharded
+    # first; every unit's accumulated gradients are still alive; its reduce-scatter input and output, and
+    # when the reduce-scatter spans several ranks one more input-sized buffer (measured with gloo)
+    k = max(range(n), key=lambda i: t[i], default=None)
+    if k is not None and t[k]:
+        rs = t[k] * (sz.r + sz.r / sz.d + (sz.r if sz.d > 1 else 0))
+        copy = full_copy - c * p[k]
+        total = copy + sum(grads) + rs
+        if total > best[0]:
+            best = (total, copy, sum(grads), 0.0, rs, "backward")
     return best
 
 
@@ -366,24 +528,29 @@ def estimate_rank(
     prec = "mixed" if mp else "full"
     kept, trans = [], []
     prev = None
-    for chunk in virt:
+    recv = 0.0  # torch's receive buffers: every micro-batch's stage input and output gradient, kept
+    ranges = stage_ranges(graph.num_blocks, config) if piped else [(0, graph.num_blocks)]
+    chunks = []
+    for v, chunk in zip(range(rank, len(ranges), max(1, config.num_stages)), virt):
+        chunks.append((len(kept), len(kept) + len(chunk)))
         for j, n in enumerate(chunk):
             a, t = _node_acts(graph, n, prev, prec=prec, scale=scale, recompute=config.recomputation)
-            if piped and j == len(chunk) - 1 and n.kind != "post":  # a stage output kept for its backward
+            if piped and j == 0 and v > 0:  # the stage input is a receive buffer (counted in recv)
+                a = 0.0 if config.recomputation else max(0.0, a - prev_out(graph, ranges[v][0], prec) * scale)
+            if piped and j == len(chunk) - 1:  # the stage output (logits on the last) kept for its backward
                 a += n.out_bytes.get(prec, 0) * scale
             kept.append(a)
             trans.append(t)
             prev = n
+        if piped:
+            nmb = config.num_micro_batches
+            recv += nmb * prev_out(graph, ranges[v][0], prec) * scale if v > 0 else 0.0
+            recv += nmb * prev_out(graph, ranges[v][1], prec) * scale if v < len(ranges) - 1 else 0.0
     ddp = not piped and not dist and dp > 1
     if piped:
-        copy = p_all * sz.c if (dist or mp) else 0.0  # gathered for the whole schedule
-        g_total = p_tr * sz.r if (dist or mp) else p_tr * w
-        unit = max((n.trainable_params for n in nodes), default=0)
-        comm_unit = unit * sz.r * (1 + 1 / dp) if dp > 1 else 0.0
-        total, grads, acts, tr = _piped_peak(nodes, kept, trans, config=config, rank=rank, g_total=g_total,
-                                             comm_unit=comm_unit)
-        bwd = (master + copy + opt + total, copy, grads, acts, tr)
-        phase = "backward"
+        total, copy, grads, acts, tr, phase = _piped_peak(nodes, kept, trans, chunks, _units(graph, nodes),
+                                                           config=config, rank=rank, sz=sz)
+        bwd = (master + opt + recv + total, copy, grads, acts + recv, tr)  # receive buffers with activations
     else:
         buckets = p_tr * w if ddp else 0.0  # DDP's reducer buckets (gradient_as_bucket_view=False)
         total, copy, grads, acts, tr, phase = _flat_peak(nodes, kept, trans, _units(graph, nodes), config=config,

@@ -427,7 +427,10 @@ class ParallelModel(nn.Module):
         self._plan = plan
         losses: list[torch.Tensor] = []
         holds_last = any(s.is_last for s in self._stages)
-        self._schedules[key].step(*args, target=target if holds_last else None, losses=losses, **kwargs)
+        # return_outputs=False: the last stage would otherwise keep every micro-batch's output (the logits)
+        # until the end of the step, to merge them; training uses the losses only
+        self._schedules[key].step(*args, target=target if holds_last else None, losses=losses,
+                                  return_outputs=False, **kwargs)
         if not holds_last:
             return torch.zeros((), device=self.device)
         return torch.stack([l.detach().float() for l in losses]).sum() / self.dp
