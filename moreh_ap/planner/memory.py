@@ -173,21 +173,6 @@ def rank_nodes(graph: ModelGraph, config: ParallelConfig, rank: int) -> list[lis
     return out
 
 
-def in_flight(config: ParallelConfig, rank: int) -> float:
-    """Micro-batches whose activations a pipeline rank holds at once (per virtual stage, averaged)."""
-    pp, nmb, spr = config.num_stages, config.num_micro_batches, config.stages_per_rank
-    if pp == 1:
-        return 1.0
-    if config.schedule == "GPipe":
-        return float(nmb)
-    if config.schedule == "1F1B":
-        return float(min(nmb, pp - rank))
-    rounds = max(1, nmb // pp)
-    per_round = nmb // rounds
-    warmup = min(nmb * spr, (spr - 1) * per_round + 2 * (pp - 1 - rank))
-    return (warmup + 1) / spr
-
-
 def prev_out(graph: ModelGraph, block: int, prec: str) -> int:
     """Bytes a pipeline cut before block ``block`` sends (the output of the node before it)."""
     node = graph.blocks[block - 1] if block > 0 else graph.pre
