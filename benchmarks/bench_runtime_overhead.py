@@ -102,6 +102,10 @@ def _hand_written(cfg, world: int):
         else (lambda m: replicate(m, mesh=mesh["dp"], mp_policy=mp))
     for layer in model.layers:
         wrap(layer)
+    if cfg.distribute_param:  # torchtitan-style: the embedding and the head are their own FSDP units
+        for m in (model.tok_emb, model.head):
+            if m is not None:
+                wrap(m)
     wrap(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     if pp > 1:
@@ -117,7 +121,8 @@ def _hand_written(cfg, world: int):
         def step(x, y):
             n = cfg.num_micro_batches
             for i, (xs, ys) in enumerate(zip(x.chunk(n), y.chunk(n))):
-                model.set_requires_gradient_sync(i == n - 1)
+                if not cfg.distribute_param:  # FSDP2 (ZeRO) reduce-scatters every micro-batch: sharded grads only
+                    model.set_requires_gradient_sync(i == n - 1)
                 (_loss(model(xs), ys) / n).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
