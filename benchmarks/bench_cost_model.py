@@ -35,50 +35,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _gpt import lm_loss, make_gpt  # noqa: E402
+
 VOCAB, SEQ, DIM, LAYERS, HEADS = 2048, 128, 256, 4, 4
 
 
 def _model():
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ln1, self.ln2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
-            self.qkv, self.proj = nn.Linear(DIM, 3 * DIM, bias=False), nn.Linear(DIM, DIM)
-            self.mlp = nn.Sequential(nn.Linear(DIM, 4 * DIM), nn.GELU(), nn.Linear(4 * DIM, DIM))
-
-        def forward(self, x):
-            b, t, d = x.shape
-            q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, HEADS, d // HEADS).permute(2, 0, 3, 1, 4)
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
-            return x + self.mlp(self.ln2(x))
-
-    class GPT(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.tok_emb, self.pos_emb = nn.Embedding(VOCAB, DIM), nn.Embedding(SEQ, DIM)
-            self.layers = nn.ModuleList(Block() for _ in range(LAYERS))
-            self.norm, self.head = nn.LayerNorm(DIM), nn.Linear(DIM, VOCAB, bias=False)
-
-        def forward(self, idx):
-            h = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1])) if self.tok_emb is not None else idx
-            for layer in self.layers:
-                h = layer(h)
-            h = self.norm(h) if self.norm is not None else h
-            return self.head(h) if self.head is not None else h
-
-    torch.manual_seed(0)
-    return GPT()
+    return make_gpt(vocab=VOCAB, seq=SEQ, dim=DIM, layers=LAYERS, heads=HEADS)
 
 
-def _loss(logits, target):
-    import torch.nn.functional as F
-
-    return F.cross_entropy(logits.float().reshape(-1, VOCAB), target.reshape(-1))
+_loss = lm_loss
 
 
 def _sched(cfg) -> str:
