@@ -22,3 +22,15 @@ def clean_subprocess_env(**extra: str) -> dict:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("MOREH_")}
     environ.update(extra)
     return environ
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: calibration timings with 2 OpenMP threads on a busy 2-core
+    machine take seconds (spinning threads)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

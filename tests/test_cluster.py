@@ -7,16 +7,7 @@ import torch
 from moreh_ap.planner import calibration as cal
 from moreh_ap.planner.cluster import PRESETS, Cluster
 
-pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Calibration timings with 2 OpenMP threads on a busy 2-core machine take seconds (spinning threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("one_thread")]
 TINY_BLOCK = (32, 2, 16, 1)  # reference block for the block-efficiency measurement: fast in tests
 
 

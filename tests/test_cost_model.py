@@ -9,16 +9,7 @@ from moreh_ap.planner import cost
 from moreh_ap.planner.cluster import Cluster
 from test_graph_models import TinyGPT
 
-pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Calibration timings with 2 OpenMP threads on a busy 2-core machine take seconds (spinning threads)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,8 @@ from moreh_ap.config import ParallelConfig
 from moreh_ap.planner.memory import estimate
 from moreh_ap.runtime.memtrack import tracked_step_peak
 
+from tests._pipeline_memory_cases import build
+
 WORLD = 4
 VOCAB, SEQ, BATCH = 8192, 256, 4
 """Tiny Llama; BATCH is the batch per device (global batch = WORLD * BATCH)."""
@@ -55,23 +57,8 @@ pytestmark = pytest.mark.timeout(120)
 
 def _build(kind: str = "llama"):
     """"llama": vocab 8192 (the logits dominate the peak); "llama-v256": vocab 256 (the blocks do);
-    "gpt2": GPT-2 with its tied wte / lm_head."""
-    torch.manual_seed(0)
-    if kind == "gpt2":
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        # attn_pdrop=0: with attention dropout, CPU's SDPA falls back to the math kernel (B*H*T^2 saved);
-        # the planner models the flash / memory-efficient kernels, which support dropout on GPUs
-        cfg = GPT2Config(vocab_size=VOCAB, n_embd=256, n_layer=4, n_head=8, n_positions=SEQ, attn_pdrop=0.0)
-        cfg._attn_implementation = "sdpa"
-        return GPT2LMHeadModel(cfg)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=256 if kind == "llama-v256" else VOCAB, hidden_size=256, intermediate_size=688,
-                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
-                      max_position_embeddings=SEQ, tie_word_embeddings=False)
-    cfg._attn_implementation = "sdpa"
-    return LlamaForCausalLM(cfg)
+    "gpt2": GPT-2 with its tied wte / lm_head (the builder the pipeline memory test uses too)."""
+    return build(kind, seq=SEQ)
 
 
 @pytest.fixture(scope="module")
