@@ -12,7 +12,10 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B")
+from moreh_ap.schedules import get_schedule, schedule_names
+
+SCHEDULES = schedule_names()
+"""Names of the registered pipeline schedules (:mod:`moreh_ap.schedules`)."""
 
 _INT_FIELDS = ("num_stages", "num_micro_batches", "batch_per_device", "tp", "stages_per_rank")
 _BOOL_FIELDS = ("recomputation", "distribute_param", "distribute_low_prec_param", "mixed_precision")
@@ -136,25 +139,14 @@ class ParallelConfig:
 
     def _validate_schedule(self) -> None:
         pp, nmb, spr = self.num_stages, self.num_micro_batches, self.stages_per_rank
-        if spr > 1 and self.schedule != "Interleaved1F1B":
+        spec = get_schedule(self.schedule)
+        if spr > 1 and not spec.multi_stage:
             raise ValueError(
                 f"stages_per_rank({spr}) > 1 needs schedule='Interleaved1F1B', not {self.schedule!r}"
             )
         if pp == 1:
             return
-        if self.schedule == "1F1B" and nmb < pp:
-            raise ValueError(f"schedule '1F1B' needs num_micro_batches({nmb}) >= num_stages({pp})")
-        if self.schedule == "Interleaved1F1B":
-            if spr < 2:
-                raise ValueError(
-                    f"schedule 'Interleaved1F1B' needs stages_per_rank >= 2 (got {spr}); use '1F1B' for one stage per rank"
-                )
-            rounds = max(1, nmb // pp)
-            if nmb % rounds:
-                raise ValueError(
-                    f"schedule 'Interleaved1F1B' needs num_micro_batches({nmb}) to be a multiple of "
-                    f"its rounds max(1, num_micro_batches({nmb}) // num_stages({pp})) = {rounds}"
-                )
+        spec.check(pp, nmb, spr)
 
     def _validate_boundaries(self, num_blocks: int | None) -> None:
         stages = self.total_stages if self.num_stages > 1 else 1
