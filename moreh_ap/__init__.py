@@ -17,7 +17,7 @@ from moreh_ap.errors import NoFeasibleConfigError
 from moreh_ap.graph import ModelGraph, trace
 from moreh_ap.log import logger
 from moreh_ap.optim import FusedLAMB
-from moreh_ap.option import APOptions
+from moreh_ap.ap_options import APOptions
 from moreh_ap.planner import Cluster, Plan, plan
 from moreh_ap import runtime
 from moreh_ap.runtime import ParallelModel, clip_grad_norm_, parallelize

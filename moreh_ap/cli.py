@@ -152,7 +152,7 @@ def run_plan(args) -> int:
 
     from moreh_ap.errors import NoFeasibleConfigError
     from moreh_ap.graph import trace
-    from moreh_ap.option import APOptions
+    from moreh_ap.ap_options import APOptions
     from moreh_ap.planner.planning import candidate_table, plan_graph
 
     try:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from moreh_ap.config import ParallelConfig
-from moreh_ap.option import APOptions
+from moreh_ap.ap_options import APOptions
 
 SCHEDULE_CHOICES = (("GPipe", 1), ("1F1B", 1), ("Interleaved1F1B", 2), ("Interleaved1F1B", 4))
 """(schedule, stages_per_rank) pairs tried for pipelines of 2+ stages."""

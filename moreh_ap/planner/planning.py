@@ -13,7 +13,8 @@ from moreh_ap.env import read_env
 from moreh_ap.errors import NoFeasibleConfigError
 from moreh_ap.graph.model_graph import ModelGraph
 from moreh_ap.log import logger
-from moreh_ap.option import APOptions, current_options
+from moreh_ap.ap_options import APOptions
+from moreh_ap.option import current_options
 from moreh_ap.planner import cost as cost_model
 from moreh_ap.planner import memory as memory_model
 from moreh_ap.planner.candidates import enumerate_candidates
