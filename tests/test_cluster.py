@@ -5,6 +5,9 @@ import pytest
 import torch
 
 from moreh_ap.planner import calibration as cal
+from moreh_ap.planner import calibration_db as cdb
+from moreh_ap.planner import microbench as mb
+from moreh_ap.planner import time_model as tm
 from moreh_ap.planner.cluster import PRESETS, Cluster
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("one_thread")]
@@ -47,8 +50,8 @@ def test_calibration_measured_cached_and_reloaded(tmp_path, capsys):
     err = _log_lines(capsys)
     assert "analytic ring model" in err and "Calibration DB measured" in err
     assert db.matmul_flops("bf16") > 0 and db.matmul_flops("fp32") > 0 and db.collectives is None
-    saved = json.loads((tmp_path / cal.FILENAME).read_text())
-    assert saved["format"] == cal.FILE_FORMAT and list(saved["entries"]) == [cal.entry_key(db.fingerprint)]
+    saved = json.loads((tmp_path / cdb.FILENAME).read_text())
+    assert saved["format"] == cdb.FILE_FORMAT and list(saved["entries"]) == [cdb.entry_key(db.fingerprint)]
     again = cal.load_or_measure(c, cache_dir=tmp_path, matmul_sizes=(32, 64), block_shape=TINY_BLOCK)
     assert "Got DBs from backend for auto config." in _log_lines(capsys)
     assert again.source == "cache" and again.matmul == db.matmul
@@ -56,19 +59,19 @@ def test_calibration_measured_cached_and_reloaded(tmp_path, capsys):
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"format": "other"}), json.dumps([1, 2])])
 def test_corrupt_cache_is_remeasured(tmp_path, capsys, content):
-    (tmp_path / cal.FILENAME).write_text(content)
+    (tmp_path / cdb.FILENAME).write_text(content)
     db = cal.load_or_measure(Cluster.preset("cpu"), cache_dir=tmp_path, matmul_sizes=(32,), block_shape=TINY_BLOCK)
     err = _log_lines(capsys)
     assert "unreadable" in err and "measuring it again" in err
     assert db.source == "measured"
-    assert json.loads((tmp_path / cal.FILENAME).read_text())["format"] == cal.FILE_FORMAT
+    assert json.loads((tmp_path / cdb.FILENAME).read_text())["format"] == cdb.FILE_FORMAT
     assert cal.load_or_measure(Cluster.preset("cpu"), cache_dir=tmp_path, matmul_sizes=(32,), block_shape=TINY_BLOCK).source == "cache"
 
 
-@pytest.mark.parametrize("entry", [{"format": "other"}, {"format": cal.FORMAT, "matmul": {"fp32": [[64, -1]]}}, 7])
+@pytest.mark.parametrize("entry", [{"format": "other"}, {"format": cdb.FORMAT, "matmul": {"fp32": [[64, -1]]}}, 7])
 def test_corrupt_entry_is_remeasured_and_replaced(tmp_path, capsys, entry):
-    key = cal.entry_key(cal.fingerprint(Cluster.preset("cpu")))
-    (tmp_path / cal.FILENAME).write_text(json.dumps({"format": cal.FILE_FORMAT, "entries": {key: entry}}))
+    key = cdb.entry_key(cal.fingerprint(Cluster.preset("cpu")))
+    (tmp_path / cdb.FILENAME).write_text(json.dumps({"format": cdb.FILE_FORMAT, "entries": {key: entry}}))
     db = cal.load_or_measure(Cluster.preset("cpu"), cache_dir=tmp_path, matmul_sizes=(32,), block_shape=TINY_BLOCK)
     assert "unreadable" in _log_lines(capsys) and db.source == "measured"
     assert cal.load_or_measure(Cluster.preset("cpu"), cache_dir=tmp_path, matmul_sizes=(32,), block_shape=TINY_BLOCK).source == "cache"
@@ -77,21 +80,21 @@ def test_corrupt_entry_is_remeasured_and_replaced(tmp_path, capsys, entry):
 def test_other_device_entry_is_kept_not_warned(tmp_path, capsys):
     c = Cluster.preset("cpu")
     db = cal.load_or_measure(c, cache_dir=tmp_path, matmul_sizes=(32,), block_shape=TINY_BLOCK)
-    other = cal.CalibrationDB.from_dict(dict(db.to_dict(), fingerprint=dict(db.fingerprint, device="some-other-gpu")))
-    other_key = cal.entry_key(other.fingerprint)
-    (tmp_path / cal.FILENAME).write_text(json.dumps({"format": cal.FILE_FORMAT,
+    other = cdb.CalibrationDB.from_dict(dict(db.to_dict(), fingerprint=dict(db.fingerprint, device="some-other-gpu")))
+    other_key = cdb.entry_key(other.fingerprint)
+    (tmp_path / cdb.FILENAME).write_text(json.dumps({"format": cdb.FILE_FORMAT,
                                                      "entries": {other_key: other.to_dict()}}))
     capsys.readouterr()
     assert cal.load_or_measure(c, cache_dir=tmp_path, matmul_sizes=(32,), block_shape=TINY_BLOCK).source == "measured"
     err = _log_lines(capsys)
     assert "no entry for" in err and "[warning]" not in err
-    assert set(json.loads((tmp_path / cal.FILENAME).read_text())["entries"]) == {other_key, cal.entry_key(db.fingerprint)}
+    assert set(json.loads((tmp_path / cdb.FILENAME).read_text())["entries"]) == {other_key, cdb.entry_key(db.fingerprint)}
 
 
 def test_old_single_db_file_is_read(tmp_path):
     c = Cluster.preset("cpu")
-    db = cal.CalibrationDB(fingerprint=cal.fingerprint(c), matmul={"fp32": [[64.0, 3e9]]})
-    (tmp_path / cal.FILENAME).write_text(json.dumps(db.to_dict()))  # format 1: one DB, no entries
+    db = cdb.CalibrationDB(fingerprint=cal.fingerprint(c), matmul={"fp32": [[64.0, 3e9]]})
+    (tmp_path / cdb.FILENAME).write_text(json.dumps(db.to_dict()))  # format 1: one DB, no entries
     assert cal.load_or_measure(c, cache_dir=tmp_path).matmul == db.matmul
 
 
@@ -118,45 +121,45 @@ def test_entries_per_world_size_coexist(tmp_path, capsys):
     assert err.count("Got DBs from backend for auto config.") == 2 and "measured in" not in err
     assert again_two.collectives == two.collectives and again_single.matmul == single.matmul
     assert single.fingerprint["world"] == 0 and two.fingerprint["world"] == 2
-    assert len(json.loads((tmp_path / cal.FILENAME).read_text())["entries"]) == 2
+    assert len(json.loads((tmp_path / cdb.FILENAME).read_text())["entries"]) == 2
 
 
 def test_cache_dir_from_env(tmp_path, monkeypatch):
     monkeypatch.setenv("MOREH_AP_CACHE_DIR", str(tmp_path / "c"))
     cal.load_or_measure(Cluster.preset("cpu"), matmul_sizes=(16,), block_shape=TINY_BLOCK)
-    assert (tmp_path / "c" / cal.FILENAME).exists()
+    assert (tmp_path / "c" / cdb.FILENAME).exists()
 
 
 def test_collective_time_analytic_and_calibrated():
     c = Cluster.preset("h100-80gb", nodes=2, devices_per_node=8)
-    t_ar = cal.collective_time(c, "all_reduce", 1e9, group=8, inter_node=False)
-    t_ag = cal.collective_time(c, "all_gather", 1e9, group=8, inter_node=False)
+    t_ar = tm.collective_time(c, "all_reduce", 1e9, group=8, inter_node=False)
+    t_ag = tm.collective_time(c, "all_gather", 1e9, group=8, inter_node=False)
     assert t_ar == pytest.approx(2 * t_ag, rel=0.02)  # ring all-reduce: 2(n-1) latencies; all-gather: log2(n)
-    assert cal.collective_time(c, "all_reduce", 1e9, group=16, inter_node=True) > t_ar
-    assert cal.collective_time(c, "all_reduce", 1e9, group=1, inter_node=False) == 0.0
+    assert tm.collective_time(c, "all_reduce", 1e9, group=16, inter_node=True) > t_ar
+    assert tm.collective_time(c, "all_reduce", 1e9, group=1, inter_node=False) == 0.0
     with pytest.raises(ValueError, match="all_reduce"):
-        cal.collective_time(c, "broadcast", 1, group=2, inter_node=False)
+        tm.collective_time(c, "broadcast", 1, group=2, inter_node=False)
     # a calibrated table wins over the bandwidths: all-gather slower than all-reduce, as on gloo
-    db = cal.CalibrationDB(fingerprint={}, matmul={"bf16": [[512, 8e11]]}, collective_world=2,
+    db = cdb.CalibrationDB(fingerprint={}, matmul={"bf16": [[512, 8e11]]}, collective_world=2,
                            collectives={"all_reduce": [[2**20, 0.002], [2**24, 0.015]],
                                         "all_gather": [[2**20, 0.006], [2**24, 0.116]]}, source="injected")
     cpu = Cluster.preset("cpu", devices_per_node=2)
     cpu.calibration = db
-    assert cal.collective_time(cpu, "all_reduce", 2**24, group=2, inter_node=False) == pytest.approx(0.015)
-    assert cal.collective_time(cpu, "all_gather", 2**24, group=2, inter_node=False) == pytest.approx(0.116)
-    assert cal.collective_time(cpu, "all_gather", 2**25, group=2, inter_node=False) > 0.116
-    assert cal.matmul_flops(cpu, "bf16") == 8e11
-    assert cal.matmul_flops(cpu, "fp32") == cpu.flops("fp32") * cpu.compute_efficiency
+    assert tm.collective_time(cpu, "all_reduce", 2**24, group=2, inter_node=False) == pytest.approx(0.015)
+    assert tm.collective_time(cpu, "all_gather", 2**24, group=2, inter_node=False) == pytest.approx(0.116)
+    assert tm.collective_time(cpu, "all_gather", 2**25, group=2, inter_node=False) > 0.116
+    assert tm.matmul_flops(cpu, "bf16") == 8e11
+    assert tm.matmul_flops(cpu, "fp32") == cpu.flops("fp32") * cpu.compute_efficiency
 
 
 def test_db_round_trip_and_validation():
-    db = cal.CalibrationDB(fingerprint={"a": 1}, matmul={"fp32": [[64.0, 1e9]]},
+    db = cdb.CalibrationDB(fingerprint={"a": 1}, matmul={"fp32": [[64.0, 1e9]]},
                            collectives={"send_recv": [[1024.0, 1e-4]]}, collective_world=2)
-    assert cal.CalibrationDB.from_dict(json.loads(json.dumps(db.to_dict()))).collectives == db.collectives
+    assert cdb.CalibrationDB.from_dict(json.loads(json.dumps(db.to_dict()))).collectives == db.collectives
     bad = db.to_dict()
     bad["matmul"] = {"fp32": [[64, -1]]}
     with pytest.raises(ValueError):
-        cal.CalibrationDB.from_dict(bad)
+        cdb.CalibrationDB.from_dict(bad)
 
 
 def test_measure_collectives_with_a_process_group(tmp_path):
@@ -166,7 +169,7 @@ def test_measure_collectives_with_a_process_group(tmp_path):
         pytest.skip("a process group is already up")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
-        table = cal.measure_collectives(torch.device("cpu"), sizes=(4096,), repeats=1)
+        table = mb.measure_collectives(torch.device("cpu"), sizes=(4096,), repeats=1)
     finally:
         dist.destroy_process_group()
     assert set(table) == {"all_reduce", "all_gather", "reduce_scatter"}  # send/recv needs 2 ranks

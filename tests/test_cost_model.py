@@ -4,7 +4,9 @@ import torch
 
 from moreh_ap import trace
 from moreh_ap.config import ParallelConfig
-from moreh_ap.planner import calibration as cal
+from moreh_ap.planner import calibration_db as cdb
+from moreh_ap.planner import microbench as mb
+from moreh_ap.planner import time_model as tm
 from moreh_ap.planner import cost
 from moreh_ap.planner.cluster import Cluster
 from test_graph_models import TinyGPT
@@ -26,7 +28,7 @@ def _cpu(db=None, dpn=2):
 
 def _db(**kw):
     kw.setdefault("matmul", {"bf16": [[64.0, 1e10], [256.0, 4e10]], "fp32": [[64.0, 5e9], [256.0, 2e10]]})
-    return cal.CalibrationDB(fingerprint={}, source="injected", **kw)
+    return cdb.CalibrationDB(fingerprint={}, source="injected", **kw)
 
 
 def test_matmul_rate_interpolated_by_size():
@@ -36,8 +38,8 @@ def test_matmul_rate_interpolated_by_size():
     assert db.matmul_flops("bf16", 16.0) == 1e10 and db.matmul_flops("bf16", 4096.0) == 4e10
     assert db.matmul_flops("int8") is None
     # (rows * largest weight) ** (1/3): a 128-row micro-batch through 64x256 weights
-    assert cal.gemm_size(2 * 128 * 20000, 20000, 64 * 256) == pytest.approx((128 * 64 * 256) ** (1 / 3))
-    assert cal.gemm_size(0, 10, 10) is None and cal.gemm_size(10, 0, 10) is None
+    assert tm.gemm_size(2 * 128 * 20000, 20000, 64 * 256) == pytest.approx((128 * 64 * 256) ** (1 / 3))
+    assert tm.gemm_size(0, 10, 10) is None and tm.gemm_size(10, 0, 10) is None
 
 
 def test_small_micro_batches_run_slower_gemms(graph):
@@ -61,7 +63,7 @@ def test_block_efficiency_scales_block_time_only(graph):
                          world_size=1).compute
     blocks = sum(3 * n.fwd_flops for n in graph.blocks) / 4e10
     assert half - full == pytest.approx(blocks, rel=1e-6)  # blocks take twice as long, the head does not change
-    assert cal.block_efficiency(_cpu(None), "bf16") == 1.0
+    assert tm.block_efficiency(_cpu(None), "bf16") == 1.0
 
 
 def test_fsdp_without_pipeline_collectives_every_micro_batch(graph):
@@ -74,7 +76,7 @@ def test_fsdp_without_pipeline_collectives_every_micro_batch(graph):
     t1 = cost.estimate(graph, z2, c).dp_comm
     t4 = cost.estimate(graph, z2.replace(num_micro_batches=4, batch_per_device=1), c).dp_comm
     units = [n.num_params for n in graph.blocks] + [graph.params_of([graph.pre.name, graph.post.name])]
-    ag = sum(cal.collective_time(c, "all_gather", 2 * u, group=2, inter_node=False) for u in units)
+    ag = sum(tm.collective_time(c, "all_gather", 2 * u, group=2, inter_node=False) for u in units)
     assert t4 == pytest.approx(4 * t1)  # 4 micro-batches: 4 x (all-gathers + reduce-scatters)
     assert t1 > ag  # the reduce-scatters are there
     z3 = z2.replace(distribute_low_prec_param=True)
@@ -83,11 +85,11 @@ def test_fsdp_without_pipeline_collectives_every_micro_batch(graph):
 
 
 def test_measured_block_efficiency_is_a_fraction():
-    m = cal.measure_matmul(torch.device("cpu"), sizes=(32, 64), repeats=2)
-    eff, floor = cal.measure_block(torch.device("cpu"), m, shape=(32, 2, 16, 1), tiny_shape=(8, 2, 4, 1), repeats=2)
+    m = mb.measure_matmul(torch.device("cpu"), sizes=(32, 64), repeats=2)
+    eff, floor = mb.measure_block(torch.device("cpu"), m, shape=(32, 2, 16, 1), tiny_shape=(8, 2, 4, 1), repeats=2)
     assert set(eff) == {"bf16", "fp32"} and all(0 < v <= 1 for v in eff.values())
     assert set(floor) == {"bf16", "fp32"} and all(v > 0 for v in floor.values())
-    table, eff, floor = cal.measure_compute(torch.device("cpu"), sizes=(32, 64), shape=(32, 2, 16, 1),
+    table, eff, floor = mb.measure_compute(torch.device("cpu"), sizes=(32, 64), shape=(32, 2, 16, 1),
                                             tiny_shape=(8, 2, 4, 1), repeats=2)  # what load_or_measure runs
     assert [p[0] for p in table["bf16"]] == [32.0, 64.0] and all(p[1] > 0 for p in table["fp32"])
     assert all(0 < v <= 1 for v in eff.values()) and all(v > 0 for v in floor.values())
@@ -105,19 +107,19 @@ def test_block_floor_is_paid_per_block_and_micro_batch(graph):
     assert rec - rec0 == pytest.approx(4 * 1e-3 * 4 / 3)  # a recomputed forward pays a third more
     bad = dict(db.to_dict(), block_floor={"bf16": -1})
     with pytest.raises(ValueError, match="block_floor"):
-        cal.CalibrationDB.from_dict(bad)
+        cdb.CalibrationDB.from_dict(bad)
 
 
 def test_small_collectives_pay_log_latency_not_ring():
     c = Cluster.preset("h100-80gb", nodes=1, devices_per_node=8)
     lat = c.link_latency
-    small = cal.collective_time(c, "all_reduce", 8, group=8, inter_node=False)
+    small = tm.collective_time(c, "all_reduce", 8, group=8, inter_node=False)
     assert small == pytest.approx(3 * lat, rel=0.01)  # recursive doubling: log2(8) steps, not 2 * 7
-    assert cal.collective_time(c, "all_gather", 8, group=8, inter_node=False) == pytest.approx(3 * lat, rel=0.01)
-    assert cal.collective_time(c, "all_gather", 8, group=3, inter_node=False) == pytest.approx(2 * lat, rel=0.01)
+    assert tm.collective_time(c, "all_gather", 8, group=8, inter_node=False) == pytest.approx(3 * lat, rel=0.01)
+    assert tm.collective_time(c, "all_gather", 8, group=3, inter_node=False) == pytest.approx(2 * lat, rel=0.01)
     big = 10**10  # bandwidth-bound: the ring's 2 (n-1)/n bytes per rank
     bw = c.intra_node_bandwidth * c.comm_efficiency
-    assert cal.collective_time(c, "all_reduce", big, group=8, inter_node=False) == pytest.approx(
+    assert tm.collective_time(c, "all_reduce", big, group=8, inter_node=False) == pytest.approx(
         2 * 7 / 8 * big / bw + 14 * lat)
 
 
@@ -135,6 +137,6 @@ def test_noisy_collective_table_is_made_monotone():
     """A small size measured slower than a larger one (a busy machine) is clamped to the larger one's time."""
     db = _db(collective_world=2, collectives={"all_reduce": [[65536.0, 3.6e-3], [2**20, 1.5e-3], [2**22, 4.7e-3]]})
     c = _cpu(db)
-    assert cal.collective_time(c, "all_reduce", 65536, group=2, inter_node=False) == pytest.approx(1.5e-3)
-    assert cal.collective_time(c, "all_reduce", 2**21, group=2, inter_node=False) == pytest.approx(
+    assert tm.collective_time(c, "all_reduce", 65536, group=2, inter_node=False) == pytest.approx(1.5e-3)
+    assert tm.collective_time(c, "all_reduce", 2**21, group=2, inter_node=False) == pytest.approx(
         1.5e-3 + (4.7e-3 - 1.5e-3) / 3)

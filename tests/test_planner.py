@@ -282,10 +282,11 @@ def test_plan_with_detected_cluster_and_injected_db(gpt_graph, tmp_path, monkeyp
     monkeypatch.setenv("MOREH_AP_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("MOREH_AP_NPROC", "2")
     from moreh_ap.planner import calibration as cal
+    from moreh_ap.planner import calibration_db as cdb
 
-    db = cal.CalibrationDB(fingerprint=cal.fingerprint(Cluster.preset("cpu")), matmul={"bf16": [[64, 1e11]],
+    db = cdb.CalibrationDB(fingerprint=cal.fingerprint(Cluster.preset("cpu")), matmul={"bf16": [[64, 1e11]],
                            "fp32": [[64, 2e10]]}, source="injected")
-    (tmp_path / cal.FILENAME).write_text(__import__("json").dumps(db.to_dict()))
+    (tmp_path / cdb.FILENAME).write_text(__import__("json").dumps(db.to_dict()))
     p = plan(gpt_graph)
     assert "Got DBs from backend for auto config." in capsys.readouterr().err
     assert p.cluster.world_size == 2 and p.cluster.device_type == "cpu"

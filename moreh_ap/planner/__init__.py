@@ -1,5 +1,6 @@
 # moreh_ap.planner: candidates -> partition -> memory -> cost -> selected ParallelConfig.
-from moreh_ap.planner.calibration import CalibrationDB, load_or_measure
+from moreh_ap.planner.calibration import load_or_measure
+from moreh_ap.planner.calibration_db import CalibrationDB
 from moreh_ap.planner.candidates import enumerate_candidates
 from moreh_ap.planner.cluster import Cluster
 from moreh_ap.planner.cost import TimeBreakdown

@@ -5,6 +5,8 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from moreh_ap.planner.calibration import load_or_measure
+
 GiB = 1024**3
 
 # name -> (device_memory bytes, {dtype: peak FLOP/s}, mem bandwidth, intra-node, inter-node bytes/s per device)
@@ -63,7 +65,7 @@ class Cluster:
     link_latency: float = 10e-6
     """Seconds per hop of a collective (ring algorithm)."""
     calibration: Any = field(default=None, repr=False)
-    """A :class:`moreh_ap.planner.calibration.CalibrationDB`, or None."""
+    """A :class:`moreh_ap.planner.calibration_db.CalibrationDB`, or None."""
 
     def __post_init__(self) -> None:
         for name in ("nodes", "devices_per_node"):
@@ -149,8 +151,6 @@ class Cluster:
         else:
             cluster = cls.preset("cpu", nodes=nodes, devices_per_node=local)
         if calibrate:
-            from moreh_ap.planner.calibration import load_or_measure
-
             cluster.calibration = load_or_measure(cluster)
         return cluster
 

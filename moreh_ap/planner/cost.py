@@ -4,9 +4,9 @@
 * compute: the slowest pipeline rank's FLOPs per micro-batch (forward, 2x
   forward for backward, +1 forward for recomputed blocks) over the calibrated
   matmul rate (bf16 under mixed precision, else fp32) at each node's GEMM size
-  for that micro-batch (see ``calibration.gemm_size``), blocks at the
+  for that micro-batch (see ``time_model.gemm_size``), blocks at the
   calibrated block efficiency plus the calibrated fixed cost per block and
-  micro-batch (``calibration.measure_block``), times micro-batches;
+  micro-batch (``microbench.measure_block``), times micro-batches;
 * bubble: ``(num_stages - 1) / stages_per_rank`` micro-batch slots of the
   slowest rank;
 * p2p: one activation send and one gradient send per stage boundary per
@@ -31,8 +31,8 @@ from typing import Any
 
 from moreh_ap.config import ParallelConfig
 from moreh_ap.graph.model_graph import ModelGraph
-from moreh_ap.planner.calibration import (block_efficiency, block_floor, collective_time, gemm_size,
-                                          matmul_flops)
+from moreh_ap.planner.time_model import (block_efficiency, block_floor, collective_time, gemm_size,
+                                         matmul_flops)
 from moreh_ap.planner.cluster import Cluster
 from moreh_ap.planner.memory import optimizer_profile, rank_nodes
 

@@ -1,0 +1,129 @@
+# Time formulas the cost model uses: matmul rate at a GEMM size, block efficiency and floor, collective seconds.
+"""Seconds and rates from a Cluster and its calibration DB (measured numbers when there are, else analytic).
+
+Collectives without a measured table (no process group was up when the DB was
+measured; the planner never spawns processes) use the analytic model on the
+Cluster's bandwidths::
+
+    all_reduce      min(ring: 2 (n-1)/n * S / bw + 2 (n-1) * latency,
+                        recursive doubling: ceil(log2 n) * (S / bw + latency))
+    all_gather      (n-1)/n * S / bw + min(n-1, ceil(log2 n)) * latency   (S = gathered bytes)
+    reduce_scatter  (n-1)/n * S / bw + min(n-1, ceil(log2 n)) * latency   (S = input bytes)
+    send_recv       S / bw + latency
+
+(the classic alpha-beta costs of Thakur, Rabenseifner & Gropp 2005: ring for large
+messages, recursive doubling / halving -- what NCCL's tree / LL and gloo use for
+small ones -- for small; a pure ring model charges 2 (n-1) latencies to a
+small all-reduce and makes pipelines look cheaper than data parallelism on
+small models)
+
+with ``bw`` the intra-node bandwidth when the group lies within one node,
+else the inter-node one, times ``Cluster.comm_efficiency``.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+
+from moreh_ap.planner.calibration_db import COLLECTIVES
+
+
+def _interp(points: list[list[float]], x: float) -> float:
+    """Piecewise-linear time(bytes) through the points, extrapolated with the last slope.
+
+    The points are first made non-decreasing from the right (a time larger than one measured for
+    more bytes is noise from a busy machine: moving more bytes is never faster).
+    """
+    pts = [list(p) for p in sorted(points)]
+    for i in range(len(pts) - 2, -1, -1):
+        pts[i][1] = min(pts[i][1], pts[i + 1][1])
+    xs = [p[0] for p in pts]
+    if len(pts) == 1:
+        return pts[0][1] * x / pts[0][0]
+    i = min(max(bisect.bisect_left(xs, x), 1), len(pts) - 1)
+    (x0, y0), (x1, y1) = pts[i - 1], pts[i]
+    slope = (y1 - y0) / (x1 - x0) if x1 != x0 else 0.0
+    if x < x0:
+        return max(y0 * x / x0, 0.0) if i == 1 else y0
+    return max(y0 + slope * (x - x0), 0.0)
+
+
+def _ring_factor(kind: str, n: int) -> float:
+    if kind == "send_recv":
+        return 1.0
+    f = (n - 1) / n
+    return 2 * f if kind == "all_reduce" else f
+
+
+def collective_time(cluster, kind: str, nbytes: float, *, group: int, inter_node: bool) -> float:
+    """Seconds for one collective of ``nbytes`` over ``group`` ranks.
+
+    Args:
+        cluster: the :class:`Cluster` (its calibration DB is used when it has a collective table).
+        kind: "all_reduce", "all_gather", "reduce_scatter" or "send_recv".
+        nbytes: the full buffer (all-reduce input, gathered output, reduce-scatter input, bytes sent).
+        group: ranks in the group (1 = no communication, 0 s).
+        inter_node: the group spans nodes (the slower link).
+    """
+    if kind not in COLLECTIVES:
+        raise ValueError(f"collective_time(kind={kind!r}) is not valid: expected one of {COLLECTIVES}")
+    if nbytes <= 0 or (group <= 1 and kind != "send_recv"):
+        return 0.0
+    db = cluster.calibration
+    if db is not None and db.collectives and kind in db.collectives:
+        measured = _interp(db.collectives[kind], nbytes)
+        w = max(2, db.collective_world)
+        if kind == "send_recv":
+            return measured
+        return measured * _ring_factor(kind, max(group, 2)) / _ring_factor(kind, w)
+    bw = (cluster.inter_node_bandwidth if inter_node else cluster.intra_node_bandwidth) * cluster.comm_efficiency
+    lat = cluster.link_latency
+    if kind == "send_recv":
+        return nbytes / bw + lat
+    n = max(group, 2)
+    steps = math.ceil(math.log2(n))
+    ring = _ring_factor(kind, n) * nbytes / bw + (2 if kind == "all_reduce" else 1) * (n - 1) * lat
+    if kind == "all_reduce":  # recursive doubling: log2(n) exchanges of the whole buffer
+        return min(ring, steps * (nbytes / bw + lat))
+    return min(ring, _ring_factor(kind, n) * nbytes / bw + steps * lat)  # recursive doubling / halving (Bruck)
+
+
+def matmul_flops(cluster, dtype: str, size: float | None = None) -> float:
+    """Sustained matmul FLOP/s: calibrated (at square side ``size`` when given) when the DB has the
+    dtype, else peak x compute_efficiency."""
+    db = cluster.calibration
+    if db is not None:
+        measured = db.matmul_flops(dtype, size)
+        if measured:
+            return measured
+    return cluster.flops(dtype) * cluster.compute_efficiency
+
+
+def block_efficiency(cluster, dtype: str) -> float:
+    """The calibrated share of the matmul rate a transformer block sustains (1.0 without a DB)."""
+    db = cluster.calibration
+    if db is None:
+        return 1.0
+    return float(db.block_efficiency.get(dtype, 1.0))
+
+
+def block_floor(cluster, dtype: str) -> float:
+    """The calibrated fixed seconds of one block's forward + backward per micro-batch (0 without a DB)."""
+    db = cluster.calibration
+    if db is None:
+        return 0.0
+    return float(db.block_floor.get(dtype, 0.0))
+
+
+def gemm_size(flops: float, params: int, largest_param: int) -> float | None:
+    """Square-matmul side with the FLOPs of a node's typical GEMM: ``(rows * largest_param) ** (1/3)``.
+
+    ``rows = flops / (2 * params)`` is how many rows each weight multiplies in a forward (exact for
+    linear layers: ``2 * rows * K * N`` FLOPs per ``K x N`` weight). None for nodes without parameters
+    or FLOPs (the rate at the largest measured side is used then).
+    """
+    if params <= 0 or largest_param <= 0 or flops <= 0:
+        return None
+    return (flops / (2.0 * params) * largest_param) ** (1.0 / 3.0)
+
+
