@@ -10,7 +10,8 @@ Each :class:`ScheduleSpec` gives:
   ``s % pp``; ``"v"``: stage ``s`` on rank ``s`` then back, ``2 * pp - 1 - s``);
 - ``check(pp, n, spr)``: the schedule's own validity rule (raises ``ValueError`` with the arithmetic);
 - ``bubble(pp, n, spr)``: the idle fraction of one micro-batch slot count (``slots idle``);
-- ``order(pp, n, spr, rank)``: the forwards and backwards a rank runs, in torch's order.
+- ``order(pp, n, spr, rank)``: the forwards and backwards a rank runs, in torch's order;
+- ``planner_stages_per_rank``: the ``stages_per_rank`` values the planner searches with it.
 
 Adding a schedule is adding one entry to :data:`SCHEDULES` (see ``docs/extending.md``). This
 module imports nothing from ``moreh_ap`` (the config, the planner and the runtime all read it).
@@ -44,6 +45,9 @@ class ScheduleSpec:
     """``bubble(pp, num_micro_batches, stages_per_rank)``: idle micro-batch slots of the slowest rank."""
     order: Callable[[int, int, int, int], list[Op]]
     """``order(pp, num_micro_batches, stages_per_rank, rank)``: this rank's forwards/backwards in torch's order."""
+    planner_stages_per_rank: tuple[int, ...] = (1,)
+    """The ``stages_per_rank`` values the planner tries with this schedule for pipelines of 2+ stages
+    (empty: the planner never picks it)."""
 
     def torch_schedule_class(self) -> type:
         """torch's schedule class for this entry."""
@@ -140,7 +144,7 @@ SCHEDULES: dict[str, ScheduleSpec] = {
                      check=_check_1f1b, bubble=lambda pp, n, spr: float(pp - 1), order=_order_1f1b),
         ScheduleSpec(name="Interleaved1F1B", torch_class="Interleaved1F1B", multi_stage=True, placement="loop",
                      check=_check_interleaved, bubble=lambda pp, n, spr: (pp - 1) / spr,
-                     order=_order_interleaved),
+                     order=_order_interleaved, planner_stages_per_rank=(2, 4)),
     )
 }
 """Every schedule the library can plan and run, by name."""

@@ -1,11 +1,13 @@
 # Candidate enumeration: every ParallelConfig validate() accepts for the world, batch and options.
 from __future__ import annotations
 
-from moreh_ap.config import ParallelConfig
 from moreh_ap.ap_options import APOptions
+from moreh_ap.config import ParallelConfig
+from moreh_ap.schedules import SCHEDULES
 
-SCHEDULE_CHOICES = (("GPipe", 1), ("1F1B", 1), ("Interleaved1F1B", 2), ("Interleaved1F1B", 4))
-"""(schedule, stages_per_rank) pairs tried for pipelines of 2+ stages."""
+SCHEDULE_CHOICES = tuple((s.name, spr) for s in SCHEDULES.values() for spr in s.planner_stages_per_rank)
+"""(schedule, stages_per_rank) pairs tried for pipelines of 2+ stages: each registered schedule with
+each of its ``planner_stages_per_rank``."""
 
 
 def divisors(n: int) -> list[int]:
@@ -40,8 +42,9 @@ def enumerate_candidates(
     False or the model has no blocks), micro-batch counts (divisors of the
     per-replica batch, fixed when ``options.num_micro_batches`` is an int),
     recomputation on/off, the three data-parallel modes (none, ZeRO-2-like,
-    ZeRO-3-like), schedules GPipe / 1F1B / Interleaved1F1B (2 and 4 virtual
-    stages per rank). Tensor parallelism is not searched (tp = 1).
+    ZeRO-3-like), and for pipelines every registered schedule with the
+    virtual stages per rank it lists (:data:`SCHEDULE_CHOICES`; today GPipe,
+    1F1B, Interleaved1F1B with 2 and 4). Tensor parallelism is not searched (tp = 1).
 
     Args:
         world_size: ranks.
@@ -49,7 +52,7 @@ def enumerate_candidates(
         num_blocks: pipeline-splittable blocks of the model (0 = none).
         options: the user's restrictions (default: all 'auto').
     """
-    options = options or APOptions()
+    options = options if options is not None else APOptions()
     if global_batch < 1:
         raise ValueError(f"global_batch={global_batch!r} is not valid: expected an integer >= 1")
     max_pp = 1 if (not options.pipeline_parallel or num_blocks < 2) else world_size

@@ -7,19 +7,20 @@
   for that micro-batch (see ``time_model.gemm_size``), blocks at the
   calibrated block efficiency plus the calibrated fixed cost per block and
   micro-batch (``microbench.measure_block``), times micro-batches;
-* bubble: ``(num_stages - 1) / stages_per_rank`` micro-batch slots of the
-  slowest rank;
+* bubble: the schedule registry's ``bubble(num_stages, num_micro_batches,
+  stages_per_rank)`` micro-batch slots of the slowest rank (``(num_stages - 1) /
+  stages_per_rank`` for the registered schedules);
 * p2p: one activation send and one gradient send per stage boundary per
   micro-batch on the critical path, ``(num_micro_batches * stages_per_rank +
   num_stages - 1) * 2`` sends;
 * dp collectives by mode: replicated = one all-reduce of the gradients per
   step; distribute_param = reduce-scatter of gradients + all-gather of the
-  compute copy, one collective per fully_shard unit (each block, the stage
-  root): inside a pipeline all-gathers once per step; without one per
+  compute copy, one collective per fully_shard unit (each block, each part
+  outside the blocks that ``fsdp_units.is_own_unit`` accepts, the stage root;
+  :func:`moreh_ap.planner.units.fsdp_units`): inside a pipeline all-gathers once per step; without one per
   micro-batch (ZeRO-3-like twice: forward and backward) and a
-  reduce-scatter after every micro-batch. Mesh ('pp', 'dp')
-  with dp innermost: a dp group is intra-node when dp <= devices_per_node,
-  pipeline hops cross nodes when num_stages * dp > devices_per_node.
+  reduce-scatter after every micro-batch. Whether a dp group or a pipeline
+  hop crosses nodes is ``ParallelLayout.spans_nodes``.
   Collectives are not assumed to overlap compute (an upper bound);
 * optimizer step: memory-bound, ~(4 + 3k) x 4 bytes touched per local element
   over the memory bandwidth.
@@ -31,10 +32,11 @@ from typing import Any
 
 from moreh_ap.config import ParallelConfig
 from moreh_ap.graph.model_graph import ModelGraph
-from moreh_ap.planner.time_model import (block_efficiency, block_floor, collective_time, gemm_size,
-                                         matmul_flops)
+from moreh_ap.layout import ParallelLayout
 from moreh_ap.planner.cluster import Cluster
-from moreh_ap.planner.memory import optimizer_profile, rank_nodes
+from moreh_ap.planner.time_model import block_efficiency, block_floor, collective_time, gemm_size, matmul_flops
+from moreh_ap.planner.units import fsdp_units, optimizer_profile, rank_stages
+from moreh_ap.schedules import get_schedule
 
 
 @dataclass(kw_only=True, slots=True)
@@ -63,14 +65,6 @@ class TimeBreakdown:
         return d
 
 
-def _placement(config: ParallelConfig, world_size: int, devices_per_node: int) -> tuple[bool, bool]:
-    """(dp group spans nodes, pipeline hops cross nodes) for mesh ('pp', 'dp'), dp innermost."""
-    dp = config.dp(world_size)
-    dp_inter = dp > devices_per_node
-    pp_inter = config.num_stages > 1 and config.num_stages * dp > devices_per_node
-    return dp_inter, pp_inter
-
-
 def _node_seconds(node, cluster: Cluster, *, dtype: str, scale: float, recompute: bool) -> float:
     """Forward + backward (+ recompute) seconds of one node for one micro-batch.
 
@@ -87,13 +81,6 @@ def _node_seconds(node, cluster: Cluster, *, dtype: str, scale: float, recompute
         return flops * 3 / rate
     passes = 4 if recompute else 3  # forward, backward = 2 forwards, + a forward when recomputed
     return block_floor(cluster, dtype) * passes / 3 + flops * passes / (rate * block_efficiency(cluster, dtype))
-
-
-def _fsdp_units(graph: ModelGraph, nodes: list) -> list[int]:
-    """Parameter elements of each fully_shard unit the runtime makes on a rank: one per block, one root."""
-    units = [n.num_params for n in nodes if n.kind == "block"]
-    root = graph.params_of([n.name for n in nodes if n.kind != "block"])
-    return units + ([root] if root else [])
 
 
 def estimate(
@@ -117,20 +104,20 @@ def estimate(
     pp, nmb, spr = config.num_stages, config.num_micro_batches, config.stages_per_rank
     per_mb, params_rank, trainable_rank, units_rank = [], [], [], []
     for r in range(pp):
-        chunks = rank_nodes(graph, config, r)
-        nodes = [n for ch in chunks for n in ch]
+        stages = rank_stages(graph, config, r, world_size=world)
+        nodes = [n for st in stages for n in st.nodes]
         per_mb.append(sum(_node_seconds(n, cluster, dtype=dtype, scale=scale, recompute=config.recomputation)
                           for n in nodes))
         names = [n.name for n in nodes]
         params_rank.append(graph.params_of(names))
         trainable_rank.append(graph.params_of(names, trainable_only=True))
-        units_rank.append(_fsdp_units(graph, nodes))
+        units_rank.append(fsdp_units(graph, [st.nodes for st in stages]).sizes())
     slot = max(per_mb)
     t = TimeBreakdown(compute=slot * nmb)
-    dp_inter, pp_inter = _placement(config, world, cluster.devices_per_node)
+    dp_inter, pp_inter, _ = ParallelLayout.from_config(config, world).spans_nodes(cluster.devices_per_node)
     prec = "mixed" if mp else "full"
     if pp > 1:
-        t.bubble = (pp - 1) / spr * slot
+        t.bubble = get_schedule(config.schedule).bubble(pp, nmb, spr) * slot
         boundary = max((b.out_bytes.get(prec, 0) for b in graph.blocks), default=0) * scale
         send = collective_time(cluster, "send_recv", boundary, group=2, inter_node=pp_inter)
         t.p2p = (nmb * spr + pp - 1) * 2 * send
@@ -142,7 +129,8 @@ def estimate(
         if not config.distribute_param:
             t.dp_comm = collective_time(cluster, "all_reduce", p_tr * reduce_b, group=dp, inter_node=dp_inter)
         else:
-            # one all-gather / reduce-scatter per fully_shard unit (each block, the stage root)
+            # one all-gather / reduce-scatter per fully_shard unit (each block, each module outside the blocks
+            # that is its own unit, the stage root)
             frac = p_tr / max(1, max(params_rank))
             units = max(units_rank, key=sum)
             ag = sum(collective_time(cluster, "all_gather", u * c, group=dp, inter_node=dp_inter) for u in units)

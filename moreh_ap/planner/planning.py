@@ -1,26 +1,26 @@
 # plan(): trace -> candidates -> partition + memory ("compile") -> cost of survivors -> selected config, with the seed's log.
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moreh_ap.ap_options import APOptions
 from moreh_ap.config import ParallelConfig
 from moreh_ap.env import read_env
 from moreh_ap.errors import NoFeasibleConfigError
 from moreh_ap.graph.model_graph import ModelGraph
+from moreh_ap.graph.tracing import trace
 from moreh_ap.log import logger
-from moreh_ap.ap_options import APOptions
-from moreh_ap.option import current_options
 from moreh_ap.planner import cost as cost_model
 from moreh_ap.planner import memory as memory_model
 from moreh_ap.planner.candidates import enumerate_candidates
 from moreh_ap.planner.cluster import Cluster
 from moreh_ap.planner.memory import MemoryBreakdown
 from moreh_ap.planner.partition import partition
+from moreh_ap.planner.units import optimizer_profile
 
 SELECTED_DUMP = "advanced_parallelization_selected_config.dump"
 DETAILED_DUMP = "autoconfig_log.dump"
@@ -119,7 +119,7 @@ class Plan:
 
 def _normalize_options(options: Any) -> APOptions:
     if options is None:
-        return current_options()
+        return APOptions()
     if isinstance(options, APOptions):
         return options
     if isinstance(options, dict):
@@ -254,7 +254,9 @@ def plan_graph(
     Args:
         graph: the traced model.
         cluster: the devices to plan for.
-        options: an ``APOptions``, a dict of its keywords, or None (= ``current_options()``).
+        options: what the user allows the planner to choose: an ``APOptions``, a dict of its keywords,
+            or None (= ``APOptions()``, everything 'auto'). The planner reads no global state: the one-line
+            mode passes the options it was enabled with.
         optimizer: "adamw", "adam", "sgd", "lamb", an optimizer instance or class.
         dump: write ``advanced_parallelization_selected_config.dump`` in the working directory.
         global_batch: samples per step (default: the traced batch).
@@ -266,7 +268,7 @@ def plan_graph(
     """
     t_start = started if started is not None else time.perf_counter()
     opts = _normalize_options(options)
-    memory_model.optimizer_profile(optimizer, device_type=cluster.device_type)  # validates the spec
+    optimizer_profile(optimizer, device_type=cluster.device_type)  # validates the spec
     env = read_env()
     world = cluster.world_size
     batch = global_batch or graph.batch_size
@@ -347,7 +349,9 @@ def plan(
         args: positional inputs of one GLOBAL batch (real, fake or meta tensors).
         kwargs: keyword inputs (e.g. ``labels=``).
         cluster: devices to plan for; None = ``Cluster.detect(calibrate=True)``.
-        options: an ``APOptions``, a dict of its keywords, or None (= ``current_options()``).
+        options: what the user allows the planner to choose: an ``APOptions``, a dict of its keywords,
+            or None (= ``APOptions()``, everything 'auto'). The planner reads no global state: the one-line
+            mode passes the options it was enabled with.
         optimizer: "adamw", "adam", "sgd", "lamb", an optimizer instance or class.
         dump: write the selected line to ``advanced_parallelization_selected_config.dump``.
 
@@ -358,8 +362,6 @@ def plan(
         NoFeasibleConfigError: nothing fits (bytes requested vs available, and the ways out).
         TypeError / ValueError: a bad argument, naming it and the accepted values.
     """
-    from moreh_ap.graph.tracing import trace
-
     started = time.perf_counter()
     opts = _normalize_options(options)
     if cluster is not None and not isinstance(cluster, Cluster):
