@@ -178,14 +178,14 @@ def piped_peak(nodes: list[NodeInfo], kept: list[float], trans: list[float], chu
     grads[-1] += r * u.root_t
     post = n - 1 if nodes and nodes[-1].kind == "post" else None
     best = Peak()
-    inner: dict[tuple[int, bool, bool], tuple[float, ...]] = {}  # a stage's own worst node per kind of backward
+    inner: dict[tuple[int, bool, bool], Peak] = {}  # a stage's own worst node per kind of backward
 
-    def stage_worst(local: int, first: bool, progressive: bool) -> tuple[float, ...]:
-        """(sum, copy, this stage's grads, this micro-batch's activations, transient) at the stage's worst node."""
+    def stage_worst(local: int, first: bool, progressive: bool) -> Peak:
+        """Copy, this stage's grads, this micro-batch's activations, transient at the stage's worst node."""
         a, b = chunks[local]
         prefix = acts[local]
         after = suffix = 0.0  # gradients / unit parameters of the nodes after i in this stage
-        worst = (-1.0, 0.0, 0.0, 0.0, 0.0)
+        worst = Peak(total=-1.0)
         for i in range(b - 1, a - 1, -1):
             if not zero3:
                 copy = full_copy
@@ -202,8 +202,8 @@ def piped_peak(nodes: list[NodeInfo], kept: list[float], trans: list[float], chu
             fresh = 0.0 if first or not nodes[i].trainable_params else c * nodes[i].largest_param
             tr = max(trans[i], trans[i] / 2 + fresh)
             total = copy + g + prefix + tr
-            if total > worst[0]:
-                worst = (total, copy, g, prefix, tr)
+            if total > worst.total:
+                worst = Peak(total=total, copy=copy, grads=g, acts=prefix, transient=tr)
             prefix -= kept[i]
             after += r * t[i]
             suffix += p[i]
@@ -220,8 +220,9 @@ def piped_peak(nodes: list[NodeInfo], kept: list[float], trans: list[float], chu
         key = (local, first, zero3 and (first or fwd_between))
         if key not in inner:
             inner[key] = stage_worst(*key)
-        s_total, copy, g, prefix, tr = inner[key]
-        total = s_total + others + g_done
+        sw = inner[key]
+        copy, g, prefix, tr = sw.copy, sw.grads, sw.acts, sw.transient
+        total = sw.total + others + g_done
         if total > best.total:
             best = Peak(total=total, copy=copy, grads=g + g_done, acts=others + prefix, transient=tr)
     # the reduction after the last backward (``perform_reduce_grad``), at the largest unit: it is resharded
