@@ -8,7 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from moreh_ap._version import __version__
+from moreh_ap.ap_options import APOptions
+from moreh_ap.errors import NoFeasibleConfigError
+from moreh_ap.graph import trace
+from moreh_ap.planner.cluster import PRESETS, Cluster
+from moreh_ap.planner.planning import candidate_table, plan_graph
 
 # name -> (family, config keywords); built on the meta device, never downloaded.
 MODELS = {
@@ -53,8 +60,6 @@ def _positive(text: str) -> int:
 
 
 def _add_plan_parser(sub) -> None:
-    from moreh_ap.planner.cluster import PRESETS
-
     p = sub.add_parser(
         "plan",
         help="plan a model (built on the meta device) for a cluster and print the candidates",
@@ -97,8 +102,7 @@ def build_meta_model(name: str, *, seq_len: int):
     Raises:
         ValueError: unknown name / unreadable file / sequence longer than the model allows.
     """
-    import torch
-    import transformers
+    import transformers  # optional (the "hf" extra): needed only to build a model by name
 
     if name in MODELS:
         family, kw = MODELS[name]
@@ -128,8 +132,6 @@ def build_meta_model(name: str, *, seq_len: int):
 
 
 def _cluster(args):
-    from moreh_ap.planner.cluster import Cluster
-
     if args.preset:
         return Cluster.preset(args.preset, nodes=args.nodes, devices_per_node=args.devices_per_node)
     if not args.peak_tflops or args.peak_tflops <= 0:
@@ -148,12 +150,6 @@ def _cluster(args):
 
 def run_plan(args) -> int:
     """``moreh-ap plan``: returns the exit status (0 pick, 2 nothing fits)."""
-    import torch
-
-    from moreh_ap.errors import NoFeasibleConfigError
-    from moreh_ap.graph import trace
-    from moreh_ap.ap_options import APOptions
-    from moreh_ap.planner.planning import candidate_table, plan_graph
 
     try:
         cluster = _cluster(args)

@@ -16,9 +16,9 @@ none for frozen parameters):
   bf16 weight copies ``P*c`` live from forward until each one's backward (with
   recomputation only the current block's); DDP (dp > 1) adds its reducer
   buckets ``P_trainable*w`` (``gradient_as_bucket_view=False``);
-* distribute_param (FSDP2; one unit per block, one per large untied module
-  outside the blocks, the root unit for the rest, as ``runtime.apply.apply_fsdp``
-  wraps them): master, gradients and optimizer state sharded ``/d``; ZeRO-2 keeps
+* distribute_param (FSDP2; one unit per block, one per part outside the blocks
+  that ``moreh_ap.fsdp_units.is_own_unit`` accepts, the root unit for the rest,
+  as the runtime wraps them: :func:`moreh_ap.planner.units.fsdp_units`): master, gradients and optimizer state sharded ``/d``; ZeRO-2 keeps
   each unit's compute copy from forward until its post-backward; ZeRO-3
   (+ distribute_low_prec_param) gathers the current unit and prefetches the next;
   at each unit's post-backward its unsharded gradients, the reduce-dtype
