@@ -64,7 +64,6 @@ def _device(cluster):
     return torch.device("cuda", torch.cuda.current_device()) if cluster.device_type == "cuda" and torch.cuda.is_available() else torch.device("cpu")
 
 
-
 def load_or_measure(
     cluster,
     *,
