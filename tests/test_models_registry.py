@@ -78,6 +78,27 @@ def test_generic_adapter_finds_blocks_but_no_pipeline():
     assert is_hf_model(tiny_neox(1)) and not is_hf_model(TinyGPT(layers=1))
 
 
+def test_block_list_as_module_dict_is_planned_on_its_blocks():
+    class Titan(nn.Module):  # torchtitan keeps its layers in a ModuleDict
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Linear(8, 8)
+            self.layers = nn.ModuleDict({str(i): nn.Linear(8, 8) for i in range(3)})
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x):
+            x = self.emb(x) if self.emb is not None else x
+            for layer in self.layers.values():
+                x = layer(x)
+            return self.out(x) if self.out is not None else x
+
+    model = Titan()
+    assert type(find_adapter(model)) is BlockListAdapter
+    assert find_blocks(model) == ("layers", ["layers.0", "layers.1", "layers.2"])
+    graph = trace(model, (torch.randn(4, 8),))
+    assert graph.num_blocks == 3 and graph.supports_pipeline and graph.pre.fqns == ("emb",)
+
+
 def test_hf_loss_handling_comes_from_the_adapter():
     neox, gpt = find_adapter(tiny_neox(1)), find_adapter(build_model("gpt", 0))
     assert neox.hf_model and not neox.hf_causal_lm and neox.vocab_size() == 128
