@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moreh_ap.log import logger
+from moreh_ap.models import is_hf_model
 
 __all__ = ["install", "uninstall", "is_engaged", "engaged_model", "CONFIG_ENV", "OptimizerAlreadySteppedError"]
 
@@ -297,7 +298,7 @@ def _user_optimizer(root: nn.Module) -> torch.optim.Optimizer:
 
 
 def _check_trainable_call(root: nn.Module, kwargs: dict) -> None:
-    hf = any(c.__name__ == "PreTrainedModel" for c in type(root).__mro__)
+    hf = is_hf_model(root)
     if not hf or kwargs.get("labels") is None:
         raise NotImplementedError(
             f"advanced parallelization trains models that compute their own loss: a Hugging Face model called "
@@ -366,10 +367,10 @@ def fallback_config(root: nn.Module, *, batch: int, world: int, options, recompu
     size not above the option (and the model's block count); micro-batches default to the stage count.
     """
     from moreh_ap.config import ParallelConfig
-    from moreh_ap.runtime.split import _WholeModel, find_adapter
+    from moreh_ap.models import find_adapter
 
     adapter = find_adapter(root)
-    blocks = 1 if isinstance(adapter, _WholeModel) else len(adapter.blocks())
+    blocks = len(adapter.blocks()) if adapter.supports_pipeline else 1
     cap = options.num_stages if options.pipeline_parallel and isinstance(options.num_stages, int) else 1
     pp = max(d for d in range(1, world + 1) if world % d == 0 and d <= min(cap, blocks))
     dp = world // pp
@@ -490,7 +491,7 @@ class _Engine:
         self.pending_inputs = None
         self.params = list(dict.fromkeys(pm.parameters()))
         self.ids = {id(p) for p in root.parameters()} | {id(p) for p in self.params}
-        self.hf = any(c.__name__ == "PreTrainedModel" for c in type(root).__mro__)
+        self.hf = is_hf_model(root)
 
     def call(self, root: nn.Module, args, kwargs, *, broadcast: bool = True):
         if self.pending_inputs is not None:

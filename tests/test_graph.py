@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from moreh_ap.graph import ModelGraph, find_blocks, trace
+from moreh_ap.graph import ModelGraph, trace
+from moreh_ap.models import find_blocks
 from test_graph_models import TinyGPT, mlp, tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.timeout(60)

@@ -66,9 +66,20 @@ def tiny_gpt2(layers=3):
     return GPT2LMHeadModel(cfg)
 
 
+def tiny_neox(layers=4):
+    """A tiny Hugging Face GPT-NeoX (random weights, no hub): a family the runtime cannot pipeline."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(vocab_size=128, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64, use_cache=False)
+    torch.manual_seed(0)
+    return GPTNeoXForCausalLM(cfg)
+
+
 def test_tiny_models_run_for_real():
     idx = torch.randint(0, 100, (2, 16))
     assert TinyGPT()(idx, idx).dim() == 0
     assert mlp()(torch.randn(3, 16)).shape == (3, 16)
     assert tiny_llama(2)(idx, labels=idx).loss.dim() == 0
     assert tiny_gpt2(2)(idx, labels=idx).loss.dim() == 0
+    assert tiny_neox(2)(idx, labels=idx).loss.dim() == 0

@@ -12,7 +12,8 @@ import moreh_ap
 from _runtime_cases import (DIMENSIONS, N_BLOCKS, all_valid_combos, build_model, case_batches, combo_config,
                             covering_combos, loss_fn_for, parallel_run, reference_run)
 from moreh_ap.config import ParallelConfig
-from moreh_ap.runtime.split import find_adapter, map_stage_names, param_names, stage_ranges
+from moreh_ap.layout import stage_ranges
+from moreh_ap.models import find_adapter, map_stage_names, param_names
 
 pytestmark = pytest.mark.timeout(120)
 

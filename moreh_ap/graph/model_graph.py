@@ -83,6 +83,9 @@ class ModelGraph:
         param_dtype_bytes: bytes per element of the model's (floating) parameters.
         trace_ms: how long tracing took.
         model_name: class name of the traced model.
+        adapter_name: the model family that gave the blocks (``ModelAdapter.name``).
+        supports_pipeline: whether the runtime can cut the model into pipeline stages (False: the
+            planner plans one stage only).
     """
 
     def __init__(
@@ -95,6 +98,8 @@ class ModelGraph:
         param_dtype_bytes: int = 4,
         trace_ms: float = 0.0,
         model_name: str = "",
+        adapter_name: str = "",
+        supports_pipeline: bool = True,
     ) -> None:
         self.nodes = list(nodes)
         self.block_container = block_container
@@ -103,6 +108,8 @@ class ModelGraph:
         self.param_dtype_bytes = param_dtype_bytes
         self.trace_ms = trace_ms
         self.model_name = model_name
+        self.adapter_name = adapter_name
+        self.supports_pipeline = bool(supports_pipeline)
         self.graph = nx.DiGraph()
         for node in self.nodes:
             self.graph.add_node(node.name, info=node)
@@ -170,6 +177,8 @@ class ModelGraph:
         return {
             "model_name": self.model_name,
             "block_container": self.block_container,
+            "adapter_name": self.adapter_name,
+            "supports_pipeline": self.supports_pipeline,
             "batch_size": self.batch_size,
             "num_blocks": self.num_blocks,
             "total_params": self.total_params,

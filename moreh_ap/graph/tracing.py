@@ -15,6 +15,8 @@ model's own dtypes). During it:
   the flash / memory-efficient kernel the runtime uses: it saves q, k, v, the
   output and the fp32 log-sum-exp, never B·H·T² probabilities, and adds the
   kernel's FLOPs (4·B·H·Tq·Tk·D, halved when ``is_causal``);
+* the blocks are the model family's (``moreh_ap.models.find_adapter``), the
+  same modules the runtime splits and wraps;
 * only the first of identical blocks runs: the others return its output and
   take its numbers (a fake forward of a whole 13B model costs ~1 s).
 
@@ -34,8 +36,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import flop_registry
 
-from moreh_ap.graph.blocks import block_signature, find_blocks
 from moreh_ap.graph.model_graph import PRECISIONS, ModelGraph, NodeInfo, TiedParam
+from moreh_ap.models import block_signature, find_adapter
 
 __all__ = ["trace"]
 
@@ -174,9 +176,10 @@ class _Tracer:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.container, self.block_fqns = find_blocks(model)
-        modules = dict(model.named_modules())
-        self.blocks = [modules[f] for f in self.block_fqns]
+        self.adapter = find_adapter(model)  # the blocks the runtime wraps and splits: the planner costs the same
+        self.block_fqns = self.adapter.block_fqns()
+        self.blocks = [block for _, block in self.adapter.blocks()]
+        self.container = self.adapter.container_path if self.blocks else None
         self.block_names = [f"block.{i}" for i in range(len(self.blocks))]
         sigs = [block_signature(b) for b in self.blocks]
         self.rep_of: list[int] = []  # index of the first identical block
@@ -379,4 +382,6 @@ def trace(
         param_dtype_bytes=max(set(float_sizes), key=float_sizes.count) if float_sizes else 4,
         trace_ms=(time.perf_counter() - t0) * 1e3,
         model_name=type(model).__name__,
+        adapter_name=tracer.adapter.name,
+        supports_pipeline=tracer.adapter.supports_pipeline,
     )

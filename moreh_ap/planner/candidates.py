@@ -33,13 +33,14 @@ def _dist_modes(option, dp: int) -> list[tuple[bool, bool]]:
 
 
 def enumerate_candidates(
-    *, world_size: int, global_batch: int, num_blocks: int, options: APOptions | None = None
+    *, world_size: int, global_batch: int, num_blocks: int, options: APOptions | None = None,
+    supports_pipeline: bool = True,
 ) -> list[ParallelConfig]:
     """All configurations worth evaluating, each accepted by ``ParallelConfig.validate``.
 
     Search space: pipeline stages (divisors of the world size, at most
     ``options.num_stages`` when it is an int, 1 when ``pipeline_parallel`` is
-    False or the model has no blocks), micro-batch counts (divisors of the
+    False, the model has no blocks or the runtime cannot pipeline it), micro-batch counts (divisors of the
     per-replica batch, fixed when ``options.num_micro_batches`` is an int),
     recomputation on/off, the three data-parallel modes (none, ZeRO-2-like,
     ZeRO-3-like), and for pipelines every registered schedule with the
@@ -51,11 +52,13 @@ def enumerate_candidates(
         global_batch: samples per optimizer step over all ranks.
         num_blocks: pipeline-splittable blocks of the model (0 = none).
         options: the user's restrictions (default: all 'auto').
+        supports_pipeline: whether the runtime can cut the model into stages (``ModelGraph.supports_pipeline``);
+            False: no candidate with ``num_stages > 1`` (the planner never plans what the runtime cannot run).
     """
     options = options if options is not None else APOptions()
     if global_batch < 1:
         raise ValueError(f"global_batch={global_batch!r} is not valid: expected an integer >= 1")
-    max_pp = 1 if (not options.pipeline_parallel or num_blocks < 2) else world_size
+    max_pp = 1 if (not options.pipeline_parallel or num_blocks < 2 or not supports_pipeline) else world_size
     if isinstance(options.num_stages, int):
         max_pp = min(max_pp, options.num_stages)
     recomputes = [False, True] if options.activation_recomputation == "auto" else [options.activation_recomputation]

@@ -273,7 +273,8 @@ def plan_graph(
     world = cluster.world_size
     batch = global_batch or graph.batch_size
     cap = int(cluster.device_memory * env.memory_usage_correction_ratio / 100)
-    configs = enumerate_candidates(world_size=world, global_batch=batch, num_blocks=graph.num_blocks, options=opts)
+    configs = enumerate_candidates(world_size=world, global_batch=batch, num_blocks=graph.num_blocks, options=opts,
+                                   supports_pipeline=graph.supports_pipeline)
     if not configs:
         raise ValueError(
             f"no parallel configuration is valid for global batch {batch} on world size {world} with options "

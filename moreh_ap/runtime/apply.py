@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from moreh_ap.config import ParallelConfig
-from moreh_ap.runtime.split import ModelAdapter, stage_ranges
+from moreh_ap.layout import stage_ranges
+from moreh_ap.models import ModelAdapter
 
 __all__ = ["Stage", "apply_pipeline", "apply_recompute", "apply_fsdp", "apply_replicate", "apply_ddp",
            "build_schedule"]

@@ -27,7 +27,7 @@ from moreh_ap.runtime.dist import (BUCKET_BYTES, build_mesh, device_for_rank, mo
                                    send_tensors, subgroup, world_size)
 from moreh_ap.runtime.loss import LossPlan, extract_logits, hf_num_items
 from moreh_ap.runtime.norm import clip_grad_norm_ as _clip, set_active_layout
-from moreh_ap.runtime.split import _WholeModel, clean_name, find_adapter, map_stage_names, param_names
+from moreh_ap.models import clean_name, find_adapter, map_stage_names, param_names
 
 __all__ = ["parallelize", "ParallelModel", "StepOutput"]
 
@@ -95,7 +95,7 @@ def parallelize(model: nn.Module, config: ParallelConfig, *, optimizer: torch.op
         raise TypeError(f"parallelize: loss_fn must be callable, got {type(loss_fn).__name__}")
     world = world_size()
     adapter = find_adapter(model)
-    if config.num_stages > 1 and isinstance(adapter, _WholeModel):
+    if config.num_stages > 1 and not adapter.supports_pipeline:
         warnings.warn(f"moreh_ap: no pipeline split is known for {type(model).__name__}; "
                       f"training it with num_stages=1 (data parallel only) instead of {config.num_stages}")
         config = config.replace(num_stages=1, schedule="1F1B", stages_per_rank=1, boundaries=None,
@@ -123,9 +123,9 @@ class ParallelModel(nn.Module):
         self.pp = config.num_stages
         self.dp = config.dp(self.world)
         self._split_name = adapter.name
-        self._hf = adapter.hf_causal_lm or any(c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
-        self._hf_loss = getattr(model, "loss_function", None) if self._hf else None
-        self._vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        self._hf = adapter.hf_model
+        self._hf_loss = adapter.loss_function()
+        self._vocab = adapter.vocab_size()
         self._orig_keys = list(model.state_dict().keys())
         self.mesh = build_mesh(self.pp, self.dp, self.device)
         self.pp_rank = self.mesh.get_local_rank("pp") if self.mesh is not None else 0
@@ -204,7 +204,7 @@ class ParallelModel(nn.Module):
         tied = [names for names in ids.values() if len(names) > 1 and names[0] in dict(model.named_parameters())]
         if not tied:
             return
-        from moreh_ap.runtime.split import stage_ranges
+        from moreh_ap.layout import stage_ranges
 
         total = self.config.total_stages
         ranges = stage_ranges(len(adapter.blocks()), total, self.config.boundaries)

@@ -1,0 +1,168 @@
+# ModelAdapter: what one model family tells the planner (its blocks) and the runtime (stage split, inputs, loss).
+"""The base of every model family and the helpers the families share.
+
+The "blocks" convention of the project: a model's repeated layers, in order,
+are the children of one container module. Everything that runs before the
+first block (embeddings, rotary tables) goes with the first pipeline stage,
+everything after the last block (final norm, head) with the last stage. The
+planner costs the model block by block and cuts pipelines between blocks; the
+runtime builds stage modules that hold the user's own submodule objects (no
+copies of weights), so a parameter's original name is found by identity
+(:func:`param_names`).
+"""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Any, Callable
+
+from torch import nn
+
+__all__ = ["ModelAdapter", "block_signature", "clean_name", "is_hf_model", "map_stage_names", "param_names"]
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face ``PreTrainedModel`` (checked by class name: transformers not imported)."""
+    return any(c.__name__ == "PreTrainedModel" for c in type(model).__mro__)
+
+
+def block_signature(module: nn.Module) -> tuple:
+    """What makes two blocks "identical": class, parameter and buffer shapes/dtypes, frozen flags."""
+    params = tuple(
+        (name, tuple(p.shape), p.dtype, p.requires_grad) for name, p in module.named_parameters(remove_duplicate=False)
+    )
+    buffers = tuple((name, tuple(b.shape), b.dtype) for name, b in module.named_buffers())
+    return (type(module), params, buffers)
+
+
+class BlockSlice(nn.Module):
+    """Some blocks of a list, registered under their original indices; iterates them in order."""
+
+    def __init__(self, items: list[tuple[str, nn.Module]]) -> None:
+        super().__init__()
+        for name, block in items:
+            self.add_module(name, block)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def values(self):
+        return self._modules.values()
+
+
+def shallow_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` sharing its children/params but with its own registries."""
+    new = copy.copy(module)
+    new._modules = OrderedDict(module._modules)
+    new._parameters = OrderedDict(module._parameters)
+    new._buffers = OrderedDict(module._buffers)
+    return new
+
+
+class ModelAdapter:
+    """One model family: where its blocks are and how to run a slice of it.
+
+    A family is a subclass that sets :attr:`name` and :attr:`container_path`
+    (or overrides :meth:`container`), says which models it knows
+    (:meth:`matches`) and builds stage modules (:meth:`build_stage`). The
+    planner reads :meth:`block_fqns` (through the tracer), the runtime reads
+    :meth:`blocks` and :meth:`build_stage`: both see the same module objects
+    in the same order, which is what lets the planner's costs hold at run time.
+
+    Attributes:
+        name: the family's name, shown in the runtime's log line and the planner's graph.
+        supports_pipeline: whether :meth:`build_stage` can cut the model (False: pp = 1 only; the
+            planner then plans no pipeline, and the runtime still wraps the blocks one by one).
+        hf_causal_lm: the stages are a Hugging Face causal LM's (``input_ids`` in, logits out,
+            the model's own ``loss_function`` on the last stage).
+        container_path: FQN of the module whose children are the blocks ("" = the model itself,
+            None = no blocks known).
+    """
+
+    name = "base"
+    supports_pipeline = True
+    hf_causal_lm = False
+    container_path: str | None = None
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Whether this family knows ``model`` (the registry tries families in order)."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- blocks
+    def container(self) -> nn.Module | None:
+        """The module holding the blocks (its children are the blocks), or None when none is known."""
+        if self.container_path is None:
+            return None
+        return self.model.get_submodule(self.container_path)
+
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        """The blocks in order, with their names inside :meth:`container`."""
+        container = self.container()
+        return [] if container is None else list(container.named_children())
+
+    def block_fqns(self) -> list[str]:
+        """The blocks' FQNs in the model, in order (what the planner's graph nodes record)."""
+        prefix = f"{self.container_path}." if self.container_path else ""
+        return [prefix + name for name, _ in self.blocks()]
+
+    # ---------------------------------------------------------------- runtime
+    def build_stage(self, lo: int, hi: int, *, first: bool, last: bool) -> tuple[nn.Module, nn.Module]:
+        """``(stage module, its block container)`` running blocks ``lo:hi`` (+ pre parts if first, post if last).
+
+        Raises:
+            NotImplementedError: the family cannot be pipelined (:attr:`supports_pipeline` is False).
+        """
+        raise NotImplementedError(f"{self.name}: {type(self.model).__name__} cannot be cut into pipeline stages")
+
+    @property
+    def hf_model(self) -> bool:
+        """Whether the model is a Hugging Face model (``labels=`` / ``input_ids=`` handled the HF way)."""
+        return is_hf_model(self.model)
+
+    def loss_function(self) -> Callable | None:
+        """The Hugging Face model's own ``loss_function`` (None for other models: the user's loss_fn is used)."""
+        return getattr(self.model, "loss_function", None) if self.hf_model else None
+
+    def vocab_size(self) -> int | None:
+        """``model.config.vocab_size`` when the model has one (the HF loss needs it)."""
+        return getattr(getattr(self.model, "config", None), "vocab_size", None)
+
+    def tp_plan(self) -> dict[str, Any] | None:
+        """Tensor-parallel plan of a block: ``{submodule FQN inside a block: torch ParallelStyle}``.
+
+        Room for tensor parallelism: no family has one yet and the runtime does not read it (tp = 1).
+        A family that gets one returns, e.g. for Llama, ``{"self_attn.q_proj": ColwiseParallel(), ...,
+        "self_attn.o_proj": RowwiseParallel(), ...}`` as ``parallelize_module`` takes it.
+        """
+        return None
+
+
+def param_names(model: nn.Module) -> dict[int, list[str]]:
+    """``id(tensor) -> [original names]`` for every parameter and buffer (tied ones have several names)."""
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    for n, b in model.named_buffers(remove_duplicate=False):
+        names.setdefault(id(b), []).append(n)
+    return names
+
+
+def clean_name(name: str) -> str:
+    """A stage-module name without the checkpoint wrapper's prefix."""
+    return name.replace("_checkpoint_wrapped_module.", "")
+
+
+def map_stage_names(stage: nn.Module, ids: dict[int, list[str]]) -> dict[str, list[str]]:
+    """``stage name -> [original names]`` for the parameters and buffers of ``stage``."""
+    out: dict[str, list[str]] = {}
+    for n, t in list(stage.named_parameters(remove_duplicate=False)) + list(stage.named_buffers(remove_duplicate=False)):
+        if id(t) in ids:
+            out[n] = ids[id(t)]
+    return out

@@ -1,0 +1,60 @@
+# Hugging Face GPT-2: transformer.h between the wte/wpe embeddings and ln_f/lm_head (wte and lm_head tied).
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moreh_ap.models.base import BlockSlice, ModelAdapter, is_hf_model
+
+__all__ = ["GPT2Adapter"]
+
+
+class _GPT2Stage(nn.Module):
+    """Stage of a Hugging Face GPT-2 LM: [wte + wpe, drop] -> blocks -> [ln_f -> lm_head]."""
+
+    def __init__(self, model: nn.Module, blocks: list[tuple[str, nn.Module]], first: bool, last: bool) -> None:
+        super().__init__()
+        tr = model.transformer
+        self.config = model.config
+        self.first, self.last = first, last
+        self.wte = tr.wte if first else None
+        self.wpe = tr.wpe if first else None
+        self.drop = tr.drop if first else None
+        self.h = BlockSlice(blocks)
+        self.ln_f = tr.ln_f if last else None
+        self.lm_head = model.lm_head if last else None
+
+    def forward(self, x: torch.Tensor, mask_in: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None):
+        # the first stage gets the mask as a keyword; later stages get it passed along positionally
+        # (an interleaved schedule also hands the keyword to a rank's later stages: same micro-batch)
+        from transformers.masking_utils import create_causal_mask
+
+        attention_mask = mask_in if mask_in is not None else attention_mask
+
+        pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+        h = self.drop(self.wte(x) + self.wpe(pos)) if self.first else x
+        mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask,
+                                  past_key_values=None, position_ids=pos)
+        for block in self.h:
+            h = block(h, None, mask, None, encoder_attention_mask=None, use_cache=False, position_ids=pos)
+        if self.last:
+            return self.lm_head(self.ln_f(h))
+        return h if attention_mask is None else (h, attention_mask)
+
+
+class GPT2Adapter(ModelAdapter):
+    """``model.transformer.{wte, wpe, drop, h, ln_f}`` and ``model.lm_head``."""
+
+    name = "Hugging Face GPT-2"
+    hf_causal_lm = True
+    container_path = "transformer.h"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        tr = getattr(model, "transformer", None)
+        return (is_hf_model(model) and hasattr(model, "lm_head")
+                and all(hasattr(tr, a) for a in ("h", "wte", "wpe", "ln_f")))
+
+    def build_stage(self, lo, hi, *, first, last):
+        stage = _GPT2Stage(self.model, self.blocks()[lo:hi], first, last)
+        return stage, stage.h

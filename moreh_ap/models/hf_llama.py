@@ -1,0 +1,61 @@
+# Hugging Face Llama-family causal LMs (Llama, Mistral, Qwen2, ...): model.model.layers between embed and norm/head.
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moreh_ap.models.base import BlockSlice, ModelAdapter, is_hf_model
+
+__all__ = ["LlamaAdapter"]
+
+
+class _LlamaStage(nn.Module):
+    """Stage of a Hugging Face Llama-family causal LM: [embed] -> layers -> [norm -> lm_head]."""
+
+    def __init__(self, model: nn.Module, blocks: list[tuple[str, nn.Module]], first: bool, last: bool) -> None:
+        super().__init__()
+        inner = model.model
+        self.config = model.config
+        self.first, self.last = first, last
+        self.embed_tokens = inner.embed_tokens if first else None
+        self.layers = BlockSlice(blocks)
+        self.rotary_emb = inner.rotary_emb  # parameter-less; recomputed on every stage
+        self.norm = inner.norm if last else None
+        self.lm_head = model.lm_head if last else None
+
+    def forward(self, x: torch.Tensor, mask_in: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None):
+        # the first stage gets the mask as a keyword; later stages get it passed along positionally
+        # (an interleaved schedule also hands the keyword to a rank's later stages: same micro-batch)
+        from transformers.masking_utils import create_causal_mask
+
+        attention_mask = mask_in if mask_in is not None else attention_mask
+
+        h = self.embed_tokens(x) if self.first else x
+        pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+        mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask,
+                                  past_key_values=None, position_ids=pos)
+        pe = self.rotary_emb(h, position_ids=pos)
+        for layer in self.layers:
+            h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pos,
+                      past_key_values=None, use_cache=False)
+        if self.last:
+            return self.lm_head(self.norm(h))
+        return h if attention_mask is None else (h, attention_mask)
+
+
+class LlamaAdapter(ModelAdapter):
+    """``model.model.{embed_tokens, layers, rotary_emb, norm}`` and ``model.lm_head``."""
+
+    name = "Hugging Face Llama-family"
+    hf_causal_lm = True
+    container_path = "model.layers"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        inner = getattr(model, "model", None)
+        return (is_hf_model(model) and hasattr(model, "lm_head")
+                and all(hasattr(inner, a) for a in ("layers", "embed_tokens", "norm", "rotary_emb")))
+
+    def build_stage(self, lo, hi, *, first, last):
+        stage = _LlamaStage(self.model, self.blocks()[lo:hi], first, last)
+        return stage, stage.layers
