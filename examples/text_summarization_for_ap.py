@@ -1,5 +1,5 @@
 # The MoAI AP guide's Llama 2 summarization script, runnable offline: small random Llama, local tokenizer, synthetic data.
-"""The seed's ``text_summarization_for_ap.py`` (ap-guide-ko.md) with only its
+"""The seed's ``text_summarization_for_ap.py`` (the script of the MoAI AP guide) with only its
 model and data source changed:
 
 - the model is a small ``LlamaConfig`` with random weights (``--model-name-or-path``

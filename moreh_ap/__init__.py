@@ -48,9 +48,11 @@ __all__ = [
 _settings = env.read_env()
 option._enable_from_environment()
 
-# `torch.moreh` is this package (the start-up hook installs a lazy stand-in before).
-torch.moreh = _sys.modules[__name__]
-_sys.modules.setdefault("torch.moreh", _sys.modules[__name__])
+# `torch.moreh` is this package (the start-up hook installs a lazy stand-in before), also as a module name
+# (`import torch.moreh`): naming this module from inside it, and adding a module name, both go through sys.modules.
+_package = _sys.modules[__name__]
+torch.moreh = _package
+_sys.modules.setdefault("torch.moreh", _package)
 # apex's optimizer under the MoAI guide's spelling: torch.ops.moreh.FusedLAMB (an attribute of torch.ops'
 # "moreh" namespace object, which torch creates on first access and caches).
 torch.ops.moreh.FusedLAMB = FusedLAMB

@@ -40,6 +40,9 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
+import torch
+from torch.utils.data import get_worker_info
+
 from moreh_ap import env as _env
 from moreh_ap.log import logger
 
@@ -72,29 +75,36 @@ class LaunchDecision:
 
 
 def _cuda_count() -> int:
-    torch = sys.modules.get("torch")
     try:
-        return torch.cuda.device_count() if torch is not None and torch.cuda.is_available() else 0
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
     except Exception:
         return 0
 
 
 def _interactive() -> bool:
-    main = sys.modules.get("__main__")
+    import __main__  # the current one (IPython replaces it): not bound at module import
+
     if hasattr(sys, "ps1") or sys.flags.interactive:
         return True
-    if "ipykernel" in sys.modules or "IPython" in sys.modules and getattr(main, "__file__", None) is None:
+    ipykernel, ipython = _ipython_loaded()
+    if ipykernel or ipython and getattr(__main__, "__file__", None) is None:
         return True
-    spec = getattr(main, "__spec__", None)
-    return getattr(main, "__file__", None) is None and (spec is None or not spec.name)
+    spec = getattr(__main__, "__spec__", None)
+    return getattr(__main__, "__file__", None) is None and (spec is None or not spec.name)
+
+
+def _ipython_loaded() -> tuple[bool, bool]:
+    """Whether ipykernel and IPython are loaded; asked of the interpreter's table of loaded modules, since
+    importing them to ask would load them into every script."""
+    loaded = sys.modules
+    return "ipykernel" in loaded, "IPython" in loaded
 
 
 def _in_worker() -> bool:
     if multiprocessing.parent_process() is not None:
         return True
-    data = sys.modules.get("torch.utils.data")
     try:
-        return data is not None and data.get_worker_info() is not None
+        return get_worker_info() is not None
     except Exception:
         return False
 
@@ -129,13 +139,14 @@ def decide(environ=None, *, cuda_count: int | None = None) -> LaunchDecision:
 
 def self_command() -> list[str]:
     """The command that re-executes this script: same interpreter, flags and argv (``-m`` kept)."""
-    main = sys.modules["__main__"]
+    import __main__  # the current one: not bound at module import
+
     flags = subprocess._args_from_interpreter_flags()
-    spec = getattr(main, "__spec__", None)
+    spec = getattr(__main__, "__spec__", None)
     if spec is not None and spec.name and spec.name != "__main__":
         name = spec.name[: -len(".__main__")] if spec.name.endswith(".__main__") else spec.name
         return [sys.executable, *flags, "-m", name, *sys.argv[1:]]
-    path = getattr(main, "__file__", None) or sys.argv[0]
+    path = getattr(__main__, "__file__", None) or sys.argv[0]
     return [sys.executable, *flags, os.path.abspath(path), *sys.argv[1:]]
 
 
@@ -240,8 +251,6 @@ class _Launch:
         children = range(1, self.world)
         envs = {r - 1: {**os.environ, **self._rank_env(r, decision)} for r in children}
         if "OMP_NUM_THREADS" in envs.get(0, {}):
-            import torch
-
             torch.set_num_threads(int(envs[0]["OMP_NUM_THREADS"]))
         return start_processes(
             name="moreh_ap",

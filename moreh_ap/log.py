@@ -13,15 +13,15 @@ import os
 import sys
 
 import loguru
+import torch.distributed as dist
 
 __all__ = ["logger", "current_rank", "format_record"]
 
 
 def current_rank() -> int:
     """This process's global rank: the process group if up, else ``RANK``, else 0."""
-    dist = sys.modules.get("torch.distributed")
     try:
-        if dist is not None and dist.is_available() and dist.is_initialized():
+        if dist.is_available() and dist.is_initialized():
             return dist.get_rank()
     except Exception:
         pass

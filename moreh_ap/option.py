@@ -11,12 +11,12 @@ Three equivalent ways to turn advanced parallelization (AP) on:
 """
 from __future__ import annotations
 
-import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 from moreh_ap import env as _env
+from moreh_ap import launcher, oneline
 from moreh_ap.ap_options import APOptions
 from moreh_ap.log import logger
 
@@ -58,10 +58,10 @@ def enable_advanced_parallelization(**overrides: Any) -> None:
         _state.options = options
     if settings.enable is False:
         logger.info(f"Advanced parallelization stays off: {_env.ENABLE}=0.")
-        _install_hooks(cpu_only=True)
+        oneline.install(options=options, cpu_only=True)
         return
-    _launch_ranks()
-    _install_hooks()
+    launcher.maybe_launch()  # a plain `python` run becomes several local ranks (see moreh_ap.launcher)
+    oneline.install(options=options)
 
 
 def disable_advanced_parallelization() -> None:
@@ -69,10 +69,7 @@ def disable_advanced_parallelization() -> None:
     with _lock:
         _state.requested = False
         _state.options = APOptions()
-    if "moreh_ap.oneline" in sys.modules:
-        from moreh_ap import oneline
-
-        oneline.uninstall()
+    oneline.uninstall()
 
 
 def is_advanced_parallelization_enabled() -> bool:
@@ -93,19 +90,6 @@ def _enable_from_environment() -> None:
     if _env.read_env().enable is True:
         with _lock:
             _state.requested = True
-        _launch_ranks()
-        _install_hooks()
-
-
-def _launch_ranks() -> None:
-    """Self-launch the extra local ranks of a plain ``python`` run (see :mod:`moreh_ap.launcher`)."""
-    from moreh_ap import launcher
-
-    launcher.maybe_launch()
-
-
-def _install_hooks(*, cpu_only: bool = False) -> None:
-    """The one-line mode's hooks (see :mod:`moreh_ap.oneline`); ``cpu_only``: AP off, only CPU ``.cuda()``."""
-    from moreh_ap import oneline
-
-    oneline.install(cpu_only=cpu_only)
+            options = _state.options
+        launcher.maybe_launch()  # a plain `python` run becomes several local ranks (see moreh_ap.launcher)
+        oneline.install(options=options)

@@ -1,5 +1,6 @@
 # The one-line mode in one process: hooks, root detection, engagement errors, config choice, one-device semantics.
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from torch import nn
 
 from moreh_ap import oneline
 from moreh_ap.config import ParallelConfig
+from moreh_ap.oneline import choose, probe
 from moreh_ap.option import APOptions, enable_advanced_parallelization
 
 pytestmark = pytest.mark.timeout(120)
@@ -58,13 +60,13 @@ def test_cuda_calls_stay_on_cpu_while_ap_is_requested():
 def test_env_zero_keeps_ap_off_but_accepts_cuda_on_cpu(monkeypatch):
     monkeypatch.setenv("MOREH_ENABLE_ADVANCED_PARALLELIZATION", "0")
     enable_advanced_parallelization()
-    assert nn.Module.__call__ is not oneline._probe_call  # no engagement: plain one-device training
+    assert nn.Module.__call__ is not probe.probe_call  # no engagement: plain one-device training
     t = torch.ones(2)
     assert t.cuda() is t
 
 
 def test_no_hooks_without_enable():
-    assert nn.Module.__call__ is not oneline._probe_call
+    assert nn.Module.__call__ is not probe.probe_call
     assert not oneline.is_engaged()
 
 
@@ -102,7 +104,7 @@ def test_root_is_the_outermost_trainable_module_and_eval_does_not_engage(in_tmp,
         calls.append(root)
         raise _Engaged
 
-    monkeypatch.setattr(oneline, "_engage", fake_engage)
+    monkeypatch.setattr(probe, "engage", fake_engage)
     outer(torch.ones(1, 4))  # no optimizer yet: runs plain, warns once
     assert calls == []
     opt = torch.optim.SGD(inner.parameters(), lr=0.1)  # noqa: F841
@@ -148,7 +150,7 @@ def test_one_process_engagement_matches_plain_training(in_tmp):
         model.zero_grad(set_to_none=True)
     assert oneline.is_engaged() and oneline.engaged_model() is model
     assert type(model).__name__ == "LlamaForCausalLM" and isinstance(model, LlamaForCausalLM)
-    assert nn.Module.__call__ is not oneline._probe_call
+    assert nn.Module.__call__ is not probe.probe_call
     assert log == pytest.approx(ref_log, rel=1e-5)
     assert (in_tmp / oneline.DUMP_FILE).read_text().startswith("num_stages : 1")
     got, want = model.state_dict(), ref.state_dict()
@@ -179,33 +181,48 @@ def test_forward_without_backward_leaves_gradients_alone(in_tmp):
 
 
 # ----------------------------------------------------------------------------- config choice (pure)
-def test_fallback_config_honours_options_and_world():
-    model = _tiny_llama()
-    cfg = oneline.fallback_config(model, batch=8, world=4, options=APOptions(num_stages=2), recompute_fixed=False)
-    assert (cfg.num_stages, cfg.dp(4), cfg.num_micro_batches, cfg.batch_per_device) == (2, 2, 2, 2)
-    cfg = oneline.fallback_config(model, batch=8, world=2, options=APOptions(), recompute_fixed=True)
-    assert (cfg.num_stages, cfg.dp(2), cfg.recomputation, cfg.mixed_precision) == (1, 2, True, True)
-    cfg = oneline.fallback_config(model, batch=6, world=2,
-                                  options=APOptions(num_stages=8, num_micro_batches=4, mixed_precision=False),
-                                  recompute_fixed=False)
-    assert (cfg.num_stages, cfg.num_micro_batches, cfg.mixed_precision) == (2, 3, False)  # 2 blocks, 6 % 4
-    with pytest.raises(ValueError, match="not divisible"):
-        oneline.fallback_config(model, batch=3, world=2, options=APOptions(), recompute_fixed=False)
+def test_enable_hands_its_options_to_the_oneline_mode():
+    """The options travel as an argument: option -> oneline.install(options=...) -> the planner's call."""
+    state = oneline.state.STATE
+    enable_advanced_parallelization(num_stages=2, mixed_precision=False)
+    assert state.options == APOptions(num_stages=2, mixed_precision=False)
+    enable_advanced_parallelization(num_micro_batches=4)  # the latest call wins, hooks already in place
+    assert state.options == APOptions(num_micro_batches=4)
+    from moreh_ap.option import disable_advanced_parallelization
+
+    disable_advanced_parallelization()
+    assert state.options == APOptions() and not state.installed
+
+
+def test_choose_config_plans_with_the_given_options(monkeypatch, in_tmp):
+    seen = {}
+    want = ParallelConfig(num_stages=1, num_micro_batches=1, batch_per_device=4)
+
+    def fake_plan(root, args, kwargs, *, options, optimizer, dump):
+        seen.update(options=options, optimizer=optimizer, dump=dump)
+        return SimpleNamespace(config=want)
+
+    monkeypatch.setattr(choose, "plan", fake_plan)
+    got = choose.choose_config(nn.Linear(2, 2), (), {}, optimizer="sgd", options=APOptions(num_stages=3),
+                               recompute_fixed=True)
+    assert got == want
+    assert seen == {"options": APOptions(num_stages=3, activation_recomputation=True), "optimizer": "sgd",
+                    "dump": True}
 
 
 def test_pinned_config_from_json_line_or_dump_file(monkeypatch, tmp_path):
     line = "num_stages : 2, num_micro_batches : 4, batch_per_device : 1, No TP, recomputation : 0, " \
            "distribute_param : true, distribute_low_prec_param : false"
     monkeypatch.setenv(oneline.CONFIG_ENV, line)
-    cfg = oneline._pinned_config(APOptions(mixed_precision=False))
+    cfg = choose.pinned_config(APOptions(mixed_precision=False))
     assert (cfg.num_stages, cfg.num_micro_batches, cfg.distribute_param, cfg.mixed_precision) == (2, 4, True, False)
     dump = tmp_path / "advanced_parallelization_selected_config.dump"
     dump.write_text(line + "\n")
     monkeypatch.setenv(oneline.CONFIG_ENV, str(dump))
-    assert oneline._pinned_config(APOptions()).num_micro_batches == 4
+    assert choose.pinned_config(APOptions()).num_micro_batches == 4
     want = ParallelConfig(num_stages=1, num_micro_batches=2, batch_per_device=3, schedule="GPipe")
     monkeypatch.setenv(oneline.CONFIG_ENV, json.dumps(want.to_dict()))
-    assert oneline._pinned_config(APOptions()) == want
+    assert choose.pinned_config(APOptions()) == want
     monkeypatch.setenv(oneline.CONFIG_ENV, "{not json")
     with pytest.raises(ValueError, match="MOREH_AP_CONFIG"):
-        oneline._pinned_config(APOptions())
+        choose.pinned_config(APOptions())

@@ -1,0 +1,131 @@
+# The torch entry points the one-line mode patches: .cuda()/.to(), Optimizer.__init__, clip_grad_norm_.
+"""Installing and removing the hooks; the patched ``nn.Module.__call__`` itself is :mod:`moreh_ap.oneline.probe`."""
+from __future__ import annotations
+
+import torch
+import torch.nn.utils.clip_grad as clip_mod
+from torch import nn
+
+from moreh_ap.ap_options import APOptions
+from moreh_ap.oneline.probe import probe_call, remove_probe
+from moreh_ap.oneline.state import STATE, Internal, cuda_available, has_trainable, internal
+
+__all__ = ["install", "uninstall"]
+
+
+def install(*, options: APOptions | None = None, cpu_only: bool = False) -> None:
+    """Install the hooks (idempotent) and keep the options the planner will honour.
+
+    Args:
+        options: the user's search options (None: the defaults); the latest call's options win.
+        cpu_only: only accept ``.cuda()`` on a machine without CUDA (AP requested but turned off).
+    """
+    if not STATE.installed or (STATE.cpu_only and not cpu_only):
+        if STATE.installed:
+            uninstall()
+        _patch(cpu_only=cpu_only)
+    STATE.options = APOptions() if options is None else options
+
+
+def _patch(*, cpu_only: bool) -> None:
+    o = STATE.originals
+    o["tensor_cuda"] = torch.Tensor.cuda
+    o["module_cuda"] = nn.Module.cuda
+    o["module_to"] = nn.Module.to
+    torch.Tensor.cuda = _tensor_cuda
+    nn.Module.cuda = _module_cuda
+    nn.Module.to = _module_to
+    if not cpu_only:
+        o["call"] = nn.Module.__call__
+        o["optim_init"] = torch.optim.Optimizer.__init__
+        o["clip"] = clip_mod.clip_grad_norm_
+        o["clip_utils"] = torch.nn.utils.clip_grad_norm_
+        if not STATE.engaged:
+            nn.Module.__call__ = probe_call
+        torch.optim.Optimizer.__init__ = _make_optimizer_init(o["optim_init"])
+        clip_mod.clip_grad_norm_ = _clip_grad_norm_
+        torch.nn.utils.clip_grad_norm_ = _clip_grad_norm_
+    STATE.installed = True
+    STATE.cpu_only = cpu_only
+
+
+def uninstall() -> None:
+    """Restore every patched torch entry point (engaged models keep their swapped class)."""
+    o = STATE.originals
+    if "tensor_cuda" in o:
+        torch.Tensor.cuda = o.pop("tensor_cuda")
+        nn.Module.cuda = o.pop("module_cuda")
+        nn.Module.to = o.pop("module_to")
+    if "call" in o:
+        remove_probe()
+        o.pop("call", None)
+        torch.optim.Optimizer.__init__ = o.pop("optim_init")
+        clip_mod.clip_grad_norm_ = o.pop("clip")
+        torch.nn.utils.clip_grad_norm_ = o.pop("clip_utils")
+    STATE.installed = False
+    STATE.cpu_only = False
+    STATE.engaged = False
+    STATE.options = APOptions()
+    STATE.optimizers.clear()
+    STATE.deferred.clear()
+
+
+def _make_optimizer_init(original):
+    def __init__(self, params, defaults, *args, **kwargs):
+        original(self, params, defaults, *args, **kwargs)
+        STATE.optimizers.add(self)
+
+    __init__.__wrapped__ = original
+    return __init__
+
+
+def _tensor_cuda(self, *args, **kwargs):
+    if not cuda_available():
+        return self  # CPU ranks: the script's `.cuda()` keeps the tensor on the CPU
+    return STATE.originals["tensor_cuda"](self, *args, **kwargs)
+
+
+def _module_cuda(self, device=None):
+    if internal():
+        return STATE.originals["module_cuda"](self, device)
+    if not cuda_available():
+        return self
+    if not STATE.cpu_only and not STATE.engaged and has_trainable(self):
+        STATE.deferred.add(self)  # placed at engagement: only what this rank keeps
+        return self
+    return STATE.originals["module_cuda"](self, device)
+
+
+def _module_to(self, *args, **kwargs):
+    if internal():
+        return STATE.originals["module_to"](self, *args, **kwargs)
+    device, dtype, _non_blocking, _fmt = torch._C._nn._parse_to(*args, **kwargs)
+    if device is None or device.type != "cuda":
+        return STATE.originals["module_to"](self, *args, **kwargs)
+    defer = not cuda_available() or (not STATE.cpu_only and not STATE.engaged and has_trainable(self))
+    if not defer:
+        return STATE.originals["module_to"](self, *args, **kwargs)
+    if cuda_available():
+        STATE.deferred.add(self)
+    if dtype is not None:
+        STATE.originals["module_to"](self, dtype)
+    return self
+
+
+def _clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None):
+    """``torch.nn.utils.clip_grad_norm_``; on an engaged model's parameters, the global norm over stages and shards."""
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    engine = next((e for e in list(STATE.engines.values()) if any(id(p) in e.ids for p in params)), None)
+    if engine is None:
+        return STATE.originals["clip"](params, max_norm, norm_type=norm_type,
+                                       error_if_nonfinite=error_if_nonfinite, foreach=foreach)
+    if float(norm_type) != 2.0:
+        raise NotImplementedError(f"clip_grad_norm_(norm_type={norm_type!r}) under advanced parallelization: "
+                                  "only the 2-norm is supported")
+    with Internal():
+        norm = engine.pm.clip_grad_norm_(float(max_norm))
+    if error_if_nonfinite and not torch.isfinite(norm):
+        raise RuntimeError(f"The total norm of order {norm_type} for gradients is non-finite, so it cannot be "
+                           "clipped. To disable this error and scale the gradients by the non-finite norm "
+                           "anyway, set `error_if_nonfinite=False`")
+    return norm

@@ -1,0 +1,135 @@
+# The engine of an engaged model: a training call runs the whole step, and .backward() on its loss adds the grads.
+"""Training calls return the model's own output type (HF ``CausalLMOutputWithPast`` with ``.loss``;
+``logits`` is None). The step's forward and backward already ran inside the call with a unit seed;
+``.backward()`` on the returned loss (or on anything computed from it, e.g. ``loss / k``) adds this
+step's gradients scaled by the gradient that reaches the loss, exactly as one device would.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from moreh_ap.models import is_hf_model
+from moreh_ap.oneline.state import Internal
+from moreh_ap.runtime.dist import device_for_rank, rank, world_size
+
+__all__ = ["Engine", "broadcast_inputs"]
+
+
+def broadcast_inputs(args, kwargs):
+    """Rank 0's inputs on every rank (the script's batch is the global batch), on this rank's device."""
+    if world_size() > 1:
+        to_cpu = lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t  # noqa: E731
+        box = [tree_map(to_cpu, args), tree_map(to_cpu, kwargs)] if rank() == 0 else [None, None]
+        dist.broadcast_object_list(box, src=0)
+        args, kwargs = box
+    device = device_for_rank()
+    to_dev = lambda t: t.to(device) if isinstance(t, torch.Tensor) and t.device != device else t  # noqa: E731
+    return tree_map(to_dev, args), tree_map(to_dev, kwargs)
+
+
+class _StepLoss(torch.autograd.Function):
+    """The step's loss; its backward adds this step's gradients scaled by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, anchor, value, step):
+        ctx.step = step
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.step.apply_grads(grad)
+        return None, None, None
+
+
+class _PendingStep:
+    """Gradients of one step, computed with a unit seed, waiting for ``.backward()`` on its loss."""
+
+    def __init__(self, params: list, grads: list) -> None:
+        self.params = params
+        self.grads = grads
+
+    @torch.no_grad()
+    def apply_grads(self, seed: torch.Tensor) -> None:
+        scale = float(seed)
+        for p, g in zip(self.params, self.grads):
+            if g is None:
+                continue
+            add = g if scale == 1.0 else g * scale
+            p.grad = add if p.grad is None else p.grad + add
+
+
+class Engine:
+    """One engaged root model: runs training steps through the ParallelModel, evaluation, full state dicts."""
+
+    def __init__(self, root: nn.Module, pm) -> None:
+        self.pm = pm
+        """The runtime's ``ParallelModel``."""
+        self.pending_inputs = None
+        """The engaging call's inputs, already broadcast: its ``call`` uses them instead of broadcasting again."""
+        self.params = list(dict.fromkeys(pm.parameters()))
+        self.ids = {id(p) for p in root.parameters()} | {id(p) for p in self.params}
+        """Ids of the user's and the runtime's parameters (``clip_grad_norm_`` finds the engine by them)."""
+        self.hf = is_hf_model(root)
+
+    def call(self, root: nn.Module, args, kwargs, *, broadcast: bool = True):
+        """A call of the engaged model: a whole training step in training mode with grad, else evaluation."""
+        if self.pending_inputs is not None:
+            args, kwargs = self.pending_inputs
+            self.pending_inputs = None
+        elif broadcast:
+            with Internal():
+                args, kwargs = broadcast_inputs(args, kwargs)
+        if root.training and torch.is_grad_enabled():
+            return self._train(args, kwargs)
+        return self._evaluate(root, args, kwargs)
+
+    def _train(self, args, kwargs):
+        kwargs = dict(kwargs)
+        if not kwargs.get("use_cache", True):
+            kwargs.pop("use_cache")
+        previous = [p.grad for p in self.params]  # gradients of earlier steps (accumulation) wait aside
+        for p in self.params:
+            p.grad = None
+        try:
+            with Internal():
+                loss = self.pm.train_step(*args, **kwargs)
+            grads = [p.grad for p in self.params]
+        finally:
+            for p, g in zip(self.params, previous):
+                p.grad = g
+        anchor = torch.zeros((), device=loss.device, requires_grad=True)
+        out = _StepLoss.apply(anchor, loss, _PendingStep(self.params, grads))
+        return self._output(out)
+
+    def _output(self, loss):
+        if self.hf:
+            from transformers.modeling_outputs import CausalLMOutputWithPast
+
+            return CausalLMOutputWithPast(loss=loss, logits=None)
+        return loss
+
+    def _evaluate(self, root, args, kwargs):
+        if self.pm.pp > 1:
+            return self._evaluate_pipelined(args, kwargs)
+        # every rank runs rank 0's whole batch on the same (full or all-gathered) weights: same output everywhere
+        with Internal():
+            return super(type(root), root).__call__(*args, **kwargs)
+
+    def _evaluate_pipelined(self, args, kwargs):
+        """The runtime's forward-only pipeline pass: the global batch's mean loss (no logits)."""
+        with Internal(), torch.no_grad():
+            out = self.pm(*args, **kwargs)
+        return self._output(out.loss)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full weights on the CPU on every rank (a collective)."""
+        with Internal():
+            sd = self.pm.full_state_dict()
+            if world_size() > 1:
+                box = [sd if rank() == 0 else None]
+                dist.broadcast_object_list(box, src=0)
+                sd = box[0]
+        return sd

@@ -1,0 +1,87 @@
+# The class swap: the engaged root's class becomes a same-named subclass whose methods go through the engine.
+"""After engagement ``model(...)``, ``state_dict()``, ``save_pretrained()``, ``.to()``/``.cuda()``/``.cpu()``
+and ``generate()`` of the root model act on the parallelized model; ``isinstance`` still holds."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moreh_ap.oneline.state import STATE, Internal, internal
+from moreh_ap.runtime.dist import rank, world_size
+
+__all__ = ["swap_class"]
+
+
+def swap_class(root: nn.Module, user_class: type) -> None:
+    """``root``'s class becomes a subclass of its current one that runs the engine, named as the user's."""
+    base = type(root)
+    ns = {
+        "__call__": _swapped_call,
+        "state_dict": _swapped_state_dict,
+        "to": _swapped_to,
+        "cuda": _swapped_cuda,
+        "cpu": _swapped_cpu,
+        "__module__": user_class.__module__,
+        "__qualname__": user_class.__qualname__,
+    }
+    if hasattr(base, "save_pretrained"):
+        ns["save_pretrained"] = _swapped_save_pretrained
+    if hasattr(base, "generate"):
+        ns["generate"] = _swapped_generate
+    root.__class__ = type(user_class.__name__, (base,), ns)
+
+
+def _swapped_call(self, *args, **kwargs):
+    if internal():
+        return super(type(self), self).__call__(*args, **kwargs)
+    return STATE.engines[self].call(self, args, kwargs)
+
+
+def _swapped_state_dict(self, *args, **kwargs):
+    if internal() or args or kwargs.get("destination") is not None or kwargs.get("prefix"):
+        return super(type(self), self).state_dict(*args, **kwargs)
+    return STATE.engines[self].full_state_dict()
+
+
+def _swapped_to(self, *args, **kwargs):
+    if internal():
+        return super(type(self), self).to(*args, **kwargs)
+    _device, dtype, _nb, _fmt = torch._C._nn._parse_to(*args, **kwargs)
+    if dtype is not None:
+        raise NotImplementedError(f"advanced parallelization: model.to({dtype}) after AP engaged is not supported; "
+                                  "convert the state_dict() (full weights on the CPU) instead")
+    return self  # the plan placed the weights; state_dict()/save_pretrained() give full CPU copies
+
+
+def _swapped_cuda(self, device=None):
+    return super(type(self), self).cuda(device) if internal() else self
+
+
+def _swapped_cpu(self):
+    return super(type(self), self).cpu() if internal() else self
+
+
+def _swapped_save_pretrained(self, save_directory, *args, **kwargs):
+    """Full trained weights, written once by rank 0 (a collective: every rank calls it)."""
+    if internal():
+        return super(type(self), self).save_pretrained(save_directory, *args, **kwargs)
+    state = kwargs.pop("state_dict", None)
+    if state is None:
+        state = STATE.engines[self].full_state_dict()
+    result = None
+    if rank() == 0:
+        with Internal():
+            result = super(type(self), self).save_pretrained(save_directory, *args, state_dict=state, **kwargs)
+    if world_size() > 1:
+        dist.barrier()  # the other ranks may read the files right after
+    return result
+
+
+def _swapped_generate(self, *args, **kwargs):
+    pp = STATE.engines[self].pm.pp
+    if pp > 1:
+        raise NotImplementedError("advanced parallelization: generate() is not supported on a pipelined model "
+                                  f"(num_stages={pp}); save_pretrained() and generate from "
+                                  "the reloaded model, or pin num_stages=1")
+    return super(type(self), self).generate(*args, **kwargs)
