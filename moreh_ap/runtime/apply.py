@@ -57,7 +57,9 @@ class Stage:
     container: nn.Module | None
     """The module whose children are this stage's blocks (None: no blocks known)."""
     is_first: bool
+    """The stage runs the model's input side (embeddings)."""
     is_last: bool
+    """The stage runs the model's output side (norm, head); the loss is taken on its output."""
     names: dict[str, list[str]] = field(default_factory=dict)
     """Stage parameter/buffer name -> original model names (filled before wrapping)."""
 

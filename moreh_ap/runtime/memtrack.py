@@ -49,7 +49,8 @@ class TrackedPeak:
     categories: dict[str, int] = field(default_factory=dict)
     """Bytes by the tracker's categories at the peak (parameters, gradients, activations, ...)."""
     wrapper: str = "none"
-    """The runtime's data-parallel wrapper (a :class:`~moreh_ap.runtime.apply.Wrapper` value): "none", "ddp", "fsdp" or "replicate"."""
+    """The runtime's data-parallel wrapper, a :class:`~moreh_ap.runtime.apply.Wrapper` value: "none", "ddp",
+    "fsdp" or "replicate"."""
 
     def to_dict(self) -> dict:
         return {"total": self.total, "categories": dict(self.categories), "wrapper": self.wrapper}
