@@ -348,9 +348,9 @@ def test_closure_returns_loss():
 
 
 def test_norm_hooks_are_the_single_path(monkeypatch):
-    # The runtime will replace these two functions for sharded / pipelined models.
+    # FusedLAMB takes every norm through these two functions (moreh_ap.optim.norms).
     calls = {"global": 0, "per": 0}
-    real_global, real_per = fused_lamb_module._global_grad_norm, fused_lamb_module._per_tensor_norms
+    real_global, real_per = fused_lamb_module.total_norm, fused_lamb_module.per_tensor_norms
 
     def fake_global(grads):
         calls["global"] += 1
@@ -360,8 +360,8 @@ def test_norm_hooks_are_the_single_path(monkeypatch):
         calls["per"] += 1
         return real_per(tensors)
 
-    monkeypatch.setattr(fused_lamb_module, "_global_grad_norm", fake_global)
-    monkeypatch.setattr(fused_lamb_module, "_per_tensor_norms", counting_per)
+    monkeypatch.setattr(fused_lamb_module, "total_norm", fake_global)
+    monkeypatch.setattr(fused_lamb_module, "per_tensor_norms", counting_per)
     kw = dict(HYPER, weight_decay=0.0, use_nvlamb=False)
     p = torch.nn.Parameter(torch.ones(4))
     opt = FusedLAMB([p], **kw)
@@ -451,3 +451,30 @@ def test_cpu_chunking_matches_one_launch(monkeypatch):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+def test_grad_norm_fn_is_explicit():
+    # A ParallelModel on several ranks gives FusedLAMB its global norm through set_grad_norm_fn; None
+    # from the function (parameters not the model's) falls back to this process's norm.
+    seen = []
+
+    def fn(params):
+        seen.append(len(params))
+        return torch.tensor(1e6)
+
+    kw = dict(HYPER, weight_decay=0.0, use_nvlamb=False)
+    p, q = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    opt = FusedLAMB([p], grad_norm_fn=fn, **kw)
+    plain = FusedLAMB([q], **kw)
+    p.grad, q.grad = torch.ones(4), torch.ones(4)
+    opt.step()
+    plain.step()
+    assert seen == [1] and not torch.equal(p.detach(), q.detach())  # clip by 1e6: a different step
+    r = torch.nn.Parameter(torch.ones(4))
+    opt2 = FusedLAMB([r], **kw)
+    opt2.set_grad_norm_fn(lambda params: None)
+    r.grad = torch.ones(4)
+    opt2.step()
+    torch.testing.assert_close(r.detach(), q.detach())
+    with pytest.raises(TypeError, match="callable"):
+        opt2.set_grad_norm_fn(3)

@@ -66,7 +66,7 @@ def fake_world():
     """A WORLD-rank fake process group in this process (torch's fake backend), torn down after the module."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from moreh_ap.runtime import dist as rdist
+    from moreh_ap import layout as rdist
 
     if dist.is_initialized():
         pytest.skip("a process group is already up in this process")

@@ -11,7 +11,7 @@ import moreh_ap
 from _runtime_cases import build_model
 from moreh_ap.config import ParallelConfig
 from moreh_ap.graph import trace
-from moreh_ap.layout import stage_ranges
+from moreh_ap.layout import ParallelLayout, stage_ranges
 from moreh_ap.models import (BlockListAdapter, GenericAdapter, GPT2Adapter, LlamaAdapter, ModelAdapter,
                              SequentialAdapter, find_adapter, find_blocks, is_hf_model, register_adapter,
                              registered_adapters)
@@ -54,8 +54,8 @@ def test_planner_blocks_are_the_runtime_blocks(cls):
     assert graph.block_container == adapter.container_path and graph.adapter_name == adapter.name
     assert graph.supports_pipeline == adapter.supports_pipeline == (cls is not GenericAdapter)
     # pp = 1: the runtime wraps the blocks of the same container (recompute, per-block FSDP units)
-    (stage,) = A.apply_pipeline(adapter, ParallelConfig(num_stages=1, num_micro_batches=1, batch_per_device=4),
-                                pp_rank=0)
+    layout = ParallelLayout.from_config(ParallelConfig(num_stages=1, num_micro_batches=1, batch_per_device=4), 1)
+    (stage,) = A.apply_pipeline(adapter, layout, pp_rank=0, ranges=layout.stage_ranges(len(runtime)))
     assert stage.module is model and [m for m in stage.container.children()] == runtime
     if not adapter.supports_pipeline:
         with pytest.raises(NotImplementedError, match="pipeline"):

@@ -171,3 +171,57 @@ def test_covering_set_covers_every_valid_pair():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert {c["model"] for c in chosen} == set(DIMENSIONS["model"])
+
+
+def test_input_errors_are_typed_and_raised_to_the_caller():
+    from moreh_ap.errors import InputError
+
+    pm = moreh_ap.parallelize(build_model("mlp", 0), _one())
+    with pytest.raises(InputError, match="no loss"):
+        pm.train_step(torch.randn(4, 16))
+    pm = moreh_ap.parallelize(build_model("mlp", 0), _one(), loss_fn=loss_fn_for("mlp"))
+    with pytest.raises(InputError, match="target= is missing"):
+        pm.train_step(torch.randn(4, 16))
+    with pytest.raises(InputError, match="no input tensor"):
+        pm.train_step(target=torch.randn(4, 8))
+    assert issubclass(InputError, ValueError)
+
+
+def test_micro_batches_and_dp_slice_follow_pytrees():
+    from collections import namedtuple
+
+    from moreh_ap.runtime.inputs import StepInputs, dp_slice, micro_batches
+
+    Pair = namedtuple("Pair", "x y")
+    obj = {"a": torch.arange(8).reshape(4, 2), "b": [Pair(torch.arange(4), 7)], "c": torch.tensor(3.0), "d": None}
+    parts = micro_batches(obj, 2, 4)
+    assert len(parts) == 2
+    assert torch.equal(parts[1]["a"], torch.tensor([[4, 5], [6, 7]]))
+    assert isinstance(parts[0]["b"][0], Pair) and torch.equal(parts[0]["b"][0].x, torch.tensor([0, 1]))
+    assert parts[1]["b"][0].y == 7 and parts[1]["c"] is obj["c"] and parts[1]["d"] is None
+    inputs = StepInputs(args=(torch.arange(6),), kwargs={"m": torch.ones(6, 2)}, target=torch.arange(6) * 10,
+                        hf_labels=False, batch=6)
+    mine, local = dp_slice(inputs, dp=3, dp_rank=2)
+    assert local == 2 and torch.equal(mine.args[0], torch.tensor([4, 5])) and mine.kwargs["m"].shape == (2, 2)
+    assert torch.equal(mine.target, torch.tensor([40, 50]))
+
+
+def test_one_process_has_no_wrapper_and_leaves_optimizers_alone():
+    from moreh_ap.runtime.apply import Wrapper
+
+    model = build_model("gpt", 0)
+    opt = moreh_ap.FusedLAMB(model.parameters())
+    pm = moreh_ap.parallelize(model, _one(), optimizer=opt, loss_fn=loss_fn_for("gpt"))
+    assert pm.wrapper is Wrapper.NONE and (pm.pp, pm.dp, pm.world, pm.pp_rank, pm.dp_rank) == (1, 1, 1, 0, 0)
+    assert opt.grad_norm_fn is None  # one process: FusedLAMB's own norm is the global one
+
+
+def test_own_fsdp_units_follow_the_shared_rule():
+    from moreh_ap.runtime.apply import Stage, _large_non_block_modules
+    from moreh_ap.models import find_adapter
+
+    gpt, gpt2 = build_model("gpt", 0), build_model("gpt2", 0)
+    units = {kind: _large_non_block_modules(Stage(0, m, find_adapter(m).container(), True, True))
+             for kind, m in (("gpt", gpt), ("gpt2", gpt2))}
+    assert any(isinstance(m, nn.Embedding) for m in units["gpt"])  # the embedding and the head: own units
+    assert all(m is not gpt2.transformer.wte and m is not gpt2.lm_head for m in units["gpt2"])  # tied: root

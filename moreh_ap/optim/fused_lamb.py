@@ -35,109 +35,31 @@ Deviations from apex, on purpose:
 
 Under ``moreh_ap.parallelize`` (or any DTensor parameters) the norms cover the
 whole model, as on one device: :meth:`FusedLAMB.global_grad_norm` spans all
-pipeline stages and shards (through ``moreh_ap.runtime.norm.params_grad_norm``
-while a multi-rank ParallelModel that holds the parameters is active; tied
-copies counted once), and :meth:`FusedLAMB.per_tensor_norms` gives ``||p||`` and
-``||u||`` of the whole parameter for a DTensor (FSDP2) shard; the rest of the
-update runs on the local shards. ``step()`` is then a collective: every rank
-calls it.
+pipeline stages and shards (a multi-rank ParallelModel that rebinds this
+optimizer gives it its grad-norm function through :meth:`FusedLAMB.set_grad_norm_fn`;
+tied copies counted once), and :meth:`FusedLAMB.per_tensor_norms` gives ``||p||``
+and ``||u||`` of the whole parameter for a DTensor (FSDP2) shard; the rest of
+the update runs on the local shards. ``step()`` is then a collective: every
+rank calls it. The norm code itself is :mod:`moreh_ap.optim.norms`.
 """
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterable
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["FusedLAMB"]
+from moreh_ap.optim.norms import is_dtensor, local_shard, per_tensor_norms, total_norm
+
+__all__ = ["FusedLAMB", "GradNormFn"]
+
+GradNormFn = Callable[[list[torch.Tensor]], "torch.Tensor | None"]
+"""``fn(params) -> norm``: the global 2-norm of the gradients of ``params`` over every rank that holds a
+share of the model (a collective), or None when ``params`` are not the model's (the local norm is used)."""
 
 _FLOAT32 = torch.float32
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _per_tensor_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of each tensor, in fp32, stacked into one 1-D tensor (no host sync).
-
-    The single place where FusedLAMB takes ``||p||`` and ``||update||``; for a
-    sharded parameter the runtime replaces it so that these are norms of the
-    whole parameter, not of the local shard.
-    """
-    if not tensors:
-        return torch.zeros(0, dtype=_FLOAT32)
-    dtensor = _dtensor_class()
-    if dtensor is not None and any(isinstance(t, dtensor) for t in tensors):
-        return _whole_norms(tensors, dtensor)
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=_FLOAT32))
-
-
-def _dtensor_class() -> type | None:
-    """torch's DTensor class if ``torch.distributed.tensor`` is loaded (else no DTensor can exist)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None) if module is not None else None
-
-
-def _local(t: torch.Tensor, dtensor: type | None) -> torch.Tensor:
-    """The local shard of a DTensor (a view: in-place writes reach the DTensor), else ``t``."""
-    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
-
-
-def _whole_norms(tensors: list[torch.Tensor], dtensor: type) -> torch.Tensor:
-    """Norms of the WHOLE tensors when some are DTensors (e.g. FSDP2 shards), as a plain 1-D fp32 tensor.
-
-    Squared local norms of sharded entries are summed over their mesh's Shard dims by DTensor
-    itself (a Partial("sum") -> Replicate redistribution): one reduction per (mesh, placements).
-    """
-    from torch.distributed.tensor import Partial, Replicate, Shard
-
-    squares = torch.stack(torch._foreach_norm([_local(t, dtensor) for t in tensors], 2, dtype=_FLOAT32)) ** 2
-    groups: dict[tuple, list[int]] = {}
-    for i, t in enumerate(tensors):
-        if isinstance(t, dtensor) and not all(isinstance(pl, Replicate) for pl in t.placements):
-            if not all(isinstance(pl, (Shard, Replicate)) for pl in t.placements):
-                raise NotImplementedError(f"FusedLAMB: a DTensor with placements {t.placements} (only Shard "
-                                          "and Replicate parameters are supported)")
-            groups.setdefault((t.device_mesh, tuple(t.placements)), []).append(i)
-    for (mesh, placements), idx in groups.items():
-        index = torch.tensor(idx, device=squares.device)
-        partial = [Replicate() if isinstance(pl, Replicate) else Partial("sum") for pl in placements]
-        whole = dtensor.from_local(squares.index_select(0, index), mesh, partial, run_check=False).full_tensor()
-        squares = squares.index_copy(0, index, whole.to(squares.device))
-    return squares.sqrt()
-
-
-def _active_runtime_norm():
-    """``moreh_ap.runtime.norm`` while a multi-rank ParallelModel is active on this rank, else None.
-
-    Never imports the runtime: if it is not loaded, no model was parallelized in this process.
-    """
-    module = sys.modules.get("moreh_ap.runtime.norm")
-    if module is None or not module.layout_active():
-        return None
-    return module
-
-
-def _global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """One L2 norm over all ``grads`` (any float dtypes), computed in fp32; 0-dim tensor.
-
-    The single place where FusedLAMB takes its global gradient norm; the
-    runtime replaces it with a norm over all pipeline stages and shards.
-    """
-    if not grads:
-        return torch.zeros((), dtype=_FLOAT32)
-    dtensor = _dtensor_class()
-    if dtensor is not None and any(isinstance(g, dtensor) for g in grads):
-        return _whole_norms(grads, dtensor).pow(2).sum().sqrt()
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for g in grads:
-        by_device.setdefault(g.device, []).append(g)
-    device = grads[0].device
-    squares = [
-        torch.linalg.vector_norm(torch.stack(torch._foreach_norm(group, 2, dtype=_FLOAT32))).to(device) ** 2
-        for group in by_device.values()
-    ]
-    return torch.stack(squares).sum().sqrt()
 
 
 def _clip_on_host(clip: torch.Tensor) -> bool:
@@ -201,6 +123,9 @@ class FusedLAMB(torch.optim.Optimizer):
             (default 1.0; ``float('inf')`` disables clipping).
         use_nvlamb: apply the trust ratio also to parameters whose group has
             ``weight_decay == 0`` (default False).
+        grad_norm_fn: the global gradient norm over all ranks (see :data:`GradNormFn`; default None:
+            the norm of this process's gradients). ``moreh_ap.parallelize`` sets it through
+            :meth:`set_grad_norm_fn` when it rebinds this optimizer on several ranks.
 
     Raises:
         RuntimeError: ``amsgrad=True``; at ``step()``, a sparse gradient or a
@@ -222,6 +147,8 @@ class FusedLAMB(torch.optim.Optimizer):
         set_grad_none: bool = True,
         max_grad_norm: float = 1.0,
         use_nvlamb: bool = False,
+        *,
+        grad_norm_fn: GradNormFn | None = None,
     ) -> None:
         if amsgrad:
             raise RuntimeError("FusedLAMB does not support the AMSGrad variant.")
@@ -246,26 +173,35 @@ class FusedLAMB(torch.optim.Optimizer):
         self.adam_w_mode = 1 if adam_w_mode else 0
         self.set_grad_none = set_grad_none
         self.use_nvlamb = use_nvlamb
+        self.grad_norm_fn = grad_norm_fn
 
-    # -- hooks the runtime replaces for sharded / pipelined models ---------------------------------
+    # -- norms (global over ranks for sharded / pipelined models) ------------------------------------
+    def set_grad_norm_fn(self, fn: GradNormFn | None) -> None:
+        """Take the global gradient norm from ``fn`` from now on (None: this process's gradients only).
+
+        ``moreh_ap.parallelize`` calls it with the model's norm over all pipeline stages and shards.
+        """
+        if fn is not None and not callable(fn):
+            raise TypeError(f"FusedLAMB.set_grad_norm_fn: expected a callable or None, got {type(fn).__name__}")
+        self.grad_norm_fn = fn
+
     def global_grad_norm(self, grads: list[torch.Tensor], *, params: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Global L2 norm of ``grads`` (0-dim fp32 tensor), the grads of ``params``.
 
-        While a multi-rank model parallelized by ``moreh_ap.parallelize`` is active, the norm spans
-        the whole model (all pipeline stages and shards, tied copies once) through the runtime's
-        ``params_grad_norm`` (a collective: every rank steps); otherwise :func:`_global_grad_norm`.
+        With a grad-norm function (:meth:`set_grad_norm_fn`) the norm spans the whole model (all
+        pipeline stages and shards, tied copies once; a collective: every rank steps); otherwise
+        :func:`~moreh_ap.optim.norms.total_norm` of ``grads``.
         """
-        runtime = _active_runtime_norm()
-        if runtime is not None and params is not None:
-            norm = runtime.params_grad_norm(params)
+        if self.grad_norm_fn is not None and params is not None:
+            norm = self.grad_norm_fn(params)
             if norm is not None:
                 return norm
-        return _global_grad_norm(grads)
+        return total_norm(grads)
 
     def per_tensor_norms(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """L2 norm of each tensor (1-D fp32 tensor), of the whole tensor for a DTensor shard;
-        default :func:`_per_tensor_norms`."""
-        return _per_tensor_norms(tensors)
+        """L2 norm of each tensor (1-D fp32 tensor), of the whole tensor for a DTensor shard
+        (:func:`~moreh_ap.optim.norms.per_tensor_norms`)."""
+        return per_tensor_norms(tensors)
 
     # -- torch.optim.Optimizer API ------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool | None = None) -> None:
@@ -357,10 +293,9 @@ class FusedLAMB(torch.optim.Optimizer):
         # DTensor (FSDP2) parameters: the math runs on the local shards (views), only the two norms
         # of the trust ratio see the DTensors, so that they are norms of the whole parameters.
         p_whole, u_whole = p32, g32
-        dtensor = _dtensor_class()
-        if dtensor is not None and any(isinstance(p, dtensor) for p in params):
+        if any(is_dtensor(p) for p in params):
             params, grads, p32, g32, exp_avgs, exp_avg_sqs = (
-                [_local(t, dtensor) for t in ts] for ts in (params, grads, p32, g32, exp_avgs, exp_avg_sqs))
+                [local_shard(t) for t in ts] for ts in (params, grads, p32, g32, exp_avgs, exp_avg_sqs))
         # g <- g / clip. On CPU the factor is read on the host (free there): a Python scalar is
         # folded into the moment updates and a factor of 1 costs nothing; elsewhere it stays a
         # device tensor (no host sync, as apex).

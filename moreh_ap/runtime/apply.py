@@ -1,7 +1,7 @@
 # The "how" of a ParallelConfig: pipeline split, recompute, FSDP2 / replicate / DDP, schedules.
 """Each ``apply_*`` takes modules, the config and the mesh, and changes the modules with PyTorch's parts.
 
-- :func:`apply_pipeline`: this pp rank's stage modules (virtual stage ``s`` on pp rank ``s % pp``).
+- :func:`apply_pipeline`: this pp rank's stage modules (the layout's placement of virtual stages).
 - :func:`apply_recompute`: ``checkpoint_wrapper`` around every block.
 - :func:`apply_fsdp`: ``fully_shard`` per block, per large module outside the blocks (embedding, head)
   and on the stage root, bf16 params / fp32 reduction under mixed precision,
@@ -9,22 +9,41 @@
 - :func:`apply_replicate`: FSDP-based ``replicate`` per block and root (replication that works inside
   pipelines, unlike DDP).
 - :func:`apply_ddp`: ``DistributedDataParallel`` (pp = 1 only).
-- :func:`build_schedule`: PipelineStage objects and a GPipe / 1F1B / Interleaved1F1B schedule.
+- :func:`build_schedule`: PipelineStage objects and the config's schedule class (from the schedule registry).
+
+:class:`Wrapper` names the data-parallel wrapper a stage got; :func:`named_local_params` reads a
+stage's parameters under their original names through it.
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from moreh_ap.config import ParallelConfig
-from moreh_ap.layout import stage_ranges
-from moreh_ap.models import ModelAdapter
+from moreh_ap.fsdp_units import is_own_unit
+from moreh_ap.layout import ParallelLayout
+from moreh_ap.models import ModelAdapter, clean_name
+from moreh_ap.schedules import get_schedule
 
-__all__ = ["Stage", "apply_pipeline", "apply_recompute", "apply_fsdp", "apply_replicate", "apply_ddp",
-           "build_schedule"]
+__all__ = ["Stage", "Wrapper", "apply_pipeline", "apply_recompute", "apply_fsdp", "apply_replicate", "apply_ddp",
+           "build_schedule", "local_module", "named_local_params"]
+
+
+class Wrapper(enum.Enum):
+    """The data-parallel wrapper the runtime put around this rank's stages."""
+
+    NONE = "none"
+    """No process group (one process): the stages run as they are."""
+    DDP = "ddp"
+    """``DistributedDataParallel`` (pp = 1, no parameter distribution)."""
+    REPLICATE = "replicate"
+    """FSDP-based ``replicate`` (pipelines without parameter distribution)."""
+    FSDP = "fsdp"
+    """``fully_shard`` (parameter distribution: ZeRO-2 / ZeRO-3)."""
 
 
 @dataclass(slots=True)
@@ -38,26 +57,33 @@ class Stage:
     container: nn.Module | None
     """The module whose children are this stage's blocks (None: no blocks known)."""
     is_first: bool
+    """The stage runs the model's input side (embeddings)."""
     is_last: bool
+    """The stage runs the model's output side (norm, head); the loss is taken on its output."""
     names: dict[str, list[str]] = field(default_factory=dict)
     """Stage parameter/buffer name -> original model names (filled before wrapping)."""
 
 
-def apply_pipeline(adapter: ModelAdapter, config: ParallelConfig, *, pp_rank: int) -> list[Stage]:
-    """Cut the model into ``num_stages * stages_per_rank`` stages and return the ones of ``pp_rank``.
+def apply_pipeline(adapter: ModelAdapter, layout: ParallelLayout, *, pp_rank: int,
+                   ranges: list[tuple[int, int]]) -> list[Stage]:
+    """The stage modules of pipeline rank ``pp_rank`` (``layout.stages_of(pp_rank)``).
+
+    Args:
+        adapter: the model's adapter (it builds a stage from a block range).
+        layout: the run's layout (pipeline degree, virtual stages and their placement).
+        pp_rank: the pipeline rank whose stages to build.
+        ranges: block range ``[lo, hi)`` of every virtual stage (``layout.stage_ranges``).
 
     With pp = 1 the whole model is the only stage (its own forward runs).
     """
     model = adapter.model
-    if config.num_stages == 1:
+    if layout.pp == 1:
         return [Stage(0, model, adapter.container(), True, True)]
-    total = config.total_stages
-    ranges = stage_ranges(len(adapter.blocks()), total, config.boundaries)
     stages = []
-    for s in range(pp_rank, total, config.num_stages):
-        lo, hi = ranges[s]
-        module, container = adapter.build_stage(lo, hi, first=s == 0, last=s == total - 1)
-        stages.append(Stage(s, module, container, s == 0, s == total - 1))
+    for s in layout.stages_of(pp_rank):
+        first, last = layout.is_first_stage(s), layout.is_last_stage(s)
+        module, container = adapter.build_stage(*ranges[s], first=first, last=last)
+        stages.append(Stage(s, module, container, first, last))
     return stages
 
 
@@ -81,12 +107,11 @@ def _mp_policy(config: ParallelConfig):
 
 
 def _large_non_block_modules(stage: Stage) -> list[nn.Module]:
-    """Modules outside the blocks that own big parameters no other module shares (embeddings, heads).
+    """Modules outside the blocks that get their own FSDP unit (:func:`moreh_ap.fsdp_units.is_own_unit`).
 
-    "Big": at least 1/8 of an average block's parameters. Wrapped as their own FSDP units (as torchtitan
-    does), they are gathered only around their own forward/backward and their gradients are
-    reduce-scattered right after their backward, instead of staying with the root unit for the step.
-    Tied parameters (GPT-2's wte / lm_head) stay with the root unit.
+    Embeddings and heads, as torchtitan does: gathered only around their own forward/backward, their
+    gradients reduce-scattered right after their backward, instead of staying with the root unit for
+    the step. Tied parameters (GPT-2's wte / lm_head) stay with the root unit.
     """
     blocks = list(stage.container.children()) if stage.container is not None else []
     if not blocks:
@@ -100,9 +125,10 @@ def _large_non_block_modules(stage: Stage) -> list[nn.Module]:
     out = []
     for m in stage.module.modules():
         own = list(m.parameters(recurse=False))
-        if m is stage.module or not own or any(id(p) in in_blocks or owners[id(p)] > 1 for p in own):
+        if m is stage.module:
             continue
-        if sum(p.numel() for p in own) * 8 >= avg:
+        shared = any(id(p) in in_blocks or owners[id(p)] > 1 for p in own)
+        if is_own_unit(sum(p.numel() for p in own), avg_block_numel=avg, shared=shared):
             out.append(m)
     return out
 
@@ -143,14 +169,33 @@ def apply_ddp(stage: Stage, dp_mesh) -> None:
     stage.module = DDP(stage.module, process_group=dp_mesh.get_group())
 
 
-def build_schedule(stages: list[Stage], config: ParallelConfig, *, n_microbatches: int, pp_group,
-                   device: torch.device, loss_fn: Callable):
-    """Fresh PipelineStage objects around ``stages`` and the config's schedule (grads not rescaled)."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+def build_schedule(stages: list[Stage], *, schedule: str, total_stages: int, n_microbatches: int, pp_group,
+                   device: torch.device, loss_fn: Callable | None):
+    """Fresh PipelineStage objects around ``stages`` and the registered schedule ``schedule`` (grads not rescaled).
 
-    total = config.total_stages
-    pstages = [PipelineStage(s.module, s.index, total, device, group=pp_group) for s in stages]
-    if config.schedule == "Interleaved1F1B":
-        return ScheduleInterleaved1F1B(pstages, n_microbatches, loss_fn=loss_fn, scale_grads=False)
-    cls = ScheduleGPipe if config.schedule == "GPipe" else Schedule1F1B
-    return cls(pstages[0], n_microbatches, loss_fn=loss_fn, scale_grads=False)
+    The schedule's torch class and whether it takes all of a rank's stages or one come from the
+    schedule registry (:func:`moreh_ap.schedules.get_schedule`).
+    """
+    from torch.distributed.pipelining import PipelineStage
+
+    spec = get_schedule(schedule)
+    pstages = [PipelineStage(s.module, s.index, total_stages, device, group=pp_group) for s in stages]
+    return spec.torch_schedule_class()(pstages if spec.multi_stage else pstages[0], n_microbatches,
+                                       loss_fn=loss_fn, scale_grads=False)
+
+
+def local_module(stage: Stage, wrapper: Wrapper) -> nn.Module:
+    """The module whose parameter names are the stage's own (inside DDP's ``.module``)."""
+    return stage.module.module if wrapper is Wrapper.DDP else stage.module
+
+
+def named_local_params(stages: list[Stage], wrapper: Wrapper) -> Iterator[tuple[list[str], nn.Parameter]]:
+    """(original names, parameter) for every parameter of ``stages`` (a parameter shared by modules of one
+    rank once)."""
+    seen: set[int] = set()
+    for st in stages:
+        for n, p in local_module(st, wrapper).named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            yield st.names.get(clean_name(n), [clean_name(n)]), p

@@ -1,5 +1,6 @@
-# Process group, device mesh and rank-0 weight broadcast for the runtime.
-"""Bring up torch.distributed from torchrun-style env vars and build the ("pp", "dp") mesh."""
+# Process group, sub-groups and weight transfers between ranks for the runtime.
+"""Bring up torch.distributed from torchrun-style env vars; world size, rank and device of this process;
+cached sub-groups; rank 0's weights to other ranks. The device mesh is ``ParallelLayout.build_mesh``."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["init_distributed", "world_size", "rank", "device_for_rank", "build_mesh", "subgroup", "broadcast_from_rank0",
+__all__ = ["init_distributed", "world_size", "rank", "device_for_rank", "subgroup", "broadcast_from_rank0",
            "module_tensors", "send_tensors", "recv_tensors", "BUCKET_BYTES"]
 
 BUCKET_BYTES = 64 * 1024 * 1024
@@ -70,24 +71,8 @@ def init_distributed(*, backend: str | None = None, timeout_s: float | None = No
     return True
 
 
-_MESHES: dict = {}
 _GROUPS: dict = {}
-
-
-def build_mesh(pp: int, dp: int, device: torch.device):
-    """``init_device_mesh(device, (pp, dp), mesh_dim_names=("pp", "dp"))``, or None for one process.
-
-    Cached per default process group and shape: every mesh owns process groups (and their
-    communication threads), so parallelizing again in one process reuses them instead of leaking.
-    """
-    if not dist.is_initialized():
-        return None
-    from torch.distributed.device_mesh import init_device_mesh
-
-    key = (id(dist.group.WORLD), device.type, pp, dp)
-    if key not in _MESHES:
-        _MESHES[key] = init_device_mesh(device.type, (pp, dp), mesh_dim_names=("pp", "dp"))
-    return _MESHES[key]
+"""Process groups made by :func:`subgroup`, by (default group, ranks)."""
 
 
 def subgroup(ranks: list[int]):

@@ -35,6 +35,8 @@ from torch.distributed._tools.mem_tracker import (_TOTAL_KEY, MemTracker, _MemRe
                                                   _WeakRefInfo)
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from moreh_ap.runtime.apply import Wrapper
+
 __all__ = ["TrackedPeak", "tracked_step_peak"]
 
 
@@ -47,7 +49,8 @@ class TrackedPeak:
     categories: dict[str, int] = field(default_factory=dict)
     """Bytes by the tracker's categories at the peak (parameters, gradients, activations, ...)."""
     wrapper: str = "none"
-    """The runtime's data-parallel wrapper: "none", "ddp", "fsdp" or "replicate"."""
+    """The runtime's data-parallel wrapper, a :class:`~moreh_ap.runtime.apply.Wrapper` value: "none", "ddp",
+    "fsdp" or "replicate"."""
 
     def to_dict(self) -> dict:
         return {"total": self.total, "categories": dict(self.categories), "wrapper": self.wrapper}
@@ -78,7 +81,7 @@ def tracked_step_peak(pm, optimizer: torch.optim.Optimizer, step: Callable[[], N
     if tracker == "torch" and len(pm._stages) != 1:
         raise ValueError("tracked_step_peak: one stage per rank only with tracker='torch' (use tracker='live')")
     root = pm._stages[0].module
-    if pm._wrapper == "ddp" and _fake_backend():
+    if pm.wrapper is Wrapper.DDP and _fake_backend():
         from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
 
         root.register_comm_hook(None, noop_hook)
@@ -86,7 +89,7 @@ def tracked_step_peak(pm, optimizer: torch.optim.Optimizer, step: Callable[[], N
     if tracker == "live":
         mt = _LiveTracker()
         mt.register_existing(pm, optimizer)
-    elif pm._wrapper == "fsdp":
+    elif pm.wrapper is Wrapper.FSDP:
         mt = FSDPMemTracker(root, optimizer)
     else:
         mt = MemTracker()
@@ -97,7 +100,7 @@ def tracked_step_peak(pm, optimizer: torch.optim.Optimizer, step: Callable[[], N
     snap = mt.get_tracker_snapshot("peak")
     dev = max(snap, key=lambda k: snap[k]["Total"])
     cats = {getattr(k, "value", str(k)): int(v) for k, v in snap[dev].items() if k != "Total" and v}
-    return TrackedPeak(total=int(snap[dev]["Total"]), categories=cats, wrapper=pm._wrapper)
+    return TrackedPeak(total=int(snap[dev]["Total"]), categories=cats, wrapper=pm.wrapper.value)
 
 
 def _fake_backend() -> bool:
@@ -174,7 +177,7 @@ class _LiveTracker(MemTracker):
                             if isinstance(t, torch.Tensor):
                                 self._update_and_maybe_create_winfos(t, _MemRefType.OTH)
         self._track_optimizer_states(_MemRefType.OPT, optimizer)
-        for sched in getattr(pm, "_schedules", {}).values():
+        for sched in pm._runner.schedules.values():
             stages = getattr(sched, "_stages", None) or [getattr(sched, "_stage", None)]
             for stage in stages:
                 for t in _tensors_in(vars(stage) if stage is not None else {}, depth=4):

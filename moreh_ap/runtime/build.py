@@ -1,0 +1,104 @@
+# Construction steps of a ParallelModel: rank 0's weights into this rank's stages, wrapping, optimizer rebinding.
+"""The parts of ``parallelize`` that change the user's objects, in the order it runs them:
+
+1. :func:`copy_rank0_weights`: global rank 0's values into this rank's stage tensors;
+2. :func:`wrap_stages`: recompute wrappers, then FSDP2 / replicate / DDP over the dp mesh;
+3. :func:`rebind_optimizer`: the user's optimizer over this rank's (possibly sharded) parameters.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moreh_ap.config import ParallelConfig
+from moreh_ap.layout import ParallelLayout
+import moreh_ap.runtime.apply as A
+from moreh_ap.runtime.dist import BUCKET_BYTES, module_tensors, rank, recv_tensors, send_tensors
+from moreh_ap.models import ModelAdapter
+
+__all__ = ["copy_rank0_weights", "wrap_stages", "rebind_optimizer"]
+
+
+@torch.no_grad()
+def copy_rank0_weights(adapter: ModelAdapter, stages: list[A.Stage], *, layout: ParallelLayout,
+                       ranges: list[tuple[int, int]], mesh: Any, dp_rank: int, device: torch.device) -> None:
+    """Global rank 0's values into this rank's stage tensors (already on this rank's device).
+
+    Rank 0 holds the whole model (its own stages on its device, the rest where the user left
+    them): it sends pp rank p's stage tensors to the dp-index-0 rank of pp rank p, one bucket
+    at a time copied to its device (NCCL sends device memory; gloo takes either); then every pp
+    rank's dp group broadcasts from its dp-index-0 rank, as DDP does at construction.
+    """
+    if mesh is None:
+        return
+    mine = [t.detach() for t in module_tensors([st.module for st in stages])]  # same storage, no autograd
+    if layout.pp > 1:
+        if rank() == 0:
+            for p in range(1, layout.pp):
+                theirs = A.apply_pipeline(adapter, layout, pp_rank=p, ranges=ranges)
+                send_tensors(module_tensors([st.module for st in theirs]), dst=layout.rank(pp=p, dp=0),
+                             device=device)
+        elif dp_rank == 0:
+            recv_tensors(mine, src=0)
+    if layout.dp > 1:
+        dist._broadcast_coalesced(mesh.get_group("dp"), mine, BUCKET_BYTES, 0)
+
+
+def wrap_stages(stages: list[A.Stage], config: ParallelConfig, *, layout: ParallelLayout, mesh: Any) -> A.Wrapper:
+    """Recompute wrappers (``config.recomputation``), then the data-parallel wrapper; returns which one.
+
+    FSDP2 with ``distribute_param``; else FSDP-based replicate inside a pipeline, DDP without one (dp > 1);
+    nothing without a process group.
+    """
+    if config.recomputation:
+        for st in stages:
+            A.apply_recompute(st)
+    wrapper = A.Wrapper.NONE
+    if mesh is None:
+        return wrapper
+    dp_mesh = mesh["dp"]
+    for st in stages:
+        if config.distribute_param:
+            A.apply_fsdp(st, config, dp_mesh)
+            wrapper = A.Wrapper.FSDP
+        elif layout.pp > 1:
+            A.apply_replicate(st, config, dp_mesh)
+            wrapper = A.Wrapper.REPLICATE
+        elif layout.dp > 1:
+            A.apply_ddp(st, dp_mesh)
+            wrapper = A.Wrapper.DDP
+    return wrapper
+
+
+def rebind_optimizer(optimizer: torch.optim.Optimizer, ids: dict[int, list[str]], *, stages: list[A.Stage],
+                     wrapper: A.Wrapper) -> None:
+    """Point ``optimizer``'s param groups at this rank's parameters (same groups and hyper-parameters).
+
+    A parameter held by no stage of this rank leaves its group; a tied one appears once.
+
+    Raises:
+        ValueError: the optimizer has state already, or holds a parameter that is not in the model.
+    """
+    if len(optimizer.state) > 0:
+        raise ValueError("parallelize: the optimizer already has state (it has stepped); create it over "
+                         "model.parameters() and pass it before its first step")
+    by_name = {}
+    for names, p in A.named_local_params(stages, wrapper):
+        for n in names:
+            by_name[n] = p
+    used = set()
+    for group in optimizer.param_groups:
+        new = []
+        for p in group["params"]:
+            names = ids.get(id(p))
+            if names is None:
+                raise ValueError("parallelize: the optimizer holds a parameter that is not in the model")
+            q = next((by_name[n] for n in names if n in by_name), None)
+            if q is not None and id(q) not in used:
+                used.add(id(q))
+                new.append(q)
+        group["params"] = new
+    optimizer.state = defaultdict(dict)

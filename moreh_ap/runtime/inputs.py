@@ -1,0 +1,124 @@
+# A training step's inputs: the user's call checked and normalized, the dp slice, the micro-batches.
+"""How ``ParallelModel.train_step(*args, target=..., **kwargs)`` reads its arguments.
+
+- Hugging Face causal LMs called with ``labels=`` (and no ``loss_fn``) use the model's own loss:
+  the labels become the target; ``input_ids=`` becomes the positional input; at pp = 1
+  ``use_cache`` defaults to False; inside a pipeline only ``input_ids``, ``attention_mask`` and
+  ``labels`` are accepted (``use_cache`` and the other outputs-only switches are dropped).
+- Other models need ``parallelize(..., loss_fn=...)`` and ``target=``; inside a pipeline they take
+  positional tensors only.
+
+Every rank passes the same global batch: :func:`dp_slice` takes this rank's rows,
+:func:`micro_batches` cuts them into micro-batches (tensors whose first dim is the batch are cut;
+anything else is repeated). Wrong calls raise :class:`moreh_ap.errors.InputError`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
+
+from moreh_ap.errors import InputError
+
+__all__ = ["StepInputs", "prepare_inputs", "dp_slice", "micro_batches", "shape_key"]
+
+_HF_NO_EFFECT = frozenset({"use_cache", "return_dict", "output_attentions", "output_hidden_states"})
+"""HF keyword arguments that do not change the training loss; dropped when the model is pipelined."""
+
+
+@dataclass(kw_only=True, slots=True)
+class StepInputs:
+    """One step's normalized call."""
+
+    args: tuple
+    """Positional inputs of the model (or of the first stage)."""
+    kwargs: dict[str, Any]
+    """Keyword inputs of the model (or of the first stage)."""
+    target: Any
+    """The loss target: HF labels or the user's ``target=``."""
+    hf_labels: bool
+    """The loss is the Hugging Face model's own, on ``target`` (the labels)."""
+    batch: int
+    """Samples in the global batch (first dim of the first input tensor)."""
+
+
+def prepare_inputs(args: tuple, target: Any, kwargs: dict[str, Any], *, hf_model: bool, pipelined: bool,
+                   has_loss_fn: bool) -> StepInputs:
+    """Check and normalize one call of ``train_step`` / an evaluation forward.
+
+    Args:
+        args, target, kwargs: the user's call.
+        hf_model: the model is a Hugging Face model.
+        pipelined: the model runs as a pipeline (num_stages > 1).
+        has_loss_fn: ``parallelize`` was given a ``loss_fn``.
+
+    Raises:
+        InputError: no loss can be computed, a missing target, keywords a pipeline cannot take,
+            no input tensor.
+    """
+    kwargs = dict(kwargs)
+    hf_labels = hf_model and target is None and "labels" in kwargs and not has_loss_fn
+    if hf_labels:
+        target = kwargs.pop("labels")
+    elif not has_loss_fn:
+        raise InputError("ParallelModel.train_step: no loss: pass labels= to a Hugging Face causal LM, or give "
+                         "parallelize(..., loss_fn=...) and train_step(..., target=...)")
+    elif target is None:
+        raise InputError("ParallelModel.train_step: loss_fn is set but target= is missing")
+    if hf_model and "input_ids" in kwargs and not args:
+        args = (kwargs.pop("input_ids"),)
+    if hf_model and not pipelined:
+        kwargs.setdefault("use_cache", False)
+    if hf_model and pipelined:
+        kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in _HF_NO_EFFECT}
+        extra = sorted(set(kwargs) - {"attention_mask"})
+        if extra:
+            raise InputError(f"ParallelModel.train_step: with num_stages > 1 a Hugging Face model takes "
+                             f"input_ids, attention_mask and labels only; got {extra}")
+    elif pipelined and kwargs:
+        raise InputError(f"ParallelModel.train_step: with num_stages > 1 the model takes positional tensors "
+                         f"only; got keyword arguments {sorted(kwargs)}")
+    tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+    if not tensors:
+        raise InputError("ParallelModel.train_step: no input tensor given")
+    return StepInputs(args=tuple(args), kwargs=kwargs, target=target, hf_labels=hf_labels,
+                      batch=tensors[0].shape[0])
+
+
+def dp_slice(inputs: StepInputs, *, dp: int, dp_rank: int) -> tuple[StepInputs, int]:
+    """This dp rank's rows of the global batch, and their count.
+
+    Raises:
+        InputError: the global batch is not divisible by ``dp``.
+    """
+    batch = inputs.batch
+    if batch % dp:
+        raise InputError(f"global batch({batch}) is not divisible by dp({dp})")
+    local = batch // dp
+    lo = dp_rank * local
+
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        return t[lo:lo + local] if t.dim() > 0 and t.shape[0] == batch else t
+
+    sliced = StepInputs(args=tree_map_only(torch.Tensor, cut, inputs.args),
+                        kwargs=tree_map_only(torch.Tensor, cut, inputs.kwargs),
+                        target=tree_map_only(torch.Tensor, cut, inputs.target),
+                        hf_labels=inputs.hf_labels, batch=batch)
+    return sliced, local
+
+
+def micro_batches(obj: Any, n: int, rows: int) -> list:
+    """``obj`` cut into ``n`` micro-batches along dim 0 (tensors with ``rows`` rows; anything else repeated)."""
+    leaves, spec = tree_flatten(obj)
+    parts = [list(t.chunk(n)) if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == rows else [t] * n
+             for t in leaves]
+    return [tree_unflatten([p[i] for p in parts], spec) for i in range(n)]
+
+
+def shape_key(args: tuple, kwargs: dict[str, Any]) -> tuple:
+    """What a pipeline schedule is built for: the positional tensors' shapes and dtypes, the keyword
+    tensors' names and shapes."""
+    return (tuple((tuple(t.shape), t.dtype) for t in args if isinstance(t, torch.Tensor)),
+            tuple(sorted((k, tuple(v.shape)) for k, v in kwargs.items() if isinstance(v, torch.Tensor))))

@@ -1,0 +1,189 @@
+# Step execution: one global batch through this rank's stages (micro-batch loop or pipeline schedule), and eval.
+"""How one training step (or evaluation forward) runs on a rank.
+
+:meth:`StepRunner.step`: normalize the call (:mod:`moreh_ap.runtime.inputs`), take this dp rank's rows,
+choose the micro-batch count, then
+
+- pp = 1: a loop over micro-batches, each forward + backward, gradient sync on the last one (DDP,
+  replicate) or on every one (FSDP2: only sharded gradients accumulate);
+- pp > 1: the config's pipeline schedule (built once per micro-batch count and input shapes), with the
+  loss computed on the last stage;
+- evaluation with pp > 1: a forward-only schedule; the last stage scores its whole local batch.
+
+After a training step the tied gradients are summed across pipeline ranks; the loss (the mean over the
+global batch) is all-reduced so that every rank returns the same fp32 scalar.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from moreh_ap.config import ParallelConfig
+from moreh_ap.errors import InputError
+from moreh_ap.layout import ParallelLayout
+from moreh_ap.log import logger
+from moreh_ap.runtime.apply import Stage, Wrapper, build_schedule
+from moreh_ap.runtime.inputs import StepInputs, dp_slice, micro_batches, prepare_inputs, shape_key
+from moreh_ap.runtime.loss import LossPlan, extract_logits, hf_num_items
+
+__all__ = ["LossSource", "StepRunner"]
+
+
+@dataclass(kw_only=True, slots=True)
+class LossSource:
+    """Where a step's loss comes from."""
+
+    hf_model: bool
+    """The model is a Hugging Face model (``labels=`` selects its own loss)."""
+    hf_loss: Callable | None
+    """The HF model's ``loss_function`` (None for other models)."""
+    vocab_size: int | None
+    """The model config's vocabulary size (the HF loss needs it)."""
+    loss_fn: Callable | None
+    """The user's ``loss_fn(output, target)`` given to ``parallelize``."""
+
+
+class StepRunner:
+    """Runs training steps and evaluation forwards over this rank's (wrapped) stages."""
+
+    def __init__(self, stages: list[Stage], *, config: ParallelConfig, layout: ParallelLayout, dp_rank: int,
+                 device: torch.device, wrapper: Wrapper, pp_group: Any, loss: LossSource,
+                 after_backward: Callable[[], None]) -> None:
+        """
+        Args:
+            stages: this rank's stages, wrapped.
+            config: the applied config (micro-batches, schedule, mixed precision).
+            layout: the run's layout.
+            dp_rank: this rank's data-parallel coordinate.
+            device: this rank's device.
+            wrapper: the data-parallel wrapper around the stages.
+            pp_group: the pipeline process group (None without a pipeline).
+            loss: where the loss comes from.
+            after_backward: called after the backward of a training step (sums tied gradients).
+        """
+        self.stages = stages
+        self.config = config
+        self.layout = layout
+        self.dp_rank = dp_rank
+        self.device = device
+        self.wrapper = wrapper
+        self.pp_group = pp_group
+        self.loss = loss
+        self.after_backward = after_backward
+        self.autocast = config.mixed_precision and wrapper in (Wrapper.NONE, Wrapper.DDP)
+        self.schedules: dict[Any, Any] = {}
+        """Pipeline schedules built so far, by (kind, micro-batches, input shapes)."""
+        self._plan: LossPlan | None = None
+
+    # ----------------------------------------------------------------------------- one step
+    def step(self, args: tuple, target: Any, kwargs: dict[str, Any], *, train: bool) -> torch.Tensor:
+        """One global batch: forward + backward (``train``) or forward only; the mean loss on every rank."""
+        layout = self.layout
+        inputs = prepare_inputs(args, target, kwargs, hf_model=self.loss.hf_model, pipelined=layout.pp > 1,
+                                has_loss_fn=self.loss.loss_fn is not None)
+        mine, local = dp_slice(inputs, dp=layout.dp, dp_rank=self.dp_rank)
+        nmb = self.micro_batch_count(local)
+        plan = LossPlan(hf_loss=self.loss.hf_loss if inputs.hf_labels else None, vocab_size=self.loss.vocab_size,
+                        user_loss=None if inputs.hf_labels else self.loss.loss_fn,
+                        num_items=hf_num_items(inputs.target) if inputs.hf_labels else inputs.batch,
+                        micro_batch_samples=local // nmb, dp=layout.dp)
+        if not train:
+            value = self._eval_pipeline(mine, nmb, plan, local)
+        elif layout.pp == 1:
+            value = self._run_local(mine, nmb, plan, local)
+        else:
+            value = self._run_pipeline(mine, nmb, plan)
+        if train:
+            self.after_backward()
+        loss = torch.as_tensor(value, dtype=torch.float32).reshape(()).to(self.device)
+        if layout.world_size > 1:
+            dist.all_reduce(loss)
+        return loss
+
+    def micro_batch_count(self, local: int) -> int:
+        """The config's micro-batch count, or the largest valid smaller one that divides a short batch.
+
+        Raises:
+            InputError: no micro-batch count is valid for ``local`` samples per dp rank.
+        """
+        cfg, dp = self.config, self.layout.dp
+        for n in range(min(cfg.num_micro_batches, local), 0, -1):
+            if local % n:
+                continue
+            try:
+                cfg.replace(num_micro_batches=n, batch_per_device=local // n).validate(self.layout.world_size)
+            except ValueError:
+                continue
+            if n != cfg.num_micro_batches:
+                logger.warning(f"batch of {local * dp} samples: using {n} micro-batches instead of "
+                               f"{cfg.num_micro_batches}")
+            return n
+        raise InputError(f"a global batch of {local * dp} samples cannot be split into dp({dp}) x micro-batches "
+                         f"valid for schedule {cfg.schedule!r} with num_stages({self.layout.pp})")
+
+    # ----------------------------------------------------------------------------- pp = 1
+    def _run_local(self, inputs: StepInputs, nmb: int, plan: LossPlan, local: int) -> torch.Tensor:
+        module = self.stages[0].module
+        mbs = list(zip(micro_batches(inputs.args, nmb, local), micro_batches(inputs.kwargs, nmb, local),
+                       micro_batches(inputs.target, nmb, local)))
+        total = torch.zeros((), device=self.device)
+        for i in range(nmb):
+            self._set_sync(i == nmb - 1)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext():
+                a, k, t = mbs[i]
+                out = module(*a, **k)
+                loss = plan.piece(extract_logits(out), t)
+            del out  # the logits are not saved for backward: let them go before it (one logits-sized tensor)
+            loss.backward()
+            total += loss.detach().float() / self.layout.dp
+        self._set_sync(True)
+        return total
+
+    def _set_sync(self, on: bool) -> None:
+        """Gradient sync for the next backward: DDP accumulates locally until the last micro-batch; FSDP2
+        (distribute_param) reduce-scatters after every micro-batch so that only sharded gradients accumulate."""
+        module = self.stages[0].module
+        if self.wrapper is Wrapper.DDP:
+            module.require_backward_grad_sync = on
+        elif self.wrapper is Wrapper.REPLICATE:
+            module.set_requires_gradient_sync(on)
+
+    # ----------------------------------------------------------------------------- pp > 1
+    def _schedule(self, key: tuple, nmb: int, loss_fn: Callable | None):
+        if key not in self.schedules:
+            self.schedules[key] = build_schedule(self.stages, schedule=self.config.schedule,
+                                                 total_stages=self.layout.total_stages, n_microbatches=nmb,
+                                                 pp_group=self.pp_group, device=self.device, loss_fn=loss_fn)
+        return self.schedules[key]
+
+    def _holds_last(self) -> bool:
+        return any(s.is_last for s in self.stages)
+
+    def _run_pipeline(self, inputs: StepInputs, nmb: int, plan: LossPlan) -> torch.Tensor:
+        schedule = self._schedule((nmb, *shape_key(inputs.args, inputs.kwargs)), nmb, self._pipeline_loss)
+        self._plan = plan
+        losses: list[torch.Tensor] = []
+        holds_last = self._holds_last()
+        # return_outputs=False: the last stage would otherwise keep every micro-batch's output (the logits)
+        # until the end of the step, to merge them; training uses the losses only
+        schedule.step(*inputs.args, target=inputs.target if holds_last else None, losses=losses,
+                      return_outputs=False, **inputs.kwargs)
+        if not holds_last:
+            return torch.zeros((), device=self.device)
+        return torch.stack([l.detach().float() for l in losses]).sum() / self.layout.dp
+
+    def _eval_pipeline(self, inputs: StepInputs, nmb: int, plan: LossPlan, local: int) -> torch.Tensor:
+        """Forward-only schedule (no loss_fn); the last stage scores its whole local batch at once."""
+        schedule = self._schedule(("eval", nmb, *shape_key(inputs.args, inputs.kwargs)), nmb, None)
+        out = schedule.step(*inputs.args, **inputs.kwargs)
+        if not self._holds_last():
+            return torch.zeros((), device=self.device)
+        plan.micro_batch_samples = local
+        return plan.piece(out, inputs.target).detach().float() / self.layout.dp
+
+    def _pipeline_loss(self, output, target):
+        return self._plan.piece(output, target)
