@@ -3,11 +3,11 @@
 
 Pipelines need one process per pipeline rank, and torch 2.13's ``MemTracker`` / ``FSDPMemTracker``
 reject a module called more than once in a tracked step (every micro-batch calls it), so each
-(config) runs on 2 or 4 real gloo CPU ranks (``tests/_dist_harness.launch``, many configs per
+(config) runs on 2 or 4 real gloo CPU ranks (``tests/helpers/dist_harness.py``, many configs per
 launch) and every rank tracks its second training step with
 ``moreh_ap.runtime.memtrack.tracked_step_peak(..., tracker="live")`` (``MemTracker``'s storage
 accounting without per-module statistics; equal to ``MemTracker`` / ``FSDPMemTracker`` to the byte on
-the non-pipelined cases of ``tests/test_memory_ties.py``). Each rank's peak is compared with
+the non-pipelined cases of ``tests/unit/test_memory_ties.py``). Each rank's peak is compared with
 ``moreh_ap.planner.memory.estimate_rank(graph, config, pp_rank, world_size=..., device_type="cpu")``.
 Target: within +-5 %.
 
@@ -22,13 +22,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from _dist_harness import launch  # noqa: E402
+from tests.helpers.dist_harness import launch  # noqa: E402
 
 
-from _pipeline_memory_cases import make_case as case, rows as case_rows  # noqa: E402
+from tests.helpers.pipeline_memory_cases import make_case as case, rows as case_rows  # noqa: E402
 
 MIB = 2**20
 

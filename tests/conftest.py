@@ -1,5 +1,8 @@
-# Shared pytest set-up: a clean MOREH_* environment and a fresh option state for every test.
-import os
+# Shared pytest set-up: a clean MOREH_* environment and a fresh option state for every test; test tiers.
+"""Tiers: ``unit/`` (one process, pure or with fake process groups), ``distributed/`` (several gloo
+CPU ranks compared with one process; every test there carries the ``multirank`` marker, checked at
+collection), ``integration/`` (scripts, the launcher and the start-up hook in fresh interpreters).
+Shared builders and harnesses live in ``helpers/``; tests import them as ``tests.helpers.<module>``."""
 
 import pytest
 
@@ -17,13 +20,6 @@ def _clean_moreh_env(monkeypatch, tmp_path):
     _option.disable_advanced_parallelization()
 
 
-def clean_subprocess_env(**extra: str) -> dict:
-    """os.environ without MOREH_* variables, plus ``extra``."""
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("MOREH_")}
-    environ.update(extra)
-    return environ
-
-
 @pytest.fixture
 def one_thread():
     """One intra-op thread for the test: calibration timings with 2 OpenMP threads on a busy 2-core
@@ -34,3 +30,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [item.nodeid for item in items
+                if "/distributed/" in str(item.fspath) and item.get_closest_marker("multirank") is None]
+    if unmarked:
+        raise pytest.UsageError(f"tests under tests/distributed/ must carry the 'multirank' marker: {unmarked}")

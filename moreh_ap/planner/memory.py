@@ -57,9 +57,9 @@ none for frozen parameters):
 The runtime computes the loss outside the model's forward (HF ``labels`` are
 popped), so a ZeRO-3 head is gathered again only after the loss backward.
 Checked against torch's own trackers on the runtime's wrapped models
-(``benchmarks/bench_memory_model.py``, ``tests/test_memory_ties.py``) and, for pipelines, against
+(``benchmarks/bench_memory_model.py``, ``tests/unit/test_memory_ties.py``) and, for pipelines, against
 the live-storage tracker on real gloo ranks (``benchmarks/bench_memory_model_pipeline.py``,
-``tests/test_memory_ties_pipeline.py``).
+``tests/distributed/test_memory_ties_pipeline.py``).
 
 The memory cap the planner applies is ``device_memory *
 MEMORY_USAGE_CORRECTION_RATIO / 100``.

@@ -5,7 +5,7 @@
 optimizer creates its state; DDP rebuilds its buckets) and once under torch's
 ``FSDPMemTracker`` (FSDP2-wrapped models) or ``MemTracker`` (anything else), and
 returns the peak of the tracked step, in total and by category. Used by
-``benchmarks/bench_memory_model.py`` and ``tests/test_memory_ties.py`` with a
+``benchmarks/bench_memory_model.py`` and ``tests/unit/test_memory_ties.py`` with a
 fake process group (``torch.testing._internal.distributed.fake_pg``): every
 tensor the runtime allocates is real and allocated as on rank 0 of a real job,
 while collectives move no data.
@@ -20,7 +20,7 @@ with ``tracker="live"``: torch 2.13's trackers raise ``NotImplementedError`` whe
 twice in one tracked step, so :class:`_LiveTracker` keeps ``MemTracker``'s storage accounting
 (every op output's untyped storage, weakref finalizers, ``UntypedStorage.resize_``) without its
 per-module statistics. It gives ``MemTracker`` / ``FSDPMemTracker``'s peak to the byte on the
-non-pipelined cases (``tests/test_memory_ties_pipeline.py``). Used with real gloo ranks by
+non-pipelined cases (``tests/distributed/test_memory_ties_pipeline.py``). Used with real gloo ranks by
 ``benchmarks/bench_memory_model_pipeline.py``.
 """
 from __future__ import annotations

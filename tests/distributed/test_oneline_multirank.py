@@ -20,12 +20,13 @@ import torch
 
 from moreh_ap.config import ParallelConfig
 
-from tests.conftest import clean_subprocess_env
+from tests.helpers.env import clean_subprocess_env
+from tests.helpers.paths import HELPERS, REPO_ROOT
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "_oneline_script.py"
+ROOT = REPO_ROOT
+SCRIPT = HELPERS / "oneline_script.py"
 EXAMPLE = ROOT / "examples" / "text_summarization_for_ap.py"
 FP32 = {"mixed_precision": False}
 

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from tests.conftest import clean_subprocess_env
+from tests.helpers.env import clean_subprocess_env
 
 
 def _run(code: str, **environ: str) -> subprocess.CompletedProcess:

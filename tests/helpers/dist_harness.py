@@ -16,7 +16,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -79,7 +79,7 @@ def _worker(tmp: str) -> None:
 
     torch.set_num_threads(1)
     import moreh_ap
-    from _runtime_cases import parallel_run
+    from tests.helpers.runtime_cases import parallel_run
 
     moreh_ap.runtime.init_distributed()
     import torch.distributed as dist
@@ -104,7 +104,7 @@ def _worker(tmp: str) -> None:
 
 
 def _runner(case: dict, default):
-    """The case's ``runner`` ("module:function" in tests/), else ``_runtime_cases.parallel_run``."""
+    """The case's ``runner`` ("package.module:function", e.g. ``tests.helpers.pipeline_memory_cases:memory_run``), else ``runtime_cases.parallel_run``."""
     if not case.get("runner"):
         return default
     import importlib
@@ -114,5 +114,5 @@ def _runner(case: dict, default):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(ROOT))
     _worker(sys.argv[1])

@@ -8,6 +8,7 @@ import torch
 
 from moreh_ap.optim import FusedLAMB
 from moreh_ap.optim import fused_lamb as fused_lamb_module
+from tests.helpers.paths import REPO_ROOT
 
 ITERS = 7
 
@@ -388,7 +389,7 @@ def test_aliases_after_import():
     assert torch.ops.moreh.FusedLAMB is FusedLAMB
 
 
-_REPO = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+_REPO = str(REPO_ROOT)
 # Run the worktree's start-up hook (not the installed one) in a fresh interpreter, then `code`.
 _WITH_REPO_HOOK = (
     "import sys, importlib.util\n"

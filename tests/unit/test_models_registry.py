@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import moreh_ap
-from _runtime_cases import build_model
+from tests.helpers.runtime_cases import build_model
 from moreh_ap.config import ParallelConfig
 from moreh_ap.graph import trace
 from moreh_ap.layout import ParallelLayout, stage_ranges
@@ -17,7 +17,7 @@ from moreh_ap.models import (BlockListAdapter, GenericAdapter, GPT2Adapter, Llam
                              registered_adapters)
 from moreh_ap.planner import Cluster, enumerate_candidates, plan
 from moreh_ap.runtime import apply as A
-from test_graph_models import TinyGPT, mlp, tiny_gpt2, tiny_llama, tiny_neox
+from tests.helpers.models import TinyGPT, mlp, tiny_gpt2, tiny_llama, tiny_neox
 
 pytestmark = pytest.mark.timeout(120)
 GIB = 1024**3
@@ -174,56 +174,3 @@ def test_register_adapter_puts_a_family_first_and_back():
     with pytest.raises(ValueError, match="registered"):
         register_adapter(MarkedAdapter, before=ModelAdapter)
     assert registered_adapters() == before
-
-
-# ------------------------------------------------------- generic family, 2 ranks
-NEOX_STEPS = 2
-
-
-def _neox_batches() -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(0, 128, (4, 16), generator=g) for _ in range(NEOX_STEPS)]
-
-
-def neox_fsdp_run(case: dict, world: int, rank: int) -> dict:
-    """Runner for ``_dist_harness.launch``: the tiny GPT-NeoX trained with ZeRO-3 and recompute at pp = 1."""
-    model = tiny_neox(3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    pm = moreh_ap.parallelize(model, ParallelConfig.from_dict(case["cfg"]), optimizer=opt)
-    from torch.distributed.fsdp import FSDPModule
-
-    blocks = list(model.gpt_neox.layers.children())  # per block, as the planner costs it
-    wrapped = all(isinstance(b, FSDPModule) and "CheckpointWrapper" in type(b).__name__ for b in blocks)
-    losses = []
-    for ids in _neox_batches():
-        losses.append(float(pm.train_step(input_ids=ids, labels=ids).detach()))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return {"losses": losses, "state": pm.full_state_dict(), "wrapped": wrapped}
-
-
-@pytest.mark.multirank
-@pytest.mark.timeout(300)
-def test_generic_model_trains_like_one_device_with_fsdp_per_block_on_two_ranks():
-    from _dist_harness import launch
-
-    cfg = ParallelConfig(num_stages=1, num_micro_batches=2, batch_per_device=1, recomputation=True,
-                         distribute_param=True, distribute_low_prec_param=True, mixed_precision=False)
-    res = launch(2, [{"id": "neox", "runner": "test_models_registry:neox_fsdp_run", "cfg": cfg.to_dict()}])
-    assert res.results is not None, res.output
-    got = res.results["neox"]
-    model = tiny_neox(3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    ref = []
-    for ids in _neox_batches():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ref.append(float(loss.detach()))
-    assert got["wrapped"]
-    assert got["losses"] == pytest.approx(ref, rel=1e-4, abs=1e-5)
-    state = model.state_dict()
-    assert set(got["state"]) == set(state)
-    for k, v in state.items():
-        torch.testing.assert_close(got["state"][k], v, rtol=1e-4, atol=1e-5)

@@ -3,15 +3,15 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
 from moreh_ap import launcher
-from tests.conftest import clean_subprocess_env
+from tests.helpers.env import clean_subprocess_env
+from tests.helpers.paths import REPO_ROOT
 
 TIMEOUT_S = 90
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 
 SCRIPT = textwrap.dedent(
     """

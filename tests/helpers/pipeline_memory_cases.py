@@ -1,5 +1,5 @@
 # Per-rank memory of a pipelined training step: the planner's estimate_rank vs the live-storage tracker.
-"""Runner for ``tests/_dist_harness.launch``: ``case = {"id", "runner": "_pipeline_memory_cases:memory_run",
+"""Runner for ``tests.helpers.dist_harness.launch``: ``case = {"id", "runner": "tests.helpers.pipeline_memory_cases:memory_run",
 "kind", "cfg" (ParallelConfig.to_dict()), "seq"}``.
 
 Every rank builds the same tiny HF Llama, wraps it with ``moreh_ap.parallelize(model, config,
@@ -17,7 +17,7 @@ VOCAB = 8192
 """Vocabulary of the "llama" kind (logits dominate the last stage); "llama-v256" has 256."""
 
 
-RUNNER = "_pipeline_memory_cases:memory_run"
+RUNNER = "tests.helpers.pipeline_memory_cases:memory_run"
 
 
 def make_case(label: str, world: int, *, kind: str = "llama", seq: int = 256, **kw) -> dict:

@@ -9,7 +9,7 @@ from moreh_ap.planner import microbench as mb
 from moreh_ap.planner import time_model as tm
 from moreh_ap.planner import cost
 from moreh_ap.planner.cluster import Cluster
-from test_graph_models import TinyGPT
+from tests.helpers.models import TinyGPT
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("one_thread")]
 

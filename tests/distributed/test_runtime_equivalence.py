@@ -18,8 +18,8 @@ import time
 import pytest
 import torch
 
-from _dist_harness import launch
-from _runtime_cases import (FROZEN_PREFIX, all_valid_combos, build_model, combo_case, covering_combos, reference_run,
+from tests.helpers.dist_harness import launch
+from tests.helpers.runtime_cases import (FROZEN_PREFIX, all_valid_combos, build_model, combo_case, covering_combos, reference_run,
                             update_rel_error)
 from moreh_ap.config import ParallelConfig
 

@@ -2,11 +2,11 @@
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-from tests.conftest import clean_subprocess_env
+from tests.helpers.env import clean_subprocess_env
+from tests.helpers.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 EXAMPLE = ROOT / "examples" / "text_summarization_for_ap.py"
 
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from moreh_ap.graph import ModelGraph, trace
 from moreh_ap.models import find_blocks
-from test_graph_models import TinyGPT, mlp, tiny_gpt2, tiny_llama
+from tests.helpers.models import TinyGPT, mlp, tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -29,7 +29,7 @@ wrapper), run before the fake-world cases.
 
 Not covered here: pipelines (num_stages > 1) need one process per pipeline rank
 (send/recv between stages, the schedule's per-rank activations); they are tied in
-``tests/test_memory_ties_pipeline.py`` (real gloo ranks, ``tracker="live"``).
+``tests/distributed/test_memory_ties_pipeline.py`` (real gloo ranks, ``tracker="live"``).
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ from moreh_ap.config import ParallelConfig
 from moreh_ap.planner.memory import estimate
 from moreh_ap.runtime.memtrack import tracked_step_peak
 
-from tests._pipeline_memory_cases import build
+from tests.helpers.pipeline_memory_cases import build
 
 WORLD = 4
 VOCAB, SEQ, BATCH = 8192, 256, 4

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _dist_harness import launch
-from _runtime_cases import reference_run
+from tests.helpers.dist_harness import launch
+from tests.helpers.runtime_cases import reference_run
 from moreh_ap.config import ParallelConfig
 
 pytestmark = [pytest.mark.multirank, pytest.mark.timeout(300)]

@@ -1,5 +1,5 @@
 # A one-device training script exercising what the one-line mode must keep working; run with AP off and on.
-"""Usage: python tests/_oneline_script.py OUT_DIR [line|env|off] [--ckpt] [--crash-rank R] [--stepped]
+"""Usage: python tests/helpers/oneline_script.py OUT_DIR [line|env|off] [--ckpt] [--crash-rank R] [--stepped]
 
 Everything a user script does: a rank-dependent seed (rank 0's weights must win), rank-dependent
 batches (rank 0's batch must be used), ``model.cuda()`` / ``tensor.cuda()``, a frozen parameter,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import moreh_ap
-from _runtime_cases import (DIMENSIONS, N_BLOCKS, all_valid_combos, build_model, case_batches, combo_config,
+from tests.helpers.runtime_cases import (DIMENSIONS, N_BLOCKS, all_valid_combos, build_model, case_batches, combo_config,
                             covering_combos, loss_fn_for, parallel_run, reference_run)
 from moreh_ap.config import ParallelConfig
 from moreh_ap.layout import stage_ranges

@@ -1,12 +1,12 @@
 # The planner's per-rank memory of pipelined configs vs the live-storage tracker, on real gloo ranks.
 """Memory ties for pipelines (num_stages 2): predicted peak of every pipeline rank within 5 %.
 
-Each config runs on 2 (pp 2) or 4 (pp 2 x dp 2) gloo CPU ranks through ``tests/_dist_harness.launch``
+Each config runs on 2 (pp 2) or 4 (pp 2 x dp 2) gloo CPU ranks through ``tests/helpers/dist_harness.py``
 (several configs per launch); every rank wraps a tiny HF Llama (4 blocks, vocab 8192, seq 256, 2 samples
 per micro-batch) with ``moreh_ap.parallelize``, runs one untracked AdamW step and tracks the next with
 ``tracked_step_peak(..., tracker="live")``, and predicts its own pipeline rank with
 ``estimate_rank(graph, config, pp_rank, world_size=..., optimizer="adamw", device_type="cpu")``
-(``tests/_pipeline_memory_cases.py``). The live tracker itself is checked against torch's ``MemTracker``
+(``tests/helpers/pipeline_memory_cases.py``). The live tracker itself is checked against torch's ``MemTracker``
 / ``FSDPMemTracker`` on a non-pipelined case (equal to the byte).
 
 The full table (22 configs incl. GPT-2 tied, 44 (config, rank) pairs, worst 4.4 %) is
@@ -19,8 +19,10 @@ import time
 import pytest
 import torch
 
-from _dist_harness import launch
-from _pipeline_memory_cases import make_case, rows
+from tests.helpers.dist_harness import launch
+from tests.helpers.pipeline_memory_cases import make_case, rows
+
+pytestmark = pytest.mark.multirank
 
 TOLERANCE = 0.05
 MIB = 2**20
@@ -66,7 +68,7 @@ def test_live_tracker_equals_memtracker(mixed):
     import moreh_ap
     from moreh_ap.config import ParallelConfig
     from moreh_ap.runtime.memtrack import tracked_step_peak
-    from _pipeline_memory_cases import build
+    from tests.helpers.pipeline_memory_cases import build
 
     if dist.is_initialized():
         pytest.skip("needs no process group in this process")

@@ -26,8 +26,9 @@ import ast
 from pathlib import Path
 
 import networkx as nx
+from tests.helpers.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO_ROOT
 PACKAGE = ROOT / "moreh_ap"
 MAX_LINES = 400
 LONG_MARK = "# long:"

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from moreh_ap import env
-from tests.conftest import clean_subprocess_env
+from tests.helpers.env import clean_subprocess_env
 
 
 def test_defaults(tmp_path):

@@ -1,5 +1,4 @@
 # Tests for moreh_ap.planner: candidates, partition, memory and cost models, plan() with its log lines and dumps.
-import os
 import re
 
 import pytest
@@ -13,7 +12,7 @@ from moreh_ap.planner import Cluster, enumerate_candidates, plan
 from moreh_ap.planner import cost, memory
 from moreh_ap.planner.partition import linear_partition
 from moreh_ap.planner.planning import DETAILED_DUMP, SELECTED_DUMP
-from test_graph_models import TinyGPT, tiny_gpt2
+from tests.helpers.models import TinyGPT, tiny_gpt2
 
 pytestmark = pytest.mark.timeout(60)
 GIB = 1024**3
