@@ -23,7 +23,7 @@ _BOOL_FIELDS = ("recomputation", "distribute_param", "distribute_low_prec_param"
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class ParallelConfig:
-    """One parallel configuration (DESIGN.md §3). Field names are part of the public contract."""
+    """One parallel configuration. Field names are part of the public contract (code outside the repo uses them)."""
 
     num_stages: int
     """Pipeline stages (pp): ranks along the pipeline."""
