@@ -74,7 +74,7 @@ from moreh_ap.graph.model_graph import ModelGraph, NodeInfo
 from moreh_ap.planner.peaks import Sizes, flat_peak, piped_peak
 from moreh_ap.planner.units import StageNodes, fsdp_units, optimizer_profile, prev_out, rank_stages
 
-__all__ = ["MemoryBreakdown", "estimate", "estimate_rank", "estimate_stages"]
+__all__ = ["MemoryBreakdown", "activation_precision", "estimate", "estimate_rank", "estimate_stages"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -106,17 +106,37 @@ class MemoryBreakdown:
         d["total"] = self.total
         return d
 
+def activation_precision(graph: ModelGraph, config: ParallelConfig, *, device_type: str) -> str:
+    """The traced precision whose saved tensors a rank of ``config`` keeps.
+
+    "full" without mixed precision; "mixed" (bf16 parameters, no autocast) when FSDP2's
+    ``MixedPrecisionPolicy`` casts the parameters (distribute_param, or a pipeline: every stage is
+    wrapped); else the runtime runs bf16 autocast over the fp32 parameters: "autocast_<device_type>"
+    (autocast's op policy is the device's), or "mixed" for a graph traced without it.
+    """
+    if not config.mixed_precision:
+        return "full"
+    if config.distribute_param or config.num_stages > 1:
+        return "mixed"
+    prec = f"autocast_{device_type}"
+    return prec if any(prec in n.saved_bytes for n in graph.nodes) else "mixed"
+
+
 def _node_acts(graph: ModelGraph, node: NodeInfo, prev: NodeInfo | None, *, prec: str, scale: float, recompute: bool):
-    """(kept activation bytes, transient bytes during its backward) of one node for one micro-batch."""
-    saved = node.saved_bytes.get(prec, 0) * scale
+    """(kept bytes, transient bytes during its backward, the weight copies among them) of one node, one micro-batch.
+
+    Autocast's bf16 weight copies (saved by the matmuls, :attr:`NodeInfo.saved_cast_bytes`) are one
+    per parameter whatever the batch: not scaled. A recomputed block keeps its input only and holds
+    its saved tensors (copies included, cast again) during its backward.
+    """
+    casts = node.saved_cast_bytes.get(prec, 0)
+    saved = (node.saved_bytes.get(prec, 0) - casts) * scale + casts
     # during its backward: the gradient of the node's largest tensor and of that op's input coexist
     peak = 2 * node.peak_fwd_bytes.get(prec, 0) * scale
     if recompute and node.kind == "block":
         kept = (prev.out_bytes.get(prec, 0) if prev is not None else 0) * scale
-        return kept, saved + peak
-    return saved, peak
-
-
+        return kept, saved + peak, 0.0, casts
+    return saved, peak, casts, 0.0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -131,23 +151,26 @@ class _RankActivations:
     """``[start, end)`` of each local stage's nodes."""
     recv: float
     """torch's receive buffers: every micro-batch's stage input and output gradient, kept all step."""
+    casts: list[tuple[float, float]]
+    """Autocast's weight copies among ``kept`` and among ``trans`` (0 unless traced under autocast)."""
 
 
 def _rank_activations(graph: ModelGraph, stages: list[StageNodes], config: ParallelConfig, *, prec: str,
                       scale: float) -> _RankActivations:
     piped = config.num_stages > 1
-    out = _RankActivations(kept=[], trans=[], chunks=[], recv=0.0)
+    out = _RankActivations(kept=[], trans=[], chunks=[], recv=0.0, casts=[])
     prev = None
     for st in stages:
         out.chunks.append((len(out.kept), len(out.kept) + len(st.nodes)))
         for j, n in enumerate(st.nodes):
-            a, t = _node_acts(graph, n, prev, prec=prec, scale=scale, recompute=config.recomputation)
+            a, t, ca, ct = _node_acts(graph, n, prev, prec=prec, scale=scale, recompute=config.recomputation)
             if piped and j == 0 and st.stage > 0:  # the stage input is a receive buffer (counted in recv)
                 a = 0.0 if config.recomputation else max(0.0, a - prev_out(graph, st.lo, prec) * scale)
             if piped and j == len(st.nodes) - 1:  # the stage output (logits on the last) kept for its backward
                 a += n.out_bytes.get(prec, 0) * scale
             out.kept.append(a)
             out.trans.append(t)
+            out.casts.append((ca, ct))
             prev = n
         if piped:
             nmb = config.num_micro_batches
@@ -178,7 +201,8 @@ def estimate_rank(
     sz = Sizes(w=w, c=2 if mp else w, r=4 if mp else w, d=dp if dist else 1, dp=dp)
     master, opt = p_all * w / sz.d, p_tr * k * w / sz.d
     scale = config.batch_per_device / max(1, graph.batch_size)
-    acts = _rank_activations(graph, stages, config, prec="mixed" if mp else "full", scale=scale)
+    prec = activation_precision(graph, config, device_type=device_type)
+    acts = _rank_activations(graph, stages, config, prec=prec, scale=scale)
     units = fsdp_units(graph, [st.nodes for st in stages], fsdp=dist)
     ddp = not piped and not dist and dp > 1
     if piped:
@@ -186,7 +210,8 @@ def estimate_rank(
         bwd_total, bwd_acts = master + opt + acts.recv + peak.total, peak.acts + acts.recv  # recv with activations
     else:
         buckets = p_tr * w if ddp else 0.0  # DDP's reducer buckets (gradient_as_bucket_view=False)
-        peak = flat_peak(nodes, acts.kept, acts.trans, units, config=config, sz=sz, ddp_buckets=buckets)
+        peak = flat_peak(nodes, acts.kept, acts.trans, units, config=config, sz=sz, ddp_buckets=buckets,
+                         casts=acts.casts if prec.startswith("autocast") else None)
         bwd_total, bwd_acts = master + opt + peak.total, peak.acts
     if dist or piped:  # FSDP2-managed parameters are DTensors: torch steps them with the per-tensor loop
         temps = 0.0
