@@ -12,10 +12,18 @@ Model (``P`` = parameters of the rank's stages, ``w`` = master dtype bytes,
 ``k`` = optimizer states per element: AdamW/Adam/LAMB 2, SGD with momentum 1,
 none for frozen parameters):
 
-* no distribution, no pipeline: params ``P*w``; under mixed precision autocast's
-  bf16 weight copies ``P*c`` live from forward until each one's backward (with
-  recomputation only the current block's); DDP (dp > 1) adds its reducer
-  buckets ``P_trainable*w`` (``gradient_as_bucket_view=False``);
+* no distribution, no pipeline: params ``P*w``; mixed precision is bf16 autocast
+  over the fp32 weights there, so the activations are the graph's autocast trace
+  for the device type (:func:`activation_precision`: CUDA runs ``pow``, ``exp``,
+  ``softmax``, ``sum``, ``layer_norm`` ... in fp32, the CPU in bf16); in it
+  autocast's bf16 weight copies (the cast cache's, one per parameter) are saved
+  tensors of the nodes whose matmuls use them (``saved_cast_bytes``: not scaled
+  with the batch, reported under params), alive from the forward until that
+  node's backward; a recomputed block casts its weights again in its backward,
+  and the cast cache holds every copy until the autocast region (forward and
+  loss) ends; a graph traced without autocast falls back to the bf16 trace plus
+  copies ``P*c``; DDP (dp > 1) adds its reducer buckets ``P_trainable*w``
+  (``gradient_as_bucket_view=False``);
 * distribute_param (FSDP2; one unit per block, one per part outside the blocks
   that ``moreh_ap.fsdp_units.is_own_unit`` accepts, the root unit for the rest,
   as the runtime wraps them: :func:`moreh_ap.planner.units.fsdp_units`): master, gradients and optimizer state sharded ``/d``; ZeRO-2 keeps
@@ -39,8 +47,10 @@ none for frozen parameters):
 * several micro-batches without a pipeline: the runtime reduce-scatters after
   every micro-batch under FSDP2 and lets DDP accumulate, so full (sharded or
   replicated) gradients are held from the second micro-batch on;
-* activations: bytes saved for backward per micro-batch (traced, scaled to
-  ``batch_per_device``) times micro-batches in flight (1 without a pipeline,
+* activations: bytes saved for backward per micro-batch (traced in the precision
+  the rank runs: "full", "mixed" for FSDP2's and the pipeline wrappers'
+  ``MixedPrecisionPolicy`` (bf16 parameters, no autocast), "autocast_<device>"
+  otherwise; scaled to ``batch_per_device``) times micro-batches in flight (1 without a pipeline,
   ``num_micro_batches`` for GPipe, ``num_stages - rank`` for 1F1B, torch's
   warm-up count + 1 for Interleaved1F1B; the pipeline peak itself follows the replayed order);
   with recomputation only each
@@ -57,9 +67,10 @@ none for frozen parameters):
 The runtime computes the loss outside the model's forward (HF ``labels`` are
 popped), so a ZeRO-3 head is gathered again only after the loss backward.
 Checked against torch's own trackers on the runtime's wrapped models
-(``benchmarks/bench_memory_model.py``, ``tests/unit/test_memory_ties.py``) and, for pipelines, against
+(``benchmarks/bench_memory_model.py``, ``tests/unit/test_memory_ties.py``), for pipelines against
 the live-storage tracker on real gloo ranks (``benchmarks/bench_memory_model_pipeline.py``,
-``tests/distributed/test_memory_ties_pipeline.py``).
+``tests/distributed/test_memory_ties_pipeline.py``), and against ``torch.cuda.max_memory_allocated()``
+of ten training runs on one H200 (``tests/unit/test_gpu_truth_memory.py``; the planner never reads them).
 
 The memory cap the planner applies is ``device_memory *
 MEMORY_USAGE_CORRECTION_RATIO / 100``.

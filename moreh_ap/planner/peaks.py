@@ -117,7 +117,8 @@ def flat_peak(nodes: list[NodeInfo], kept: list[float], trans: list[float], u: U
             copy_end, held_rs = copy, 0.0
         # traced copies: moved from the activations / working set to the copy (the same bytes)
         copy += cast_prefix[i + 1] + casts[i][1]
-        moments = [(copy, done_grads, prefix[i + 1] - cast_prefix[i + 1], trans[i] - casts[i][1] + held_rs + ddp_buckets)]
+        acts_i, work_i = prefix[i + 1] - cast_prefix[i + 1], trans[i] - casts[i][1]
+        moments = [(copy, done_grads, acts_i, work_i + held_rs + ddp_buckets)]
         if fsdp and zero3 and i == post:  # the loss backward runs before the head is gathered again
             moments = [(0.0, done_grads, prefix[i + 1], trans[i] + held_rs),
                        (copy + c * u.root_p, done_grads, prefix[i + 1], trans[i] / 2 + held_rs)]
