@@ -3,9 +3,13 @@
 
 Numbers that depend on the batch (FLOPs, saved bytes, boundary bytes) are for
 the traced batch (``ModelGraph.batch_size`` samples); the planner scales them
-linearly to a micro-batch. Activation numbers come in two precisions: key
+linearly to a micro-batch. Activation numbers come in four precisions: key
 ``"mixed"`` (parameters and float inputs cast to bf16, as FSDP2's
-``MixedPrecisionPolicy`` runs them) and ``"full"`` (the model's own dtypes).
+``MixedPrecisionPolicy`` runs them), ``"full"`` (the model's own dtypes), and
+``"autocast_cpu"`` / ``"autocast_cuda"`` (bf16 autocast over the model's own
+parameters, as the runtime runs mixed precision without FSDP, with the op
+policy of that device type: on CUDA ``pow``, ``exp``, ``softmax``, ``sum``,
+``layer_norm`` ... run in float32).
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from typing import Any
 
 import networkx as nx
 
-PRECISIONS = ("mixed", "full")
+PRECISIONS = ("mixed", "full", "autocast_cpu", "autocast_cuda")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -40,7 +44,10 @@ class NodeInfo:
     fwd_flops: int = 0
     """Forward FLOPs for the traced batch (attention costed as the flash kernel)."""
     saved_bytes: dict[str, int] = field(default_factory=dict)
-    """Bytes saved for backward for the traced batch, per precision ("mixed", "full")."""
+    """Bytes saved for backward for the traced batch, per precision (see :data:`PRECISIONS`)."""
+    saved_cast_bytes: dict[str, int] = field(default_factory=dict)
+    """Of :attr:`saved_bytes`, the casts of parameters (autocast's bf16 weight copies, saved by the
+    matmuls): one per parameter whatever the batch, so they are not scaled with it."""
     peak_fwd_bytes: dict[str, int] = field(default_factory=dict)
     """Largest temporary allocated inside the node's forward that is not saved, per precision."""
     out_bytes: dict[str, int] = field(default_factory=dict)

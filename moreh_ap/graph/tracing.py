@@ -6,15 +6,21 @@ for fake tensors created under ``FakeTensorMode``, so models on the meta
 device, on CPU or on CUDA all trace the same way and nothing real is
 allocated. One forward is run per precision ("mixed": parameters and float
 inputs in bf16 as FSDP2's MixedPrecisionPolicy runs them; "full": the
-model's own dtypes). During it:
+model's own dtypes; "autocast_cpu" / "autocast_cuda": bf16 autocast over the
+model's own parameters as the runtime runs mixed precision without FSDP, with
+CUDA's op policy emulated on CPU tensors for the latter,
+:func:`moreh_ap.graph.autocast_rules.cuda_autocast_rules`). During it:
 
 * FLOPs are counted with PyTorch's own formulas (``torch.utils.flop_counter``);
 * bytes saved for backward are collected with ``saved_tensors_hooks``
   (parameters and their views excluded: they are counted as parameters);
+  the saved casts of parameters (autocast's bf16 weight copies) are also
+  counted apart (``saved_cast_bytes``): one per parameter, whatever the batch;
 * ``F.scaled_dot_product_attention`` is replaced by a stand-in that costs
   the flash / memory-efficient kernel the runtime uses: it saves q, k, v, the
   output and the fp32 log-sum-exp, never B·H·T² probabilities, and adds the
-  kernel's FLOPs (4·B·H·Tq·Tk·D, halved when ``is_causal``);
+  kernel's FLOPs (4·B·H·Tq·Tk·D, halved when ``is_causal``)
+  (:mod:`moreh_ap.graph.trace_kernels`);
 * the blocks are the model family's (``moreh_ap.models.find_adapter``), the
   same modules the runtime splits and wraps;
 * only the first of identical blocks runs: the others return its output and
@@ -24,12 +30,10 @@ Backward FLOPs are taken as 2x forward (matmul rule) by the planner.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -37,6 +41,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import flop_registry
 
 from moreh_ap.graph.model_graph import PRECISIONS, ModelGraph, NodeInfo, TiedParam
+from moreh_ap.graph.trace_kernels import autocast_for, patched_sdpa
 from moreh_ap.models import block_signature, find_adapter
 
 __all__ = ["trace"]
@@ -49,6 +54,8 @@ class _Recorder:
         self.current = "embedding"
         self.flops: dict[str, int] = {}
         self.saved: dict[str, int] = {}
+        self.saved_casts: dict[str, int] = {}  # of ``saved``: casts of parameters (batch-independent)
+        self.cast_storages: set[int] = set()  # storages made by casting a parameter (autocast's cast cache)
         self.peak: dict[str, int] = {}
         self.seen: set[int] = set()
         self.out_bytes: dict[str, int] = {}
@@ -72,7 +79,17 @@ class _Recorder:
         if key not in self.seen and key not in self.param_storages:
             self.seen.add(key)
             self.saved[self.current] = self.saved.get(self.current, 0) + int(nbytes)
+            if key in self.cast_storages:
+                self.saved_casts[self.current] = self.saved_casts.get(self.current, 0) + int(nbytes)
         return t
+
+    def note_cast(self, src: Any, out: Any) -> None:
+        """``out = src.to(dtype)``: remember ``out``'s storage when ``src`` is a parameter."""
+        try:
+            if src.untyped_storage()._cdata in self.param_storages:
+                self.cast_storages.add(out.untyped_storage()._cdata)
+        except Exception:  # a tensor without storage: not a parameter
+            pass
 
 
 class _CountMode(TorchDispatchMode):
@@ -88,55 +105,13 @@ class _CountMode(TorchDispatchMode):
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
             self.rec.add_flops(formula(*args, **kwargs, out_val=out))
+        if func is torch.ops.aten._to_copy.default and isinstance(out, torch.Tensor) and args:
+            self.rec.note_cast(args[0], out)
+            if out.untyped_storage()._cdata in self.rec.cast_storages:
+                return out  # a weight copy: batch-independent, not a working-set tensor
         if isinstance(out, torch.Tensor):
             self.rec.note_tensor(out)
         return out
-
-
-class _FlashAttention(torch.autograd.Function):
-    """Stand-in for the flash / memory-efficient SDPA kernel: right shapes, right saved tensors."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask):  # noqa: D401
-        if q.dim() == 4:  # the kernels write (B, T, H, D) and return a (B, H, T, D) view of it, so the
-            # usual `out.transpose(1, 2).reshape(B, T, H * D)` that follows is a view, not a copy
-            b, h, t = q.shape[:3]
-            out = q.new_empty((b, t, h, v.shape[-1])).transpose(1, 2)
-        else:
-            out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
-        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-        if mask is not None:
-            ctx.save_for_backward(q, k, v, out, lse, mask)
-        else:
-            ctx.save_for_backward(q, k, v, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # never run: tracing does no backward
-        raise RuntimeError("moreh_ap trace stand-in has no backward")
-
-
-def _make_sdpa(rec: _Recorder):
-    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        b = query.shape[:-2].numel() if query.dim() > 2 else 1
-        tq, d = query.shape[-2], query.shape[-1]
-        tk, dv = key.shape[-2], value.shape[-1]
-        flops = 2 * b * tq * tk * d + 2 * b * tq * tk * dv
-        rec.add_flops(flops // 2 if is_causal and attn_mask is None else flops)
-        mask = attn_mask if isinstance(attn_mask, torch.Tensor) else None
-        return _FlashAttention.apply(query, key, value, mask)
-
-    return sdpa
-
-
-@contextlib.contextmanager
-def _patched_sdpa(rec: _Recorder):
-    original = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = _make_sdpa(rec)
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = original
 
 
 def _float_bytes(obj: Any) -> int:
@@ -242,8 +217,13 @@ class _Tracer:
         return hook
 
     # ------------------------------------------------------------------ run
-    def run(self, args: tuple, kwargs: dict, *, cast: torch.dtype | None) -> tuple[_Recorder, int]:
-        """One fake forward; returns the recorder and the bytes of the model's floating outputs."""
+    def run(self, args: tuple, kwargs: dict, *, cast: torch.dtype | None,
+            autocast: str | None = None) -> tuple[_Recorder, int]:
+        """One fake forward; returns the recorder and the bytes of the model's floating outputs.
+
+        ``cast``: dtype the float parameters and inputs are cast to (None: their own). ``autocast``:
+        "cpu" or "cuda" runs the forward under bf16 autocast with that device type's op policy.
+        """
         self.block_started = False
         self.rep_out.clear()
         self.out_bytes = {}
@@ -262,7 +242,7 @@ class _Tracer:
         rec = _Recorder(storages)
         self.rec = rec
         hooks = torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t)
-        with fake, torch.enable_grad(), _CountMode(rec), _patched_sdpa(rec), hooks:
+        with fake, torch.enable_grad(), _CountMode(rec), patched_sdpa(rec), hooks, autocast_for(autocast):
             out = torch.func.functional_call(self.model, (params, buffers), fargs, fkwargs, strict=False)
         rec.out_bytes, rec.pre_out = dict(self.out_bytes), self.pre_out
         return rec, _float_bytes(out)
@@ -321,6 +301,7 @@ def _build_nodes(tracer: _Tracer, runs: dict[str, tuple[_Recorder, int]]) -> tup
                 nodes[n].traced = tracer.rep_of[i] == i
             nodes[n].fwd_flops = rec.flops.get(src, 0)
             nodes[n].saved_bytes[prec] = rec.saved.get(src, 0)
+            nodes[n].saved_cast_bytes[prec] = rec.saved_casts.get(src, 0)
             nodes[n].peak_fwd_bytes[prec] = rec.peak.get(src, 0)
         for n in tracer.block_names:
             nodes[n].out_bytes[prec] = rec.out_bytes.get(n, 0)
@@ -329,7 +310,9 @@ def _build_nodes(tracer: _Tracer, runs: dict[str, tuple[_Recorder, int]]) -> tup
     return [nodes[n] for n in names], tied
 
 
-_CASTS = {"mixed": torch.bfloat16, "full": None}
+# precision -> (dtype parameters and float inputs are cast to, autocast device type whose op policy applies)
+_RUNS = {"mixed": (torch.bfloat16, None), "full": (None, None), "autocast_cpu": (None, "cpu"),
+         "autocast_cuda": (None, "cuda")}
 
 
 def trace(
@@ -346,8 +329,10 @@ def trace(
         args: positional inputs of one GLOBAL batch (real, fake or meta tensors;
             only shapes and dtypes are used). A single tensor is accepted.
         kwargs: keyword inputs (e.g. ``labels=`` for a Hugging Face model).
-        precisions: which of "mixed" (bf16 parameters and float inputs) and
-            "full" (the model's own dtypes) to trace activations for.
+        precisions: which of "mixed" (bf16 parameters and float inputs), "full"
+            (the model's own dtypes), "autocast_cpu" and "autocast_cuda" (bf16 autocast
+            over the model's own parameters with that device's op policy) to trace
+            activations for.
 
     Returns:
         The graph: embedding node, one node per repeated block, head node.
@@ -369,7 +354,7 @@ def trace(
     tracer = _Tracer(model)
     handles = tracer.install()
     try:
-        runs = {prec: tracer.run(args, kwargs, cast=_CASTS[prec]) for prec in precisions}
+        runs = {prec: tracer.run(args, kwargs, cast=_RUNS[prec][0], autocast=_RUNS[prec][1]) for prec in precisions}
     finally:
         tracer.uninstall(handles)
     nodes, tied = _build_nodes(tracer, runs)

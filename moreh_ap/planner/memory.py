@@ -12,10 +12,18 @@ Model (``P`` = parameters of the rank's stages, ``w`` = master dtype bytes,
 ``k`` = optimizer states per element: AdamW/Adam/LAMB 2, SGD with momentum 1,
 none for frozen parameters):
 
-* no distribution, no pipeline: params ``P*w``; under mixed precision autocast's
-  bf16 weight copies ``P*c`` live from forward until each one's backward (with
-  recomputation only the current block's); DDP (dp > 1) adds its reducer
-  buckets ``P_trainable*w`` (``gradient_as_bucket_view=False``);
+* no distribution, no pipeline: params ``P*w``; mixed precision is bf16 autocast
+  over the fp32 weights there, so the activations are the graph's autocast trace
+  for the device type (:func:`activation_precision`: CUDA runs ``pow``, ``exp``,
+  ``softmax``, ``sum``, ``layer_norm`` ... in fp32, the CPU in bf16); in it
+  autocast's bf16 weight copies (the cast cache's, one per parameter) are saved
+  tensors of the nodes whose matmuls use them (``saved_cast_bytes``: not scaled
+  with the batch, reported under params), alive from the forward until that
+  node's backward; a recomputed block casts its weights again in its backward,
+  and the cast cache holds every copy until the autocast region (forward and
+  loss) ends; a graph traced without autocast falls back to the bf16 trace plus
+  copies ``P*c``; DDP (dp > 1) adds its reducer buckets ``P_trainable*w``
+  (``gradient_as_bucket_view=False``);
 * distribute_param (FSDP2; one unit per block, one per part outside the blocks
   that ``moreh_ap.fsdp_units.is_own_unit`` accepts, the root unit for the rest,
   as the runtime wraps them: :func:`moreh_ap.planner.units.fsdp_units`): master, gradients and optimizer state sharded ``/d``; ZeRO-2 keeps
@@ -39,8 +47,10 @@ none for frozen parameters):
 * several micro-batches without a pipeline: the runtime reduce-scatters after
   every micro-batch under FSDP2 and lets DDP accumulate, so full (sharded or
   replicated) gradients are held from the second micro-batch on;
-* activations: bytes saved for backward per micro-batch (traced, scaled to
-  ``batch_per_device``) times micro-batches in flight (1 without a pipeline,
+* activations: bytes saved for backward per micro-batch (traced in the precision
+  the rank runs: "full", "mixed" for FSDP2's and the pipeline wrappers'
+  ``MixedPrecisionPolicy`` (bf16 parameters, no autocast), "autocast_<device>"
+  otherwise; scaled to ``batch_per_device``) times micro-batches in flight (1 without a pipeline,
   ``num_micro_batches`` for GPipe, ``num_stages - rank`` for 1F1B, torch's
   warm-up count + 1 for Interleaved1F1B; the pipeline peak itself follows the replayed order);
   with recomputation only each
@@ -57,9 +67,10 @@ none for frozen parameters):
 The runtime computes the loss outside the model's forward (HF ``labels`` are
 popped), so a ZeRO-3 head is gathered again only after the loss backward.
 Checked against torch's own trackers on the runtime's wrapped models
-(``benchmarks/bench_memory_model.py``, ``tests/unit/test_memory_ties.py``) and, for pipelines, against
+(``benchmarks/bench_memory_model.py``, ``tests/unit/test_memory_ties.py``), for pipelines against
 the live-storage tracker on real gloo ranks (``benchmarks/bench_memory_model_pipeline.py``,
-``tests/distributed/test_memory_ties_pipeline.py``).
+``tests/distributed/test_memory_ties_pipeline.py``), and against ``torch.cuda.max_memory_allocated()``
+of ten training runs on one H200 (``tests/unit/test_gpu_truth_memory.py``; the planner never reads them).
 
 The memory cap the planner applies is ``device_memory *
 MEMORY_USAGE_CORRECTION_RATIO / 100``.
@@ -74,7 +85,7 @@ from moreh_ap.graph.model_graph import ModelGraph, NodeInfo
 from moreh_ap.planner.peaks import Sizes, flat_peak, piped_peak
 from moreh_ap.planner.units import StageNodes, fsdp_units, optimizer_profile, prev_out, rank_stages
 
-__all__ = ["MemoryBreakdown", "estimate", "estimate_rank", "estimate_stages"]
+__all__ = ["MemoryBreakdown", "activation_precision", "estimate", "estimate_rank", "estimate_stages"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -106,17 +117,37 @@ class MemoryBreakdown:
         d["total"] = self.total
         return d
 
+def activation_precision(graph: ModelGraph, config: ParallelConfig, *, device_type: str) -> str:
+    """The traced precision whose saved tensors a rank of ``config`` keeps.
+
+    "full" without mixed precision; "mixed" (bf16 parameters, no autocast) when FSDP2's
+    ``MixedPrecisionPolicy`` casts the parameters (distribute_param, or a pipeline: every stage is
+    wrapped); else the runtime runs bf16 autocast over the fp32 parameters: "autocast_<device_type>"
+    (autocast's op policy is the device's), or "mixed" for a graph traced without it.
+    """
+    if not config.mixed_precision:
+        return "full"
+    if config.distribute_param or config.num_stages > 1:
+        return "mixed"
+    prec = f"autocast_{device_type}"
+    return prec if any(prec in n.saved_bytes for n in graph.nodes) else "mixed"
+
+
 def _node_acts(graph: ModelGraph, node: NodeInfo, prev: NodeInfo | None, *, prec: str, scale: float, recompute: bool):
-    """(kept activation bytes, transient bytes during its backward) of one node for one micro-batch."""
-    saved = node.saved_bytes.get(prec, 0) * scale
+    """(kept bytes, transient bytes during its backward, the weight copies among them) of one node, one micro-batch.
+
+    Autocast's bf16 weight copies (saved by the matmuls, :attr:`NodeInfo.saved_cast_bytes`) are one
+    per parameter whatever the batch: not scaled. A recomputed block keeps its input only and holds
+    its saved tensors (copies included, cast again) during its backward.
+    """
+    casts = node.saved_cast_bytes.get(prec, 0)
+    saved = (node.saved_bytes.get(prec, 0) - casts) * scale + casts
     # during its backward: the gradient of the node's largest tensor and of that op's input coexist
     peak = 2 * node.peak_fwd_bytes.get(prec, 0) * scale
     if recompute and node.kind == "block":
         kept = (prev.out_bytes.get(prec, 0) if prev is not None else 0) * scale
-        return kept, saved + peak
-    return saved, peak
-
-
+        return kept, saved + peak, 0.0, casts
+    return saved, peak, casts, 0.0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -131,23 +162,26 @@ class _RankActivations:
     """``[start, end)`` of each local stage's nodes."""
     recv: float
     """torch's receive buffers: every micro-batch's stage input and output gradient, kept all step."""
+    casts: list[tuple[float, float]]
+    """Autocast's weight copies among ``kept`` and among ``trans`` (0 unless traced under autocast)."""
 
 
 def _rank_activations(graph: ModelGraph, stages: list[StageNodes], config: ParallelConfig, *, prec: str,
                       scale: float) -> _RankActivations:
     piped = config.num_stages > 1
-    out = _RankActivations(kept=[], trans=[], chunks=[], recv=0.0)
+    out = _RankActivations(kept=[], trans=[], chunks=[], recv=0.0, casts=[])
     prev = None
     for st in stages:
         out.chunks.append((len(out.kept), len(out.kept) + len(st.nodes)))
         for j, n in enumerate(st.nodes):
-            a, t = _node_acts(graph, n, prev, prec=prec, scale=scale, recompute=config.recomputation)
+            a, t, ca, ct = _node_acts(graph, n, prev, prec=prec, scale=scale, recompute=config.recomputation)
             if piped and j == 0 and st.stage > 0:  # the stage input is a receive buffer (counted in recv)
                 a = 0.0 if config.recomputation else max(0.0, a - prev_out(graph, st.lo, prec) * scale)
             if piped and j == len(st.nodes) - 1:  # the stage output (logits on the last) kept for its backward
                 a += n.out_bytes.get(prec, 0) * scale
             out.kept.append(a)
             out.trans.append(t)
+            out.casts.append((ca, ct))
             prev = n
         if piped:
             nmb = config.num_micro_batches
@@ -178,7 +212,8 @@ def estimate_rank(
     sz = Sizes(w=w, c=2 if mp else w, r=4 if mp else w, d=dp if dist else 1, dp=dp)
     master, opt = p_all * w / sz.d, p_tr * k * w / sz.d
     scale = config.batch_per_device / max(1, graph.batch_size)
-    acts = _rank_activations(graph, stages, config, prec="mixed" if mp else "full", scale=scale)
+    prec = activation_precision(graph, config, device_type=device_type)
+    acts = _rank_activations(graph, stages, config, prec=prec, scale=scale)
     units = fsdp_units(graph, [st.nodes for st in stages], fsdp=dist)
     ddp = not piped and not dist and dp > 1
     if piped:
@@ -186,7 +221,8 @@ def estimate_rank(
         bwd_total, bwd_acts = master + opt + acts.recv + peak.total, peak.acts + acts.recv  # recv with activations
     else:
         buckets = p_tr * w if ddp else 0.0  # DDP's reducer buckets (gradient_as_bucket_view=False)
-        peak = flat_peak(nodes, acts.kept, acts.trans, units, config=config, sz=sz, ddp_buckets=buckets)
+        peak = flat_peak(nodes, acts.kept, acts.trans, units, config=config, sz=sz, ddp_buckets=buckets,
+                         casts=acts.casts if prec.startswith("autocast") else None)
         bwd_total, bwd_acts = master + opt + peak.total, peak.acts
     if dist or piped:  # FSDP2-managed parameters are DTensors: torch steps them with the per-tensor loop
         temps = 0.0

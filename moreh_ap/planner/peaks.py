@@ -59,7 +59,7 @@ class Sizes:
 
 
 def flat_peak(nodes: list[NodeInfo], kept: list[float], trans: list[float], u: Units, *, config: ParallelConfig,
-              sz: Sizes, ddp_buckets: float) -> Peak:
+              sz: Sizes, ddp_buckets: float, casts: list[tuple[float, float]] | None = None) -> Peak:
     """Peak of a step without a pipeline (beyond the master parameters and optimizer state).
 
     Walks the backward node by node (head first). At each node two moments are checked: *during* its
@@ -71,15 +71,24 @@ def flat_peak(nodes: list[NodeInfo], kept: list[float], trans: list[float], u: U
     the prefetched unit gathered; the root unit's gradients stay unsharded until the end of backward;
     the loss is computed outside the model, so a ZeRO-3 head is gathered only after the loss backward.
     Without FSDP, autocast's bf16 weight copies live as long as the saved tensors that hold them.
+    ``casts``: given when the activations come from an autocast trace, where those copies are saved
+    tensors of the nodes whose matmuls use them: per node, the copies among its ``kept`` and among its
+    ``trans`` bytes. They are then not added again, only reported as the compute copy; autocast's cast
+    cache, which keeps every copy until the autocast region ends (after the loss), adds the copies of
+    recomputed blocks (their saved tensors dropped) at the end of the forward.
     """
     fsdp, zero3 = config.distribute_param, config.distribute_low_prec_param
     w, c, r, d = sz.w, sz.c, sz.r, sz.d
+    traced = casts is not None
     n, p, t = len(nodes), u.p, u.t
     prefix = [0.0] * (n + 1)  # activations kept by nodes < i
+    casts = casts or [(0.0, 0.0)] * n
+    cast_prefix = [0.0] * (n + 1)  # of which autocast's weight copies (traced ones)
     p_upto = [0] * (n + 1)  # unit parameters of nodes < i, and of the non-block ones among them
     p_root_upto = [0] * (n + 1)
     for i in range(n):
         prefix[i + 1] = prefix[i] + kept[i]
+        cast_prefix[i + 1] = cast_prefix[i] + casts[i][0]
         p_upto[i + 1] = p_upto[i] + p[i]
         p_root_upto[i + 1] = p_root_upto[i] + (p[i] if nodes[i].kind != "block" else 0)
     post = n - 1 if nodes and nodes[-1].kind == "post" else None
@@ -104,9 +113,12 @@ def flat_peak(nodes: list[NodeInfo], kept: list[float], trans: list[float], u: U
             # node's backward); with recomputation a block keeps none and casts again when recomputed
             alive = p_root_upto[i + 1] + (p[i] if nodes[i].kind == "block" else 0) if config.recomputation \
                 else p_upto[i + 1]
-            copy = c * (alive + u.root_p) if config.mixed_precision else 0.0
+            copy = c * (alive + u.root_p) if config.mixed_precision and not traced else 0.0
             copy_end, held_rs = copy, 0.0
-        moments = [(copy, done_grads, prefix[i + 1], trans[i] + held_rs + ddp_buckets)]
+        # traced copies: moved from the activations / working set to the copy (the same bytes)
+        copy += cast_prefix[i + 1] + casts[i][1]
+        acts_i, work_i = prefix[i + 1] - cast_prefix[i + 1], trans[i] - casts[i][1]
+        moments = [(copy, done_grads, acts_i, work_i + held_rs + ddp_buckets)]
         if fsdp and zero3 and i == post:  # the loss backward runs before the head is gathered again
             moments = [(0.0, done_grads, prefix[i + 1], trans[i] + held_rs),
                        (copy + c * u.root_p, done_grads, prefix[i + 1], trans[i] / 2 + held_rs)]
@@ -126,10 +138,12 @@ def flat_peak(nodes: list[NodeInfo], kept: list[float], trans: list[float], u: U
         logits *= 1.5 if config.mixed_precision else 1.0
         if fsdp:
             fwd_copy = c * (sum(p) + u.root_p) if not zero3 else 0.0
+        elif traced:  # the cast cache's copies of recomputed blocks (the others are saved tensors)
+            fwd_copy = cast_prefix[n] + (sum(ct for _, ct in casts) if config.recomputation else 0.0)
         else:
             fwd_copy = c * (sum(p) + u.root_p) if config.mixed_precision else 0.0
         base = (sum(t) + u.root_t) * w / d if accumulate else 0.0
-        fwd = (fwd_copy, base, prefix[n], logits + ddp_buckets)
+        fwd = (fwd_copy, base, prefix[n] - cast_prefix[n], logits + ddp_buckets)
         if sum(fwd) > best.total:
             best = _peak(fwd, "forward")
     if fsdp and u.root_t:  # the root unit's post-backward, after the embedding's backward

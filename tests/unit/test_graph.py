@@ -43,7 +43,12 @@ def test_sequential_mlp_exact_numbers():
     # block 0 (Linear) saves nothing but its input x: no grad needed for it -> nothing saved; ReLU saves its output
     assert g.blocks[1].saved_bytes["full"] == 5 * 16 * 4
     assert g.blocks[1].saved_bytes["mixed"] == 5 * 16 * 2
-    assert g.blocks[0].out_bytes == {"mixed": 5 * 16 * 2, "full": 5 * 16 * 4}
+    assert g.blocks[0].out_bytes == {"mixed": 5 * 16 * 2, "full": 5 * 16 * 4, "autocast_cpu": 5 * 16 * 2,
+                                     "autocast_cuda": 5 * 16 * 2}
+    # under autocast: the ReLU saves the bf16 output of the linear; the linear (input not requiring grad) saves
+    # nothing, not even its bf16 weight copy
+    assert g.blocks[1].saved_bytes["autocast_cuda"] == 5 * 16 * 2
+    assert g.blocks[0].saved_cast_bytes["autocast_cuda"] == 0
     # identical blocks (Linear 2, 4; ReLU 3, 5) copied from the first one
     assert [n.traced for n in g.blocks] == [True, True, False, False, False, False]
 
