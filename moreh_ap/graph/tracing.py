@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import flop_registry
 
 from moreh_ap.graph.model_graph import PRECISIONS, ModelGraph, NodeInfo, TiedParam
+from moreh_ap.graph.op_census import OpCensus, cuda_autocast
 from moreh_ap.models import block_signature, find_adapter
 
 __all__ = ["trace"]
@@ -54,6 +55,7 @@ class _Recorder:
         self.out_bytes: dict[str, int] = {}
         self.pre_out = 0
         self.param_storages = param_storages
+        self.census = OpCensus()  # GEMM shapes and memory-bound bytes per node, for the time model
 
     def add_flops(self, n: int) -> None:
         self.flops[self.current] = self.flops.get(self.current, 0) + int(n)
@@ -90,6 +92,7 @@ class _CountMode(TorchDispatchMode):
             self.rec.add_flops(formula(*args, **kwargs, out_val=out))
         if isinstance(out, torch.Tensor):
             self.rec.note_tensor(out)
+        self.rec.census.note(self.rec.current, func, args, kwargs, out)
         return out
 
 
@@ -242,8 +245,9 @@ class _Tracer:
         return hook
 
     # ------------------------------------------------------------------ run
-    def run(self, args: tuple, kwargs: dict, *, cast: torch.dtype | None) -> tuple[_Recorder, int]:
-        """One fake forward; returns the recorder and the bytes of the model's floating outputs."""
+    def run(self, args: tuple, kwargs: dict, *, cast: torch.dtype | None, autocast: bool = False) -> tuple[_Recorder, int]:
+        """One fake forward (under CUDA's bf16 autocast rules when ``autocast``); returns the recorder and
+        the bytes of the model's floating outputs."""
         self.block_started = False
         self.rep_out.clear()
         self.out_bytes = {}
@@ -262,7 +266,7 @@ class _Tracer:
         rec = _Recorder(storages)
         self.rec = rec
         hooks = torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t)
-        with fake, torch.enable_grad(), _CountMode(rec), _patched_sdpa(rec), hooks:
+        with fake, torch.enable_grad(), cuda_autocast(autocast), _CountMode(rec), _patched_sdpa(rec), hooks:
             out = torch.func.functional_call(self.model, (params, buffers), fargs, fkwargs, strict=False)
         rec.out_bytes, rec.pre_out = dict(self.out_bytes), self.pre_out
         return rec, _float_bytes(out)
@@ -284,7 +288,8 @@ def _param_nodes(tracer: _Tracer) -> dict[str, str]:
     return out
 
 
-def _build_nodes(tracer: _Tracer, runs: dict[str, tuple[_Recorder, int]]) -> tuple[list[NodeInfo], list[TiedParam]]:
+def _build_nodes(tracer: _Tracer, runs: dict[str, tuple[_Recorder, int]],
+                 census: dict[str, OpCensus]) -> tuple[list[NodeInfo], list[TiedParam]]:
     names = ["embedding", *tracer.block_names, "head"]
     nodes = {n: NodeInfo(name=n, kind="block", traced=True) for n in names}
     nodes["embedding"].kind, nodes["head"].kind = "pre", "post"
@@ -322,6 +327,8 @@ def _build_nodes(tracer: _Tracer, runs: dict[str, tuple[_Recorder, int]]) -> tup
             nodes[n].fwd_flops = rec.flops.get(src, 0)
             nodes[n].saved_bytes[prec] = rec.saved.get(src, 0)
             nodes[n].peak_fwd_bytes[prec] = rec.peak.get(src, 0)
+            nodes[n].gemms[prec] = census[prec].node_gemms(src)
+            nodes[n].moved_bytes[prec] = census[prec].moved.get(src, 0)
         for n in tracer.block_names:
             nodes[n].out_bytes[prec] = rec.out_bytes.get(n, 0)
         nodes["embedding"].out_bytes[prec] = rec.pre_out
@@ -370,9 +377,12 @@ def trace(
     handles = tracer.install()
     try:
         runs = {prec: tracer.run(args, kwargs, cast=_CASTS[prec]) for prec in precisions}
+        census = {prec: rec.census for prec, (rec, _) in runs.items()}
+        if "mixed" in precisions:  # the time model's op census of mixed precision: bf16 autocast over the weights
+            census["mixed"] = tracer.run(args, kwargs, cast=None, autocast=True)[0].census
     finally:
         tracer.uninstall(handles)
-    nodes, tied = _build_nodes(tracer, runs)
+    nodes, tied = _build_nodes(tracer, runs, census)
     float_sizes = [p.element_size() for p in model.parameters() if p.is_floating_point()]
     return ModelGraph(
         nodes,
