@@ -43,7 +43,8 @@ class CalibrationDB:
     """Ranks of the group the collectives were timed on."""
     block_efficiency: dict[str, float] = field(default_factory=dict)
     """dtype -> FLOP/s of a reference transformer block's forward+backward (attention, norms,
-    activations, casts included) over the matmul FLOP/s at the same GEMM size (<= 1): the share of
+    activations, casts included) over the matmul FLOP/s at the same GEMM size (<= 1 within the measured
+    matmul sides, possibly above beyond the largest, where the matmul rate is extrapolated flat): the share of
     the matmul rate a real block sustains (measured above the block floor). Empty = 1.0."""
     block_floor: dict[str, float] = field(default_factory=dict)
     """dtype -> seconds of a tiny block's forward + backward: the fixed cost every block pays per

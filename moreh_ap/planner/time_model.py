@@ -1,4 +1,4 @@
-# Time formulas the cost model uses: matmul rate at a GEMM size, block efficiency and floor, collective seconds.
+# Time formulas the cost model uses: matmul rate / GEMM seconds at a shape, block efficiency and floor, memory bandwidth, collective seconds.
 """Seconds and rates from a Cluster and its calibration DB (measured numbers when there are, else analytic).
 
 Collectives without a measured table (no process group was up when the DB was
