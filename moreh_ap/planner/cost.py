@@ -132,12 +132,13 @@ def _uses_census(graph: ModelGraph, cluster: Cluster, prec: str) -> bool:
     return db is not None and bool(db.gemm) and all(prec in n.moved_bytes for n in graph.nodes)
 
 
-def _optimizer_seconds(cluster: Cluster, graph: ModelGraph, *, elements: float, k: int, optimizer: Any) -> float:
+def _optimizer_seconds(cluster: Cluster, graph: ModelGraph, *, elements: float, k: int, name: str) -> float:
+    """The measured step seconds per parameter when the DB has them for this optimizer (AdamW's serve Adam),
+    else the memory-bound formula over the (measured) bandwidth."""
     db = cluster.calibration
-    name = optimizer if isinstance(optimizer, str) else type(optimizer).__name__ if not isinstance(optimizer, type) \
-        else optimizer.__name__
-    if db is not None and str(name).lower() in ("adamw", "adam") and "adamw" in db.optimizer_step:
-        return elements * db.optimizer_step["adamw"]
+    key = "adamw" if name in ("adamw", "adam") else name
+    if db is not None and key in db.optimizer_step:
+        return elements * db.optimizer_step[key]
     return elements * (4 + 3 * k) * graph.param_dtype_bytes / memory_bandwidth(cluster)
 
 
@@ -155,7 +156,7 @@ def estimate(
         optimizer: "adamw", "adam", "sgd", "lamb", an optimizer class or instance.
     """
     world = world_size or cluster.world_size
-    _, k, _ = optimizer_profile(optimizer, device_type=cluster.device_type)
+    opt_name, k, _ = optimizer_profile(optimizer, device_type=cluster.device_type)
     mp = config.mixed_precision
     dtype = "bf16" if mp else "fp32"
     scale = config.batch_per_device / max(1, graph.batch_size)
@@ -211,7 +212,7 @@ def estimate(
                 t.dp_comm = nmb * (n_ag * ag + rs)
     shard = dp if config.distribute_param else 1
     if census:
-        t.optimizer = _optimizer_seconds(cluster, graph, elements=p_tr / shard, k=k, optimizer=optimizer)
+        t.optimizer = _optimizer_seconds(cluster, graph, elements=p_tr / shard, k=k, name=opt_name)
         # gradient accumulation: each micro-batch after the first reads its gradient and reads + writes .grad
         t.compute += (nmb - 1) * max(trainable_rank) * (2 + 8 if mp else 12) / memory_bandwidth(cluster)
     else:
