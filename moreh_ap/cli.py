@@ -12,10 +12,13 @@ import torch
 
 from moreh_ap._version import __version__
 from moreh_ap.ap_options import APOptions
+from moreh_ap.env import read_env
 from moreh_ap.errors import NoFeasibleConfigError
 from moreh_ap.graph import trace
+from moreh_ap.config import ParallelConfig
+from moreh_ap.planner.calibration_file import load_calibration_file
 from moreh_ap.planner.cluster import PRESETS, Cluster
-from moreh_ap.planner.planning import candidate_table, plan_graph
+from moreh_ap.planner.planning import candidate_table, evaluate_config, plan_graph
 
 # name -> (family, config keywords); built on the meta device, never downloaded.
 MODELS = {
@@ -66,7 +69,10 @@ def _add_plan_parser(sub) -> None:
         description="Trace a model on the meta device, evaluate every parallel configuration and print the "
         "candidate table (stdout) and the seed's log lines (stderr). Exit 0 on a pick, 2 when nothing fits.",
     )
-    p.add_argument("--model", required=True, help=f"one of {', '.join(MODELS)}, or a path to an HF config.json")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help=f"one of {', '.join(MODELS)}, or a path to an HF config.json")
+    src.add_argument("--hf-config", metavar="JSON", help="a Hugging Face config as a JSON object (inline, or a path "
+                     "to a file holding one), with model_type, e.g. '{\"model_type\": \"llama\", \"hidden_size\": 2048, ...}'")
     p.add_argument("--batch-size", type=_positive, required=True, help="global batch (samples per step)")
     p.add_argument("--seq-len", type=_positive, required=True, help="tokens per sample")
     p.add_argument("--nodes", type=_positive, default=1)
@@ -83,6 +89,13 @@ def _add_plan_parser(sub) -> None:
     p.add_argument("--no-pipeline", action="store_true", help="one stage (no pipeline parallelism)")
     p.add_argument("--no-mixed-precision", action="store_true", help="fp32 compute")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--calibration", metavar="PATH", help="timings from this file instead of this machine: a "
+                   "calibration DB written by moreh_ap or a hardware profile (docs/calibration.md); device memory "
+                   "still comes from --preset / --device-memory")
+    p.add_argument("--config", metavar="LINE", help="evaluate this one configuration (the one-line form, e.g. "
+                   "'num_stages : 1, num_micro_batches : 2, batch_per_device : 4, No TP, recomputation : 0, "
+                   "distribute_param : false, distribute_low_prec_param : false') and print its predicted step "
+                   "time and memory as one JSON object instead of planning")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,15 +109,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_meta_model(name: str, *, seq_len: int):
-    """An HF causal LM on the meta device: a known name or a path to a ``config.json``.
+def _hf_config_dict(text: str) -> dict:
+    """``--hf-config``: a JSON object inline or in a file."""
+    raw = text.strip()
+    try:
+        data = json.loads(raw if raw.startswith("{") else Path(raw).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--hf-config {text[:60]!r} is not valid: expected a JSON object or a path to one ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise ValueError(f"--hf-config {text[:60]!r} is not valid: expected a JSON object with a 'model_type'")
+    return data
+
+
+def build_meta_model(name: str | None, *, seq_len: int, hf_config: dict | None = None):
+    """An HF causal LM on the meta device: a known name, a path to a ``config.json``, or a config dict.
 
     Raises:
         ValueError: unknown name / unreadable file / sequence longer than the model allows.
     """
     import transformers  # optional (the "hf" extra): needed only to build a model by name
 
-    if name in MODELS:
+    if hf_config is not None:
+        data = {k: v for k, v in hf_config.items() if k != "architectures"}
+        try:
+            cfg = transformers.AutoConfig.for_model(data.pop("model_type"), **data)
+        except Exception as exc:
+            raise ValueError(f"--hf-config: not a Hugging Face config: {exc}") from None
+    elif name in MODELS:
         family, kw = MODELS[name]
         if family == "llama":
             cfg = transformers.LlamaConfig(**kw, max_position_embeddings=max(4096, seq_len))
@@ -132,6 +163,13 @@ def build_meta_model(name: str, *, seq_len: int):
 
 
 def _cluster(args):
+    cluster = _device_cluster(args)
+    if args.calibration:
+        cluster.calibration = load_calibration_file(args.calibration)
+    return cluster
+
+
+def _device_cluster(args):
     if args.preset:
         return Cluster.preset(args.preset, nodes=args.nodes, devices_per_node=args.devices_per_node)
     if not args.peak_tflops or args.peak_tflops <= 0:
@@ -161,13 +199,19 @@ def run_plan(args) -> int:
             distribute_parameter=args.distribute_parameter,
             mixed_precision=not args.no_mixed_precision,
         )
-        model = build_meta_model(args.model, seq_len=args.seq_len)
+        hf = _hf_config_dict(args.hf_config) if args.hf_config else None
+        model = build_meta_model(args.model, seq_len=args.seq_len, hf_config=hf)
+        config = None
+        if args.config:
+            config = ParallelConfig.from_moreh_line(args.config).replace(mixed_precision=not args.no_mixed_precision)
     except (ValueError, TypeError) as exc:
         print(f"moreh-ap plan: error: {exc}", file=sys.stderr)
         return 1
     started = time.perf_counter()
     ids = torch.empty(args.batch_size, args.seq_len, dtype=torch.long, device="meta")
     graph = trace(model, (ids,), {"labels": ids})
+    if config is not None:
+        return _evaluate(graph, config, cluster=cluster, args=args)
     try:
         result = plan_graph(graph, cluster=cluster, options=options, optimizer=args.optimizer, dump=True, started=started)
     except NoFeasibleConfigError as exc:
@@ -183,6 +227,24 @@ def run_plan(args) -> int:
         print(candidate_table(result.candidates, result.config))
         print()
         print(result.summary())
+    return 0
+
+
+def _evaluate(graph, config, *, cluster, args) -> int:
+    """``--config LINE``: print that configuration's prediction as one JSON object (exit 0; 1 when invalid)."""
+    world = cluster.world_size
+    try:
+        config.validate(world, args.batch_size, graph.num_blocks)
+    except ValueError as exc:
+        print(f"moreh-ap plan: error: --config is not valid for world size {world}, global batch "
+              f"{args.batch_size}: {exc}", file=sys.stderr)
+        return 1
+    cand = evaluate_config(graph, config, cluster=cluster, optimizer=args.optimizer)
+    out = cand.to_dict()
+    out.update(memory_cap=int(cluster.device_memory * read_env().memory_usage_correction_ratio / 100),
+               peak_bytes=cand.memory.total, calibration=cluster.calibration.source if cluster.calibration else None,
+               model={"name": graph.model_name, "params": graph.total_params, "blocks": graph.num_blocks})
+    print(json.dumps(out))
     return 0
 
 

@@ -52,6 +52,12 @@ class NodeInfo:
     """Largest temporary allocated inside the node's forward that is not saved, per precision."""
     out_bytes: dict[str, int] = field(default_factory=dict)
     """Bytes of the node's floating outputs (what a pipeline cut after it sends), per precision."""
+    gemms: dict[str, tuple[tuple[int, int, int, int, int], ...]] = field(default_factory=dict)
+    """Per precision, the forward's GEMMs for the traced batch as ``(m, k, n, batch, count)`` (the time model
+    looks each up at its own shape); "mixed" as bf16 autocast runs them."""
+    moved_bytes: dict[str, int] = field(default_factory=dict)
+    """Per precision, bytes read + written by the forward's memory-bound ops (not GEMMs, not views) for the
+    traced batch; "mixed" as bf16 autocast runs them (casts, float32 norms and residuals included)."""
     traced: bool = True
     """False when the numbers were copied from an identical block traced earlier."""
 

@@ -41,6 +41,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import flop_registry
 
 from moreh_ap.graph.model_graph import PRECISIONS, ModelGraph, NodeInfo, TiedParam
+from moreh_ap.graph.op_census import OpCensus
 from moreh_ap.graph.trace_kernels import autocast_for, patched_sdpa
 from moreh_ap.models import block_signature, find_adapter
 
@@ -61,6 +62,7 @@ class _Recorder:
         self.out_bytes: dict[str, int] = {}
         self.pre_out = 0
         self.param_storages = param_storages
+        self.census = OpCensus()  # GEMM shapes and memory-bound bytes per node, for the time model
 
     def add_flops(self, n: int) -> None:
         self.flops[self.current] = self.flops.get(self.current, 0) + int(n)
@@ -111,6 +113,7 @@ class _CountMode(TorchDispatchMode):
                 return out  # a weight copy: batch-independent, not a working-set tensor
         if isinstance(out, torch.Tensor):
             self.rec.note_tensor(out)
+        self.rec.census.note(self.rec.current, func, args, kwargs, out)
         return out
 
 
@@ -264,7 +267,8 @@ def _param_nodes(tracer: _Tracer) -> dict[str, str]:
     return out
 
 
-def _build_nodes(tracer: _Tracer, runs: dict[str, tuple[_Recorder, int]]) -> tuple[list[NodeInfo], list[TiedParam]]:
+def _build_nodes(tracer: _Tracer, runs: dict[str, tuple[_Recorder, int]],
+                 census: dict[str, OpCensus]) -> tuple[list[NodeInfo], list[TiedParam]]:
     names = ["embedding", *tracer.block_names, "head"]
     nodes = {n: NodeInfo(name=n, kind="block", traced=True) for n in names}
     nodes["embedding"].kind, nodes["head"].kind = "pre", "post"
@@ -303,6 +307,8 @@ def _build_nodes(tracer: _Tracer, runs: dict[str, tuple[_Recorder, int]]) -> tup
             nodes[n].saved_bytes[prec] = rec.saved.get(src, 0)
             nodes[n].saved_cast_bytes[prec] = rec.saved_casts.get(src, 0)
             nodes[n].peak_fwd_bytes[prec] = rec.peak.get(src, 0)
+            nodes[n].gemms[prec] = census[prec].node_gemms(src)
+            nodes[n].moved_bytes[prec] = census[prec].moved.get(src, 0)
         for n in tracer.block_names:
             nodes[n].out_bytes[prec] = rec.out_bytes.get(n, 0)
         nodes["embedding"].out_bytes[prec] = rec.pre_out
@@ -355,9 +361,13 @@ def trace(
     handles = tracer.install()
     try:
         runs = {prec: tracer.run(args, kwargs, cast=_RUNS[prec][0], autocast=_RUNS[prec][1]) for prec in precisions}
+        census = {prec: rec.census for prec, (rec, _) in runs.items()}
+        if "mixed" in precisions:  # the time model's op census of mixed precision: bf16 autocast over the weights
+            cuda_run = runs.get("autocast_cuda") or tracer.run(args, kwargs, cast=None, autocast="cuda")
+            census["mixed"] = cuda_run[0].census
     finally:
         tracer.uninstall(handles)
-    nodes, tied = _build_nodes(tracer, runs)
+    nodes, tied = _build_nodes(tracer, runs, census)
     float_sizes = [p.element_size() for p in model.parameters() if p.is_floating_point()]
     return ModelGraph(
         nodes,

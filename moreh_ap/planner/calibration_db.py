@@ -43,11 +43,22 @@ class CalibrationDB:
     """Ranks of the group the collectives were timed on."""
     block_efficiency: dict[str, float] = field(default_factory=dict)
     """dtype -> FLOP/s of a reference transformer block's forward+backward (attention, norms,
-    activations, casts included) over the matmul FLOP/s at the same GEMM size (<= 1): the share of
+    activations, casts included) over the matmul FLOP/s at the same GEMM size (<= 1 within the measured
+    matmul sides, possibly above beyond the largest, where the matmul rate is extrapolated flat): the share of
     the matmul rate a real block sustains (measured above the block floor). Empty = 1.0."""
     block_floor: dict[str, float] = field(default_factory=dict)
     """dtype -> seconds of a tiny block's forward + backward: the fixed cost every block pays per
     micro-batch (op dispatch, kernel launches). Empty = 0."""
+    gemm: dict[str, list[list[float]]] = field(default_factory=dict)
+    """dtype -> [[m, k, n, seconds], ...]: one ``(m x k) @ (k x n)`` product timed at that shape (a hardware
+    profile's GEMM table; the time model looks each traced GEMM up here). Empty = square ``matmul`` rates."""
+    head_and_loss: list[list[float]] = field(default_factory=list)
+    """[[batch, seq, hidden, vocab, seconds], ...]: lm_head (bf16 autocast) + float32 cross-entropy,
+    forward + backward, measured at that shape. Empty = costed like any node."""
+    optimizer_step: dict[str, float] = field(default_factory=dict)
+    """optimizer ("adamw") -> seconds of one step per parameter element. Empty = memory-bound formula."""
+    mem_bandwidth: float | None = None
+    """Measured device memory bytes/s (memory-bound ops, gradient accumulation); None = the Cluster's."""
     source: str = "measured"
     """"measured", "cache" or "injected"."""
 
@@ -77,6 +88,10 @@ class CalibrationDB:
             "collective_world": self.collective_world,
             "block_efficiency": self.block_efficiency,
             "block_floor": self.block_floor,
+            **({"gemm": self.gemm} if self.gemm else {}),
+            **({"head_and_loss": self.head_and_loss} if self.head_and_loss else {}),
+            **({"optimizer_step": self.optimizer_step} if self.optimizer_step else {}),
+            **({"mem_bandwidth": self.mem_bandwidth} if self.mem_bandwidth else {}),
         }
 
     @classmethod
@@ -99,9 +114,9 @@ class CalibrationDB:
                 _check_points(f"collectives[{k}]", pts)
         eff = data.get("block_efficiency")
         if not isinstance(eff, dict) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in eff.values()
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in eff.values()
         ):
-            raise ValueError("block_efficiency must be an object of numbers in (0, 1]")
+            raise ValueError("block_efficiency must be an object of numbers > 0")
         floor = data.get("block_floor", {})
         if not isinstance(floor, dict) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in floor.values()
@@ -115,7 +130,36 @@ class CalibrationDB:
             collectives=None if coll is None else {k: [list(map(float, p)) for p in v] for k, v in coll.items()},
             collective_world=int(data.get("collective_world", 1)),
             source=source,
+            **_timing_tables(data),
         )
+
+
+def _timing_tables(data: dict[str, Any]) -> dict[str, Any]:
+    """The optional timing tables of a DB (``gemm``, ``head_and_loss``, ``optimizer_step``, ``mem_bandwidth``)."""
+    out: dict[str, Any] = {}
+    gemm = data.get("gemm") or {}
+    if not isinstance(gemm, dict):
+        raise ValueError("gemm must be an object dtype -> [[m, k, n, seconds], ...]")
+    for k, rows in gemm.items():
+        if not isinstance(rows, list) or not all(
+                isinstance(r, list) and len(r) == 4 and all(isinstance(x, (int, float)) and x > 0 for x in r)
+                for r in rows):
+            raise ValueError(f"gemm[{k}] must be a list of [m, k, n, seconds] with positive numbers")
+    out["gemm"] = {str(k): [list(map(float, r)) for r in v] for k, v in gemm.items()}
+    hl = data.get("head_and_loss") or []
+    if not isinstance(hl, list) or not all(
+            isinstance(r, list) and len(r) == 5 and all(isinstance(x, (int, float)) and x > 0 for x in r) for r in hl):
+        raise ValueError("head_and_loss must be a list of [batch, seq, hidden, vocab, seconds] with positive numbers")
+    out["head_and_loss"] = [list(map(float, r)) for r in hl]
+    opt = data.get("optimizer_step") or {}
+    if not isinstance(opt, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in opt.values()):
+        raise ValueError("optimizer_step must be an object optimizer -> seconds per parameter (> 0)")
+    out["optimizer_step"] = {str(k): float(v) for k, v in opt.items()}
+    bw = data.get("mem_bandwidth")
+    if bw is not None and (not isinstance(bw, (int, float)) or bw <= 0):
+        raise ValueError("mem_bandwidth must be bytes/s > 0 or absent")
+    out["mem_bandwidth"] = None if bw is None else float(bw)
+    return out
 
 
 def _check_points(what: str, pts: Any) -> None:

@@ -24,6 +24,15 @@
   Collectives are not assumed to overlap compute (an upper bound);
 * optimizer step: memory-bound, ~(4 + 3k) x 4 bytes touched per local element
   over the memory bandwidth.
+
+With a GEMM table in the calibration DB (a hardware profile, ``--calibration``), a node is costed from
+its op census instead (:func:`_census_seconds`): every traced GEMM at the table's time for its own
+shape (backward: the two transposed products), the node's other FLOPs (attention) at the node's GEMM
+rate, the bytes its memory-bound ops move (x1 forward, x2 backward) over the measured memory bandwidth,
+the head + loss as measured when the DB has that shape; on CUDA a block takes at least the
+calibrated per-block floor (the host's dispatch time, overlapped with the device's work), on the CPU
+the floor adds. The optimizer step is the measured seconds per parameter when the DB has it, and each
+micro-batch after the first accumulates gradients (read bf16/fp32 grad, read + write fp32 .grad).
 """
 from __future__ import annotations
 
@@ -34,7 +43,16 @@ from moreh_ap.config import ParallelConfig
 from moreh_ap.graph.model_graph import ModelGraph
 from moreh_ap.layout import ParallelLayout
 from moreh_ap.planner.cluster import Cluster
-from moreh_ap.planner.time_model import block_efficiency, block_floor, collective_time, gemm_size, matmul_flops
+from moreh_ap.planner.time_model import (
+    block_efficiency,
+    block_floor,
+    collective_time,
+    gemm_seconds,
+    gemm_size,
+    head_and_loss_seconds,
+    matmul_flops,
+    memory_bandwidth,
+)
 from moreh_ap.planner.units import fsdp_units, optimizer_profile, rank_stages
 from moreh_ap.schedules import get_schedule
 
@@ -83,6 +101,47 @@ def _node_seconds(node, cluster: Cluster, *, dtype: str, scale: float, recompute
     return block_floor(cluster, dtype) * passes / 3 + flops * passes / (rate * block_efficiency(cluster, dtype))
 
 
+def _census_seconds(node, cluster: Cluster, *, dtype: str, prec: str, scale: float, recompute: bool) -> float:
+    """Forward + backward (+ recompute) seconds of one node for one micro-batch, from its op census."""
+    if node.kind == "post" and dtype == "bf16" and node.gemms.get(prec):
+        m, k, n, b, _ = node.gemms[prec][0]  # the largest GEMM of the head: the lm_head (tokens, hidden, vocab)
+        measured = head_and_loss_seconds(cluster, tokens=m * b * scale, hidden=k, vocab=n)
+        if measured is not None:
+            return measured
+    fwd = bwd = gemm_flops = 0.0
+    for m, k, n, b, count in node.gemms.get(prec, ()):
+        rows, batch = (max(1.0, m * scale), b) if b == 1 else (m, max(1.0, b * scale))
+        gemm_flops += 2.0 * rows * k * n * batch * count
+        fwd += count * batch * gemm_seconds(cluster, dtype, rows, k, n)
+        bwd += count * batch * (gemm_seconds(cluster, dtype, rows, n, k) + gemm_seconds(cluster, dtype, k, rows, n))
+    other = max(0.0, node.fwd_flops * scale - gemm_flops)  # attention and the like, at the node's GEMM rate
+    if other > 0:
+        rate = gemm_flops / fwd if fwd > 0 else matmul_flops(cluster, dtype)
+        fwd, bwd = fwd + other / rate, bwd + 2 * other / rate
+    mem = node.moved_bytes.get(prec, 0) * scale / memory_bandwidth(cluster)
+    fwd, bwd = fwd + mem, bwd + 2 * mem
+    total = fwd * (2 if recompute and node.kind == "block" else 1) + bwd
+    if node.kind != "block":
+        return total
+    floor = block_floor(cluster, dtype) * (4 if recompute else 3) / 3
+    return max(floor, total) if cluster.device_type == "cuda" else floor + total
+
+
+def _uses_census(graph: ModelGraph, cluster: Cluster, prec: str) -> bool:
+    db = cluster.calibration
+    return db is not None and bool(db.gemm) and all(prec in n.moved_bytes for n in graph.nodes)
+
+
+def _optimizer_seconds(cluster: Cluster, graph: ModelGraph, *, elements: float, k: int, name: str) -> float:
+    """The measured step seconds per parameter when the DB has them for this optimizer (AdamW's serve Adam),
+    else the memory-bound formula over the (measured) bandwidth."""
+    db = cluster.calibration
+    key = "adamw" if name in ("adamw", "adam") else name
+    if db is not None and key in db.optimizer_step:
+        return elements * db.optimizer_step[key]
+    return elements * (4 + 3 * k) * graph.param_dtype_bytes / memory_bandwidth(cluster)
+
+
 def estimate(
     graph: ModelGraph, config: ParallelConfig, cluster: Cluster, *, world_size: int | None = None,
     optimizer: Any = "adamw",
@@ -97,17 +156,23 @@ def estimate(
         optimizer: "adamw", "adam", "sgd", "lamb", an optimizer class or instance.
     """
     world = world_size or cluster.world_size
-    _, k, _ = optimizer_profile(optimizer, device_type=cluster.device_type)
+    opt_name, k, _ = optimizer_profile(optimizer, device_type=cluster.device_type)
     mp = config.mixed_precision
     dtype = "bf16" if mp else "fp32"
     scale = config.batch_per_device / max(1, graph.batch_size)
     pp, nmb, spr = config.num_stages, config.num_micro_batches, config.stages_per_rank
     per_mb, params_rank, trainable_rank, units_rank = [], [], [], []
+    prec = "mixed" if mp else "full"
+    census = _uses_census(graph, cluster, prec)
     for r in range(pp):
         stages = rank_stages(graph, config, r, world_size=world)
         nodes = [n for st in stages for n in st.nodes]
-        per_mb.append(sum(_node_seconds(n, cluster, dtype=dtype, scale=scale, recompute=config.recomputation)
-                          for n in nodes))
+        if census:
+            per_mb.append(sum(_census_seconds(n, cluster, dtype=dtype, prec=prec, scale=scale,
+                                              recompute=config.recomputation) for n in nodes))
+        else:
+            per_mb.append(sum(_node_seconds(n, cluster, dtype=dtype, scale=scale, recompute=config.recomputation)
+                              for n in nodes))
         names = [n.name for n in nodes]
         params_rank.append(graph.params_of(names))
         trainable_rank.append(graph.params_of(names, trainable_only=True))
@@ -115,7 +180,6 @@ def estimate(
     slot = max(per_mb)
     t = TimeBreakdown(compute=slot * nmb)
     dp_inter, pp_inter, _ = ParallelLayout.from_config(config, world).spans_nodes(cluster.devices_per_node)
-    prec = "mixed" if mp else "full"
     if pp > 1:
         t.bubble = get_schedule(config.schedule).bubble(pp, nmb, spr) * slot
         boundary = max((b.out_bytes.get(prec, 0) for b in graph.blocks), default=0) * scale
@@ -147,5 +211,10 @@ def estimate(
                 n_ag = 2 if config.distribute_low_prec_param else 1
                 t.dp_comm = nmb * (n_ag * ag + rs)
     shard = dp if config.distribute_param else 1
-    t.optimizer = p_tr / shard * (4 + 3 * k) * graph.param_dtype_bytes / cluster.mem_bandwidth
+    if census:
+        t.optimizer = _optimizer_seconds(cluster, graph, elements=p_tr / shard, k=k, name=opt_name)
+        # gradient accumulation: each micro-batch after the first reads its gradient and reads + writes .grad
+        t.compute += (nmb - 1) * max(trainable_rank) * (2 + 8 if mp else 12) / memory_bandwidth(cluster)
+    else:
+        t.optimizer = p_tr / shard * (4 + 3 * k) * graph.param_dtype_bytes / cluster.mem_bandwidth
     return t

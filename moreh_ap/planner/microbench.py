@@ -143,8 +143,12 @@ def _block_numbers(medians: dict, matmul, shape) -> tuple[dict[str, float], dict
             continue
         t_tiny, t_ref = medians[("tiny", key)], medians[("ref", key)]
         above = max(t_ref - t_tiny, 0.1 * t_ref)  # noise guard: the floor is never most of the reference
-        rate = ref_db.matmul_flops(key, gemm_size(flops / 3, 12 * d * d, 4 * d * d))
-        eff[key] = float(min(1.0, max(0.01, flops / above / rate)))
+        size = gemm_size(flops / 3, 12 * d * d, 4 * d * d)
+        rate = ref_db.matmul_flops(key, size)
+        # within the measured sides a block is never faster than its matmuls (above 1.0 is noise); beyond the
+        # largest side the rate is extrapolated flat and a real block may well beat it: not clipped there
+        cap = 1.0 if size <= max(p[0] for p in matmul[key]) else float("inf")
+        eff[key] = float(min(cap, max(0.01, flops / above / rate)))
         floor[key] = float(min(t_tiny, 0.9 * t_ref))
     return eff, floor
 

@@ -370,3 +370,10 @@ def plan(
     cluster = cluster if cluster is not None else Cluster.detect(calibrate=True)
     graph = model if isinstance(model, ModelGraph) else trace(model, args, kwargs)
     return plan_graph(graph, cluster=cluster, options=opts, optimizer=optimizer, dump=dump, started=started)
+
+
+def evaluate_config(graph: ModelGraph, config: ParallelConfig, *, cluster: Cluster, optimizer: Any = "adamw") -> Candidate:
+    """One configuration's predicted memory and step time, as :func:`plan_graph` computes a candidate's."""
+    cap = int(cluster.device_memory * read_env().memory_usage_correction_ratio / 100)
+    ev = _Evaluator(graph, cluster, world=cluster.world_size, optimizer=optimizer, cap=cap)
+    return ev.cost(ev.compile(config))

@@ -1,4 +1,4 @@
-# Time formulas the cost model uses: matmul rate at a GEMM size, block efficiency and floor, collective seconds.
+# Time formulas the cost model uses: matmul rate / GEMM seconds at a shape, block efficiency and floor, memory bandwidth, collective seconds.
 """Seconds and rates from a Cluster and its calibration DB (measured numbers when there are, else analytic).
 
 Collectives without a measured table (no process group was up when the DB was
@@ -127,3 +127,41 @@ def gemm_size(flops: float, params: int, largest_param: int) -> float | None:
     return (flops / (2.0 * params) * largest_param) ** (1.0 / 3.0)
 
 
+
+
+def gemm_seconds(cluster, dtype: str, m: float, k: float, n: float) -> float:
+    """Seconds of one ``(m x k) @ (k x n)`` product.
+
+    With a GEMM table in the DB (a hardware profile): the FLOPs at the rate of the measured shape nearest in
+    log space (dimensions compared sorted, so the backward's transposed products find the forward's shape;
+    an exact match is that measurement; shapes beyond the largest take the largest's rate). Without one:
+    the square-matmul rate at the equivalent side ``(m k n) ** (1/3)``.
+    """
+    flops = 2.0 * m * k * n
+    if flops <= 0:
+        return 0.0
+    db = cluster.calibration
+    rows = (db.gemm.get(dtype) if db is not None else None) or []
+    if not rows:
+        return flops / matmul_flops(cluster, dtype, (m * k * n) ** (1.0 / 3.0))
+    want = sorted(math.log(max(x, 1.0)) for x in (m, k, n))
+    best = min(rows, key=lambda r: sum((a - b) ** 2 for a, b in zip(sorted(math.log(x) for x in r[:3]), want)))
+    return flops * best[3] / (2.0 * best[0] * best[1] * best[2])
+
+
+def memory_bandwidth(cluster) -> float:
+    """Device memory bytes/s: measured (the DB's) when known, else the Cluster's."""
+    db = cluster.calibration
+    if db is not None and db.mem_bandwidth:
+        return float(db.mem_bandwidth)
+    return float(cluster.mem_bandwidth)
+
+
+def head_and_loss_seconds(cluster, *, tokens: float, hidden: int, vocab: int) -> float | None:
+    """Measured lm_head + float32 cross-entropy forward + backward seconds for ``tokens`` rows, scaled
+    linearly from the DB's measurement at that (hidden, vocab); None without one."""
+    db = cluster.calibration
+    for b, s, h, v, sec in (db.head_and_loss if db is not None else []):
+        if int(h) == hidden and int(v) == vocab:
+            return sec * tokens / (b * s)
+    return None

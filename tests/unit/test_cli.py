@@ -83,3 +83,46 @@ def test_seed_case_llama2_13b(tmp_path, monkeypatch, capsys):
     assert plain and all(not c["feasible"] and "out of memory" in c["reason"] for c in plain)
     line = (tmp_path / "advanced_parallelization_selected_config.dump").read_text().strip()
     assert ParallelConfig.from_moreh_line(line).num_stages == d["selected"]["config"]["num_stages"]
+
+
+def test_calibration_file_formats_and_errors(tmp_path, monkeypatch, capsys):
+    """--calibration reads a moreh_ap DB entry or cache file as well as a profile; bad files name the flag."""
+    from moreh_ap.planner.calibration_db import CalibrationDB, write_entry
+
+    monkeypatch.chdir(tmp_path)
+    db = CalibrationDB(fingerprint={"device": "x", "torch": "t", "threads": 1, "world": 0},
+                       matmul={"bf16": [[1024.0, 50e12]], "fp32": [[1024.0, 10e12]]},
+                       block_efficiency={"bf16": 1.5}, block_floor={"bf16": 1e-3})
+    (tmp_path / "entry.json").write_text(json.dumps(db.to_dict()))
+    write_entry(tmp_path / "cache.json", db)
+    base = ["plan", "--model", "gpt2", "--batch-size", "8", "--seq-len", "128", "--preset", "h100-80gb", "--json"]
+    times = []
+    for name in ("entry.json", "cache.json"):
+        assert main(base + ["--calibration", str(tmp_path / name)]) == 0
+        d = json.loads(capsys.readouterr().out)
+        assert d["cluster"]["calibration"] == f"file:{name}"
+        times.append(d["selected"]["step_time"])
+    assert times[0] == times[1]
+    (tmp_path / "bad.json").write_text(json.dumps({"hello": 1}))
+    assert main(base + ["--calibration", str(tmp_path / "bad.json")]) == 1
+    assert "--calibration" in capsys.readouterr().err
+
+
+def test_hf_config_and_config_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 256,
+           "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4, "vocab_size": 1000}
+    (tmp_path / "hf.json").write_text(json.dumps(cfg))
+    line = ("num_stages : 1, num_micro_batches : 2, batch_per_device : 2, No TP, recomputation : 1, "
+            "distribute_param : false, distribute_low_prec_param : false")
+    base = ["plan", "--batch-size", "4", "--seq-len", "128", "--preset", "h200", "--config", line]
+    outs = []
+    for src in (json.dumps(cfg), str(tmp_path / "hf.json")):
+        assert main(base + ["--hf-config", src]) == 0
+        outs.append(json.loads(capsys.readouterr().out))
+    assert outs[0]["step_time"] == outs[1]["step_time"] > 0
+    assert outs[0]["line"] == line and outs[0]["model"]["blocks"] == 4 and outs[0]["feasible"]
+    assert main(base[:-1] + ["num_stages : 3, num_micro_batches : 2, batch_per_device : 2", "--hf-config",
+                             json.dumps(cfg)]) == 1
+    assert main(base + ["--hf-config", '{"hidden_size": 2}']) == 1
+    assert "model_type" in capsys.readouterr().err

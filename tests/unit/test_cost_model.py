@@ -142,3 +142,37 @@ def test_noisy_collective_table_is_made_monotone():
     assert tm.collective_time(c, "all_reduce", 65536, group=2, inter_node=False) == pytest.approx(1.5e-3)
     assert tm.collective_time(c, "all_reduce", 2**21, group=2, inter_node=False) == pytest.approx(
         1.5e-3 + (4.7e-3 - 1.5e-3) / 3)
+
+
+def _gemm_db(**kw):
+    """A DB with a GEMM table (as a hardware profile gives): 1e12 FLOP/s at every shape."""
+    rows = [[64.0, 64.0, 64.0, 2 * 64**3 / 1e12], [512.0, 256.0, 1024.0, 2 * 512 * 256 * 1024 / 1e12]]
+    return _db(gemm={"bf16": rows, "fp32": rows}, mem_bandwidth=1e11, **kw)
+
+
+def test_census_path_gemms_bytes_recompute_and_floor(graph):
+    """With a GEMM table each node is its GEMMs at the table's rate + its moved bytes over the bandwidth; a
+    recomputed block adds exactly one forward; the block floor adds on the CPU and is a minimum on CUDA."""
+    cfg = ParallelConfig(num_stages=1, num_micro_batches=1, batch_per_device=8, mixed_precision=False)
+    block = graph.blocks[0]
+    c = _cpu(_gemm_db(), dpn=1)
+    gemm_flops = sum(2 * m * k * n * b * cnt for m, k, n, b, cnt in block.gemms["full"])
+    other = block.fwd_flops - gemm_flops
+    fwd = (gemm_flops + max(other, 0)) / 1e12 + block.moved_bytes["full"] / 1e11
+    assert cost._census_seconds(block, c, dtype="fp32", prec="full", scale=1.0, recompute=False) == \
+        pytest.approx(3 * fwd)
+    assert cost._census_seconds(block, c, dtype="fp32", prec="full", scale=1.0, recompute=True) == \
+        pytest.approx(4 * fwd)
+    floor = {"fp32": 1.0}
+    on_cpu = cost._census_seconds(block, _cpu(_gemm_db(block_floor=floor), dpn=1), dtype="fp32", prec="full",
+                                  scale=1.0, recompute=False)
+    assert on_cpu == pytest.approx(1.0 + 3 * fwd)
+    gpu = Cluster.preset("h200").with_(calibration=_gemm_db(block_floor=floor))
+    assert cost._census_seconds(block, gpu, dtype="fp32", prec="full", scale=1.0, recompute=False) == 1.0
+    # micro-batches: each after the first accumulates the gradients (fp32: 12 bytes per parameter)
+    two = ParallelConfig(num_stages=1, num_micro_batches=2, batch_per_device=4, mixed_precision=False)
+    t1, t2 = cost.estimate(graph, cfg, c, world_size=1), cost.estimate(graph, two, c, world_size=1)
+    trainable = graph.params_of([n.name for n in graph.nodes], trainable_only=True)
+    assert t2.compute - t1.compute == pytest.approx(trainable * 12 / 1e11) and t2.optimizer == t1.optimizer
+    # without a GEMM table the square-matmul path is unchanged
+    assert cost.estimate(graph, cfg, _cpu(_db(), dpn=1), world_size=1).compute != t1.compute
