@@ -23,8 +23,8 @@ reads the option module.
 """
 from moreh_ap.oneline.choose import CONFIG_ENV, DUMP_FILE
 from moreh_ap.oneline.engage import OptimizerAlreadySteppedError
-from moreh_ap.oneline.patches import install, uninstall
+from moreh_ap.oneline.patches import install, install_failed, uninstall
 from moreh_ap.oneline.state import engaged_model, is_engaged
 
-__all__ = ["install", "uninstall", "is_engaged", "engaged_model", "CONFIG_ENV", "DUMP_FILE",
+__all__ = ["install", "install_failed", "uninstall", "is_engaged", "engaged_model", "CONFIG_ENV", "DUMP_FILE",
            "OptimizerAlreadySteppedError"]

@@ -10,7 +10,7 @@ from moreh_ap.ap_options import APOptions
 from moreh_ap.oneline.probe import probe_call, remove_probe
 from moreh_ap.oneline.state import STATE, Internal, cuda_available, has_trainable, internal
 
-__all__ = ["install", "uninstall"]
+__all__ = ["install", "install_failed", "uninstall"]
 
 
 def install(*, options: APOptions | None = None, cpu_only: bool = False) -> None:
@@ -25,6 +25,33 @@ def install(*, options: APOptions | None = None, cpu_only: bool = False) -> None
             uninstall()
         _patch(cpu_only=cpu_only)
     STATE.options = APOptions() if options is None else options
+
+
+def install_failed(error: Exception) -> None:
+    """AP was requested by the environment but cannot start (a bad MOREH_* value): the script's first
+    ``.cuda()`` (module or tensor), ``.to('cuda')`` or optimizer creation raises ``error``, so the run
+    stops at its start instead of training on one device or failing later for an unrelated reason.
+    ``enable_advanced_parallelization()`` raises the same error; ``disable_advanced_parallelization()``
+    removes the hooks."""
+    if STATE.installed:
+        uninstall()
+    o = STATE.originals
+    o["tensor_cuda"], o["module_cuda"], o["module_to"] = torch.Tensor.cuda, nn.Module.cuda, nn.Module.to
+    o["failed_optim_init"] = torch.optim.Optimizer.__init__
+
+    def fail(*_args, **_kwargs):
+        raise ValueError(str(error))
+
+    def to(self, *args, **kwargs):
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None and device.type == "cuda":
+            fail()
+        return o["module_to"](self, *args, **kwargs)
+
+    torch.Tensor.cuda = nn.Module.cuda = fail
+    nn.Module.to = to
+    torch.optim.Optimizer.__init__ = fail
+    STATE.installed = True
 
 
 def _patch(*, cpu_only: bool) -> None:
@@ -56,6 +83,8 @@ def uninstall() -> None:
         torch.Tensor.cuda = o.pop("tensor_cuda")
         nn.Module.cuda = o.pop("module_cuda")
         nn.Module.to = o.pop("module_to")
+    if "failed_optim_init" in o:
+        torch.optim.Optimizer.__init__ = o.pop("failed_optim_init")
     if "call" in o:
         remove_probe()
         o.pop("call", None)
