@@ -2,11 +2,17 @@
 """Installing and removing the hooks; the patched ``nn.Module.__call__`` itself is :mod:`moreh_ap.oneline.probe`."""
 from __future__ import annotations
 
+import gc
+import os
+
 import torch
 import torch.nn.utils.clip_grad as clip_mod
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from moreh_ap.ap_options import APOptions
+from moreh_ap.log import logger
+from moreh_ap.oneline.engage import APNotEngagedError
 from moreh_ap.oneline.probe import probe_call, remove_probe
 from moreh_ap.oneline.state import STATE, Internal, cuda_available, has_trainable, internal
 
@@ -70,6 +76,8 @@ def _patch(*, cpu_only: bool) -> None:
         if not STATE.engaged:
             nn.Module.__call__ = probe_call
         torch.optim.Optimizer.__init__ = _make_optimizer_init(o["optim_init"])
+        _adopt_existing_optimizers()
+        o["step_hook"] = register_optimizer_step_pre_hook(_step_before_engagement)
         clip_mod.clip_grad_norm_ = _clip_grad_norm_
         torch.nn.utils.clip_grad_norm_ = _clip_grad_norm_
     STATE.installed = True
@@ -89,6 +97,7 @@ def uninstall() -> None:
         remove_probe()
         o.pop("call", None)
         torch.optim.Optimizer.__init__ = o.pop("optim_init")
+        o.pop("step_hook").remove()
         clip_mod.clip_grad_norm_ = o.pop("clip")
         torch.nn.utils.clip_grad_norm_ = o.pop("clip_utils")
     STATE.installed = False
@@ -97,6 +106,36 @@ def uninstall() -> None:
     STATE.options = APOptions()
     STATE.optimizers.clear()
     STATE.deferred.clear()
+
+
+def _adopt_existing_optimizers() -> None:
+    """Optimizers created before the hooks (before ``enable_advanced_parallelization()``) are found too: the
+    root probe looks for their parameters like for those created after (one scan of the GC's objects)."""
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.optim.Optimizer):  # type(): no proxy's __class__ is asked
+            STATE.optimizers.add(obj)
+
+
+def _step_before_engagement(optimizer, _args, _kwargs) -> None:
+    """A global optimizer step pre-hook: on several ranks, a step before AP engaged means every rank trains
+    its own copy of the model. Every rank but 0 stops with the reason; rank 0 logs it once."""
+    if STATE.engaged or internal():
+        return
+    try:
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return
+    if world <= 1:
+        return
+    reason = (f"advanced parallelization has not engaged, but {type(optimizer).__name__}.step() runs: each of the "
+              f"{world} ranks would train its own copy of the model. AP engages at the first training forward "
+              "(model in train mode, grad enabled) of a model whose parameters an optimizer holds; a forward "
+              "without a loss, or before the optimizer exists, runs on one device.")
+    if rank != 0:
+        raise APNotEngagedError(f"rank {rank} stops: {reason}")
+    if "not-engaged" not in STATE.warned:
+        STATE.warned.add("not-engaged")
+        logger.error(f"{reason} Ranks 1-{world - 1} stop.")
 
 
 def _make_optimizer_init(original):

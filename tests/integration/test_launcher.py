@@ -142,3 +142,27 @@ def test_no_launch_in_python_c_or_under_a_rank(tmp_path):
     script = _write(tmp_path, "one.py", code + "\n")
     proc, _ = _run([str(script)], cwd=tmp_path, MOREH_AP_NPROC="2", RANK="0", WORLD_SIZE="1")
     assert proc.returncode == 0 and proc.stdout.strip() == "done" and "Launching" not in proc.stderr
+
+
+@pytest.mark.multirank
+def test_no_silent_copies_when_ap_cannot_engage(tmp_path):
+    """A model trained in eval mode never engages AP: rank 1 stops at its first optimizer step, saying why,
+    instead of training a copy of its own; the run ends non-zero with that reason on the console."""
+    script = _write(tmp_path, text=textwrap.dedent(
+        """
+        import torch
+        torch.moreh.option.enable_advanced_parallelization()
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model.eval()
+        for step in range(3):
+            model(torch.ones(2, 4)).sum().backward()
+            opt.step()
+        print("trained", flush=True)
+        """))
+    proc, elapsed = _run([str(script)], cwd=tmp_path, MOREH_AP_NPROC="2", MOREH_AP_CACHE_DIR=str(tmp_path / "c"))
+    assert proc.returncode != 0 and elapsed < 60
+    assert "moreh_ap: rank 1 of 2 failed" in proc.stderr
+    assert "APNotEngagedError: rank 1 stops: advanced parallelization has not engaged, but SGD.step() runs" \
+        in proc.stderr
+    assert "[error] advanced parallelization has not engaged" in proc.stderr  # rank 0 says it too
