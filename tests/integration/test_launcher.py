@@ -1,4 +1,6 @@
 # Tests of the self-launcher: when it launches, the command it re-runs, and real 2-3 rank runs.
+import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -166,3 +168,46 @@ def test_no_silent_copies_when_ap_cannot_engage(tmp_path):
     assert "APNotEngagedError: rank 1 stops: advanced parallelization has not engaged, but SGD.step() runs" \
         in proc.stderr
     assert "[error] advanced parallelization has not engaged" in proc.stderr  # rank 0 says it too
+
+
+def _listeners(port: int) -> list[str]:
+    """Local addresses (hex, as in /proc/net/tcp*) of the sockets listening on ``port``."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for line in open(table).read().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                found.append(local.rsplit(":", 1)[0])
+    return found
+
+
+def _own_address() -> str | None:
+    """This machine's address on its default route (a UDP connect sends nothing), or None."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))
+            return s.getsockname()[0]
+    except OSError:
+        return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux's socket table")
+def test_rendezvous_store_listens_on_loopback_only():
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    store = launcher.loopback_store(2, timeout_s=10)
+    try:
+        assert _listeners(store.port) == ["0100007F"]  # 127.0.0.1, not 00000000 (every interface)
+        client = TCPStore("127.0.0.1", store.port, 2, is_master=False, timeout=timedelta(seconds=10))
+        client.set("k", "v")
+        assert store.get("k") == b"v"
+        other = _own_address()
+        if other and not other.startswith("127."):  # this machine's own address on another interface: refused
+            with pytest.raises(OSError):
+                socket.create_connection((other, store.port), timeout=5).close()
+    finally:
+        del store

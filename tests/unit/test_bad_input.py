@@ -143,3 +143,27 @@ def test_env_only_run_with_a_bad_value_fails_at_the_first_cuda_or_optimizer(monk
     assert model.to("cpu") is model
     disable_advanced_parallelization()
     torch.optim.SGD(model.parameters(), lr=0.1)  # the hooks are gone
+
+
+def test_unwritable_working_directory_gives_one_warning_not_a_crash(monkeypatch, tmp_path, capfd):
+    """The dump cannot be written (read-only working directory, simulated: the test runs as root): AP trains
+    on and says so once."""
+    from moreh_ap import files
+    from tests.helpers.models import tiny_llama
+
+    def refuse(*_a, **_k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(files.tempfile, "mkstemp", refuse)
+    monkeypatch.setenv(env.CONFIG, LINE.replace("batch_per_device : 3", "batch_per_device : 4"))
+    enable_advanced_parallelization(mixed_precision=False)
+    model = tiny_llama(layers=2)
+    opt = torch.optim.AdamW(model.parameters())
+    ids = torch.ones(4, 8, dtype=torch.long)
+    for _ in range(2):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+    assert oneline.is_engaged() and not (tmp_path / oneline.DUMP_FILE).exists()
+    err = capfd.readouterr().err
+    assert err.count(f"moreh_ap could not write {oneline.DUMP_FILE} (Permission denied)") == 1
