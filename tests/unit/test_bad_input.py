@@ -6,6 +6,7 @@ from moreh_ap import env, oneline
 from moreh_ap.config import ParallelConfig
 from moreh_ap.errors import InputError
 from moreh_ap.oneline import choose
+from moreh_ap.oneline.state import STATE
 from moreh_ap.option import APOptions, disable_advanced_parallelization, enable_advanced_parallelization
 from moreh_ap.runtime.inputs import StepInputs, dp_slice
 
@@ -161,9 +162,12 @@ def test_unwritable_working_directory_gives_one_warning_not_a_crash(monkeypatch,
     model = tiny_llama(layers=2)
     opt = torch.optim.AdamW(model.parameters())
     ids = torch.ones(4, 8, dtype=torch.long)
-    for _ in range(2):
-        model(ids, labels=ids).loss.backward()
-        opt.step()
-    assert oneline.is_engaged() and not (tmp_path / oneline.DUMP_FILE).exists()
+    try:
+        for _ in range(2):
+            model(ids, labels=ids).loss.backward()
+            opt.step()
+        assert oneline.is_engaged() and not (tmp_path / oneline.DUMP_FILE).exists()
+    finally:
+        STATE.engines.pop(model, None)  # the engine holds the model: other tests expect no engaged model
     err = capfd.readouterr().err
     assert err.count(f"moreh_ap could not write {oneline.DUMP_FILE} (Permission denied)") == 1
