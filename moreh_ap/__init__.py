@@ -44,9 +44,10 @@ __all__ = [
     "trace",
 ]
 
-# Validate the MOREH_* variables now: a bad value fails at import, naming the variable.
-_settings = env.read_env()
+# Validate the MOREH_* variables now: a bad value fails at import, naming the variable (with
+# MOREH_ENABLE_ADVANCED_PARALLELIZATION=1 the script's first .cuda() or optimizer raises it too).
 option._enable_from_environment()
+_settings = env.read_env()
 
 # `torch.moreh` is this package (the start-up hook installs a lazy stand-in before), also as a module name
 # (`import torch.moreh`): naming this module from inside it, and adding a module name, both go through sys.modules.

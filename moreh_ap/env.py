@@ -14,6 +14,11 @@ NPROC = "MOREH_AP_NPROC"
 CACHE_DIR = "MOREH_AP_CACHE_DIR"
 DIST_TIMEOUT = "MOREH_AP_DIST_TIMEOUT"
 RANK_OUTPUT = "MOREH_AP_RANK_OUTPUT"
+EXIT_ON_ERROR = "MOREH_AP_EXIT_ON_ERROR"
+LOG_LEVEL = "MOREH_AP_LOG_LEVEL"
+LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
+"""loguru's level names (MOREH_AP_LOG_LEVEL accepts them in any case)."""
+CONFIG = "MOREH_AP_CONFIG"
 RANK_OUTPUT_CHOICES = ("rank0", "all")
 """rank0: only rank 0 writes to the console, the self-launched ranks to files; all: every rank on the console."""
 
@@ -26,6 +31,9 @@ ALL_VARIABLES = (
     CACHE_DIR,
     DIST_TIMEOUT,
     RANK_OUTPUT,
+    EXIT_ON_ERROR,
+    LOG_LEVEL,
+    CONFIG,
 )
 
 
@@ -50,6 +58,12 @@ class EnvSettings:
     rank_output: str = "rank0"
     """Where self-launched ranks print (MOREH_AP_RANK_OUTPUT): 'rank0' = rank 0 on the console, ranks
     1..G-1 to per-rank files; 'all' = every rank on the console."""
+
+    exit_on_error: bool = True
+    """MOREH_AP_EXIT_ON_ERROR: 1 (default) = a rank whose step fails prints its traceback and exits at once;
+    0 = the exception is raised."""
+    log_level: str = "INFO"
+    """MOREH_AP_LOG_LEVEL: a loguru level name (upper case)."""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -105,6 +119,39 @@ def _choice(environ: Mapping[str, str], name: str, default: str, choices: tuple[
     return raw.strip().lower()
 
 
+def _flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    if raw.strip() not in ("0", "1"):
+        raise ValueError(f"{name}={raw!r} is not valid: expected 0 (off) or 1 (on)")
+    return raw.strip() == "1"
+
+
+def exit_on_error(environ: Mapping[str, str] | None = None) -> bool:
+    """MOREH_AP_EXIT_ON_ERROR, validated (default True).
+
+    Raises:
+        ValueError: the value is not 0 or 1; the message names the variable.
+    """
+    return _flag(os.environ if environ is None else environ, EXIT_ON_ERROR, True)
+
+
+def log_level(environ: Mapping[str, str] | None = None) -> str:
+    """MOREH_AP_LOG_LEVEL, validated and upper-cased (default INFO).
+
+    Raises:
+        ValueError: not a loguru level name; the message names the variable and the accepted names.
+    """
+    environ = os.environ if environ is None else environ
+    raw = environ.get(LOG_LEVEL)
+    if raw is None or raw.strip() == "":
+        return "INFO"
+    if raw.strip().upper() not in LOG_LEVELS:
+        raise ValueError(f"{LOG_LEVEL}={raw!r} is not valid: expected one of {', '.join(LOG_LEVELS)} (any case)")
+    return raw.strip().upper()
+
+
 def read_env(environ: Mapping[str, str] | None = None) -> EnvSettings:
     """Parse and validate every MOREH_* variable.
 
@@ -132,4 +179,6 @@ def read_env(environ: Mapping[str, str] | None = None) -> EnvSettings:
         cache_dir=Path(cache).expanduser() if cache and cache.strip() else default_cache_dir(environ),
         dist_timeout_s=_seconds(environ, DIST_TIMEOUT, 60.0),
         rank_output=_choice(environ, RANK_OUTPUT, "rank0", RANK_OUTPUT_CHOICES),
+        exit_on_error=exit_on_error(environ),
+        log_level=log_level(environ),
     )

@@ -12,13 +12,17 @@ The port cannot race: rank 0 binds a ``TCPStore`` server on port 0 (the OS
 picks a free port) before any child starts and keeps it, as torchrun's agent
 does; every rank, rank 0 included, then connects to it as a client through
 plain ``env://`` initialization (``TORCHELASTIC_USE_AGENT_STORE=True``, the
-variable torchrun sets for the same purpose).
+variable torchrun sets for the same purpose). The store is unauthenticated, so
+it listens on loopback only (127.0.0.1): rank 0 binds that socket itself and
+hands it to the store (``master_listen_fd``; the store's ``host`` argument does
+not choose the address it listens on).
 Children are started and stopped with torch's own elastic process context
 (``torch.distributed.elastic.multiprocessing.start_processes``). By default
 (``MOREH_AP_RANK_OUTPUT=rank0``) only rank 0 writes to the console: the
 children's stdout and stderr are redirected by that context (a ``LogsSpecs``)
 to ``rank<r>.stdout.log`` / ``rank<r>.stderr.log`` in a directory of their own
-under ``MOREH_AP_CACHE_DIR/logs/``, named in one log line at launch;
+under ``MOREH_AP_CACHE_DIR/logs/``, named in one log line at launch (the newest
+20 are kept, and any whose launcher is still alive);
 ``MOREH_AP_RANK_OUTPUT=all`` keeps every rank on the console. If a child
 fails, the others and rank 0 are stopped and the failing rank is named, with
 its traceback (from its torch elastic error file, or the tail of its stderr
@@ -33,6 +37,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -44,9 +49,10 @@ import torch
 from torch.utils.data import get_worker_info
 
 from moreh_ap import env as _env
+from moreh_ap.files import prune_log_dirs
 from moreh_ap.log import logger
 
-__all__ = ["LaunchDecision", "decide", "self_command", "maybe_launch"]
+__all__ = ["LaunchDecision", "decide", "self_command", "maybe_launch", "loopback_store"]
 
 _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "GROUP_RANK")
 _LAUNCHED_MARK = "MOREH_AP_LAUNCHED"
@@ -157,11 +163,34 @@ def _log_dir(cache_dir) -> str:
     path = os.path.join(str(cache_dir), "logs", name)
     try:
         os.makedirs(path, exist_ok=True)
+        prune_log_dirs(os.path.dirname(path), exclude=path)
         return path
     except OSError:
         import tempfile
 
         return tempfile.mkdtemp(prefix=f"moreh_ap_logs_{name}_")
+
+
+def loopback_store(world: int, *, timeout_s: float = 300.0):
+    """A rendezvous ``TCPStore`` server on a free port of 127.0.0.1 only.
+
+    ``TCPStore(host, ...)`` as a server listens on every interface whatever ``host`` says; the socket is
+    bound here and handed over with ``master_listen_fd`` (the store then owns and closes it).
+    """
+    from torch.distributed import TCPStore
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(max(world, 8))
+    try:
+        store = TCPStore("127.0.0.1", sock.getsockname()[1], world, is_master=True, wait_for_workers=False,
+                         timeout=timedelta(seconds=timeout_s), master_listen_fd=sock.fileno(), use_libuv=True)
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store owns the descriptor now
+    return store
 
 
 def _rank_files(log_dir: str):
@@ -210,15 +239,12 @@ class _Launch:
     """The children of rank 0, watched by a thread; stopped on any failure."""
 
     def __init__(self, decision: LaunchDecision) -> None:
-        from torch.distributed import TCPStore
-
         self.world = decision.nproc
         settings = _env.read_env()
         self.log_dir = _log_dir(settings.cache_dir) if settings.rank_output == "rank0" else None
         # torch's own excepthook swaps sys.stderr for a buffer while hooks run: report to the real stream
         self._stderr = sys.stderr
-        self.store = TCPStore("127.0.0.1", 0, self.world, is_master=True, wait_for_workers=False,
-                              timeout=timedelta(seconds=300))
+        self.store = loopback_store(self.world)
         self.port = self.store.port
         base = self._rank_env(0, decision)
         os.environ.update(base)

@@ -15,6 +15,8 @@ import sys
 import loguru
 import torch.distributed as dist
 
+from moreh_ap import env as _env
+
 __all__ = ["logger", "current_rank", "format_record"]
 
 
@@ -69,4 +71,15 @@ def _filter(record) -> bool:
 
 
 logger, _own_core = _new_logger()
-logger.add(_sink, format=format_record, filter=_filter, level=os.environ.get("MOREH_AP_LOG_LEVEL", "INFO"), colorize=False)
+
+
+def _level() -> str:
+    """MOREH_AP_LOG_LEVEL if valid; an invalid value is reported by ``moreh_ap.env.read_env`` (at enable),
+    not at import."""
+    try:
+        return _env.log_level()
+    except ValueError:
+        return "INFO"
+
+
+logger.add(_sink, format=format_record, filter=_filter, level=_level(), colorize=False)

@@ -11,6 +11,7 @@ Three equivalent ways to turn advanced parallelization (AP) on:
 """
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from moreh_ap import env as _env
 from moreh_ap import launcher, oneline
 from moreh_ap.ap_options import APOptions
 from moreh_ap.log import logger
+from moreh_ap.oneline.choose import pinned_config
 
 __all__ = ["APOptions", "enable_advanced_parallelization", "disable_advanced_parallelization",
            "is_advanced_parallelization_enabled", "current_options"]
@@ -49,10 +51,13 @@ def enable_advanced_parallelization(**overrides: Any) -> None:
     Raises:
         TypeError: an unknown keyword, or a value of the wrong type.
         ValueError: a value out of range (e.g. ``num_stages=0``, ``'Auto'``),
-            or a MOREH_* environment variable that does not parse.
+            or a MOREH_* environment variable that does not parse (``MOREH_AP_CONFIG`` included);
+            the message names the variable.
     """
     options = APOptions.from_overrides(overrides)
     settings = _env.read_env()
+    if settings.enable is not False:
+        pinned_config(options)  # a bad MOREH_AP_CONFIG fails here, not at the first forward
     with _lock:
         _state.requested = True
         _state.options = options
@@ -86,10 +91,28 @@ def current_options() -> APOptions:
 
 
 def _enable_from_environment() -> None:
-    """Called when torch is imported (start-up hook) and when moreh_ap is imported."""
-    if _env.read_env().enable is True:
-        with _lock:
-            _state.requested = True
-            options = _state.options
-        launcher.maybe_launch()  # a plain `python` run becomes several local ranks (see moreh_ap.launcher)
-        oneline.install(options=options)
+    """Called when torch is imported (start-up hook) and when moreh_ap is imported.
+
+    A MOREH_* variable with a bad value cannot be raised here (the start-up hook never raises): the
+    error is kept, and the script's first ``.cuda()``, optimizer, or call of
+    :func:`enable_advanced_parallelization` raises it (:func:`moreh_ap.oneline.install_failed`), so a
+    run that asked for AP never trains without it.
+
+    Raises:
+        ValueError: the same error, for the caller to report (the hook prints it in one line).
+    """
+    raw = os.environ.get(_env.ENABLE, "").strip()
+    if raw != "1":
+        return
+    with _lock:
+        _state.requested = True
+        options = _state.options
+    try:
+        _env.read_env()
+        pinned_config(options)
+    except ValueError as exc:
+        oneline.install_failed(ValueError(f"advanced parallelization was requested by {_env.ENABLE}=1 but "
+                                          f"cannot start: {exc}"))
+        raise
+    launcher.maybe_launch()  # a plain `python` run becomes several local ranks (see moreh_ap.launcher)
+    oneline.install(options=options)

@@ -22,9 +22,9 @@ While AP is enabled and not yet engaged, a few torch entry points are patched
 reads the option module.
 """
 from moreh_ap.oneline.choose import CONFIG_ENV, DUMP_FILE
-from moreh_ap.oneline.engage import OptimizerAlreadySteppedError
-from moreh_ap.oneline.patches import install, uninstall
+from moreh_ap.oneline.engage import APNotEngagedError, OptimizerAlreadySteppedError
+from moreh_ap.oneline.patches import install, install_failed, uninstall
 from moreh_ap.oneline.state import engaged_model, is_engaged
 
-__all__ = ["install", "uninstall", "is_engaged", "engaged_model", "CONFIG_ENV", "DUMP_FILE",
-           "OptimizerAlreadySteppedError"]
+__all__ = ["install", "install_failed", "uninstall", "is_engaged", "engaged_model", "CONFIG_ENV", "DUMP_FILE",
+           "OptimizerAlreadySteppedError", "APNotEngagedError"]

@@ -7,17 +7,20 @@ import os
 from dataclasses import replace
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
 from moreh_ap.ap_options import APOptions
 from moreh_ap.config import ParallelConfig
+from moreh_ap.files import write_text
 from moreh_ap.log import logger
 from moreh_ap.planner import plan
 from moreh_ap.planner.planning import SELECTED_DUMP
 from moreh_ap.runtime.dist import rank, world_size
 
-__all__ = ["CONFIG_ENV", "DUMP_FILE", "PLANNING_TIMEOUT_S", "choose_config", "pinned_config"]
+__all__ = ["CONFIG_ENV", "DUMP_FILE", "PLANNING_TIMEOUT_S", "choose_config", "pinned_config", "check_pinned_batch",
+           "check_micro_batches"]
 
 CONFIG_ENV = "MOREH_AP_CONFIG"
 """Pin the parallel configuration (JSON of ``ParallelConfig.to_dict()`` or the seed's line): skips the planner."""
@@ -69,7 +72,9 @@ def _plan_here(root, args, kwargs, *, optimizer, options: APOptions, recompute_f
         options = replace(options, activation_recomputation=True)
     config = pinned_config(options)
     if config is None:
+        check_micro_batches(options, _batch_size(args, kwargs), world_size())
         return plan(root, args, kwargs, options=options, optimizer=optimizer, dump=rank() == 0).config.to_dict()
+    check_pinned_batch(config, _batch_size(args, kwargs), world_size())
     logger.info(f"Configuration for parallelism is pinned by {CONFIG_ENV}.")
     if recompute_fixed:
         config = config.replace(recomputation=True)
@@ -77,8 +82,7 @@ def _plan_here(root, args, kwargs, *, optimizer, options: APOptions, recompute_f
     logger.info(config.to_moreh_line())
     logger.info("train: true")
     if rank() == 0:
-        with open(DUMP_FILE, "w") as f:
-            f.write(config.to_moreh_line() + "\n")
+        write_text(DUMP_FILE, config.to_moreh_line() + "\n")
     return config.to_dict()
 
 
@@ -87,21 +91,95 @@ def pinned_config(options: APOptions) -> ParallelConfig | None:
 
     The variable holds the JSON of ``ParallelConfig.to_dict()``, the seed's line, or the path of a
     file whose first line is the seed's line (then ``mixed_precision`` comes from ``options``).
+    :func:`moreh_ap.option.enable_advanced_parallelization` calls it, so a bad value fails there.
 
     Raises:
-        ValueError: the variable starts like JSON but is not valid JSON.
+        ValueError: the value is not valid JSON, a malformed line, names an unknown field, or a file
+            that is missing, a directory, empty or malformed; the message names ``MOREH_AP_CONFIG``.
     """
     raw = os.environ.get(CONFIG_ENV, "").strip()
     if not raw:
         return None
-    if raw.startswith("{"):
-        try:
-            return ParallelConfig.from_dict(json.loads(raw))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{CONFIG_ENV}={raw!r} is not valid JSON: {exc}") from None
-    if os.path.isfile(raw):
-        raw = open(raw).read().strip().splitlines()[0]
-    return ParallelConfig.from_moreh_line(raw).replace(mixed_precision=options.mixed_precision)
+    accepted = ("accepted: the JSON of ParallelConfig.to_dict(), a line such as 'num_stages : 2, "
+                "num_micro_batches : 4, batch_per_device : 1, ...', or the path of a file holding that line")
+    try:
+        if raw.startswith("{"):
+            try:
+                data = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON: {exc}") from None
+            if not isinstance(data, dict):
+                raise ValueError("the JSON is not an object")
+            return ParallelConfig.from_dict(data)
+        line = raw if ":" in raw and not os.path.exists(raw) else _first_line(raw)
+        return ParallelConfig.from_moreh_line(line).replace(mixed_precision=options.mixed_precision)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{CONFIG_ENV}={raw!r} is not valid: {exc}; {accepted}") from None
+
+
+def _first_line(path: str) -> str:
+    """The first non-blank line of the file ``path`` (ValueError when missing, a directory or empty)."""
+    if not os.path.exists(path):
+        raise ValueError(f"no such file {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory, not a file")
+    try:
+        with open(path, errors="replace") as f:
+            lines = [l.strip() for l in f.read().splitlines() if l.strip()]
+    except OSError as exc:
+        raise ValueError(f"cannot read {path!r}: {exc.strerror or exc}") from None
+    if not lines:
+        raise ValueError(f"the file {path!r} is empty")
+    return lines[0]
+
+
+def _batch_size(args, kwargs) -> int | None:
+    """Samples in the global batch: the first dim of the first input tensor (None without one)."""
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return None
+
+
+def check_micro_batches(options: APOptions, batch: int | None, world: int) -> None:
+    """An int ``num_micro_batches`` must divide the per-replica batch for some data-parallel degree.
+
+    Raises:
+        ValueError: it divides none; the message names ``num_micro_batches`` and the accepted values.
+    """
+    nmb = options.num_micro_batches
+    if not isinstance(nmb, int) or batch is None:
+        return
+    per_replica = sorted({batch // (world // pp) for pp in range(1, world + 1)
+                          if world % pp == 0 and batch % (world // pp) == 0})
+    accepted = sorted({d for b in per_replica for d in range(1, b + 1) if b % d == 0})
+    if nmb in accepted:
+        return
+    raise ValueError(f"enable_advanced_parallelization(num_micro_batches={nmb}): a global batch of {batch} samples on "
+                     f"{world} rank(s) cannot be cut into {nmb} micro-batches per data-parallel replica (samples "
+                     f"per replica: {', '.join(map(str, per_replica)) or 'none'}); accepted: 'auto' or one of "
+                     f"{', '.join(map(str, accepted))}")
+
+
+def check_pinned_batch(config: ParallelConfig, batch: int | None, world: int) -> None:
+    """A pinned configuration must describe the real batch: ``dp * num_micro_batches * batch_per_device``.
+
+    Raises:
+        ValueError: the pinned global batch differs from ``batch``; the message gives both numbers.
+    """
+    if batch is None:
+        return
+    dp = config.dp(world)
+    pinned = dp * config.num_micro_batches * config.batch_per_device
+    if pinned == batch:
+        return
+    per = dp * config.num_micro_batches
+    fix = (f"batch_per_device : {batch // per} fits it" if batch % per == 0 else
+           f"no batch_per_device fits it with dp({dp}) x num_micro_batches({config.num_micro_batches})")
+    raise ValueError(f"{CONFIG_ENV} pins batch_per_device : {config.batch_per_device} (a global batch of dp({dp}) x "
+                     f"num_micro_batches({config.num_micro_batches}) x batch_per_device"
+                     f"({config.batch_per_device}) = {pinned} samples), but the training batch has {batch} "
+                     f"samples; {fix}")
 
 
 def _planning_group():

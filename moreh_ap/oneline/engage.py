@@ -18,11 +18,16 @@ from moreh_ap.oneline.step import Engine, broadcast_inputs
 from moreh_ap.oneline.swap import swap_class
 from moreh_ap.runtime import init_distributed, parallelize
 
-__all__ = ["engage", "OptimizerAlreadySteppedError"]
+__all__ = ["engage", "OptimizerAlreadySteppedError", "APNotEngagedError"]
 
 
 class OptimizerAlreadySteppedError(RuntimeError):
     """The user's optimizer stepped before AP engaged: its state belongs to the unsplit model."""
+
+
+class APNotEngagedError(RuntimeError):
+    """On several ranks an optimizer stepped while AP had not engaged: this rank (not rank 0) stops rather
+    than train a copy of the model of its own."""
 
 
 def engage(root: nn.Module, args, kwargs) -> Engine:

@@ -2,15 +2,21 @@
 """Installing and removing the hooks; the patched ``nn.Module.__call__`` itself is :mod:`moreh_ap.oneline.probe`."""
 from __future__ import annotations
 
+import gc
+import os
+
 import torch
 import torch.nn.utils.clip_grad as clip_mod
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from moreh_ap.ap_options import APOptions
+from moreh_ap.log import logger
+from moreh_ap.oneline.engage import APNotEngagedError
 from moreh_ap.oneline.probe import probe_call, remove_probe
 from moreh_ap.oneline.state import STATE, Internal, cuda_available, has_trainable, internal
 
-__all__ = ["install", "uninstall"]
+__all__ = ["install", "install_failed", "uninstall"]
 
 
 def install(*, options: APOptions | None = None, cpu_only: bool = False) -> None:
@@ -25,6 +31,33 @@ def install(*, options: APOptions | None = None, cpu_only: bool = False) -> None
             uninstall()
         _patch(cpu_only=cpu_only)
     STATE.options = APOptions() if options is None else options
+
+
+def install_failed(error: Exception) -> None:
+    """AP was requested by the environment but cannot start (a bad MOREH_* value): the script's first
+    ``.cuda()`` (module or tensor), ``.to('cuda')`` or optimizer creation raises ``error``, so the run
+    stops at its start instead of training on one device or failing later for an unrelated reason.
+    ``enable_advanced_parallelization()`` raises the same error; ``disable_advanced_parallelization()``
+    removes the hooks."""
+    if STATE.installed:
+        uninstall()
+    o = STATE.originals
+    o["tensor_cuda"], o["module_cuda"], o["module_to"] = torch.Tensor.cuda, nn.Module.cuda, nn.Module.to
+    o["failed_optim_init"] = torch.optim.Optimizer.__init__
+
+    def fail(*_args, **_kwargs):
+        raise ValueError(str(error))
+
+    def to(self, *args, **kwargs):
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if device is not None and device.type == "cuda":
+            fail()
+        return o["module_to"](self, *args, **kwargs)
+
+    torch.Tensor.cuda = nn.Module.cuda = fail
+    nn.Module.to = to
+    torch.optim.Optimizer.__init__ = fail
+    STATE.installed = True
 
 
 def _patch(*, cpu_only: bool) -> None:
@@ -43,6 +76,8 @@ def _patch(*, cpu_only: bool) -> None:
         if not STATE.engaged:
             nn.Module.__call__ = probe_call
         torch.optim.Optimizer.__init__ = _make_optimizer_init(o["optim_init"])
+        _adopt_existing_optimizers()
+        o["step_hook"] = register_optimizer_step_pre_hook(_step_before_engagement)
         clip_mod.clip_grad_norm_ = _clip_grad_norm_
         torch.nn.utils.clip_grad_norm_ = _clip_grad_norm_
     STATE.installed = True
@@ -56,10 +91,13 @@ def uninstall() -> None:
         torch.Tensor.cuda = o.pop("tensor_cuda")
         nn.Module.cuda = o.pop("module_cuda")
         nn.Module.to = o.pop("module_to")
+    if "failed_optim_init" in o:
+        torch.optim.Optimizer.__init__ = o.pop("failed_optim_init")
     if "call" in o:
         remove_probe()
         o.pop("call", None)
         torch.optim.Optimizer.__init__ = o.pop("optim_init")
+        o.pop("step_hook").remove()
         clip_mod.clip_grad_norm_ = o.pop("clip")
         torch.nn.utils.clip_grad_norm_ = o.pop("clip_utils")
     STATE.installed = False
@@ -68,6 +106,36 @@ def uninstall() -> None:
     STATE.options = APOptions()
     STATE.optimizers.clear()
     STATE.deferred.clear()
+
+
+def _adopt_existing_optimizers() -> None:
+    """Optimizers created before the hooks (before ``enable_advanced_parallelization()``) are found too: the
+    root probe looks for their parameters like for those created after (one scan of the GC's objects)."""
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.optim.Optimizer):  # type(): no proxy's __class__ is asked
+            STATE.optimizers.add(obj)
+
+
+def _step_before_engagement(optimizer, _args, _kwargs) -> None:
+    """A global optimizer step pre-hook: on several ranks, a step before AP engaged means every rank trains
+    its own copy of the model. Every rank but 0 stops with the reason; rank 0 logs it once."""
+    if STATE.engaged or internal():
+        return
+    try:
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return
+    if world <= 1:
+        return
+    reason = (f"advanced parallelization has not engaged, but {type(optimizer).__name__}.step() runs: each of the "
+              f"{world} ranks would train its own copy of the model. AP engages at the first training forward "
+              "(model in train mode, grad enabled) of a model whose parameters an optimizer holds; a forward "
+              "without a loss, or before the optimizer exists, runs on one device.")
+    if rank != 0:
+        raise APNotEngagedError(f"rank {rank} stops: {reason}")
+    if "not-engaged" not in STATE.warned:
+        STATE.warned.add("not-engaged")
+        logger.error(f"{reason} Ranks 1-{world - 1} stop.")
 
 
 def _make_optimizer_init(original):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,13 +218,35 @@ def read_cache(path: Path, fp: dict[str, Any]) -> CalibrationDB | None:
     return entries[key]
 
 
-def write_entry(path: Path, db: CalibrationDB) -> None:
-    """Add (or replace) ``db``'s entry in the file, keeping the others; atomic, serialised with a lock file."""
+LOCK_TIMEOUT_S = 10.0
+"""How long :func:`write_entry` waits for another process's lock on the DB file before giving up (with a warning)."""
+
+
+def write_entry(path: Path, db: CalibrationDB, *, lock_timeout_s: float = LOCK_TIMEOUT_S) -> bool:
+    """Add (or replace) ``db``'s entry in the file, keeping the others; atomic, serialised with a lock file.
+
+    The lock is waited for at most ``lock_timeout_s``; then a warning is logged and the entry is not
+    saved (the caller goes on with ``db`` in memory).
+
+    Returns:
+        True when the entry was written.
+    """
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "a") as lock:
+        deadline = time.monotonic() + lock_timeout_s
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    logger.warning(f"Calibration DB {path}: the lock {lock_path} is held by another process after "
+                                   f"{lock_timeout_s:g} s of waiting; this calibration is used but not saved.")
+                    return False
+                time.sleep(0.05)
         try:
             entries = _read_entries(path, warn=False) or {}  # a corrupt file (warned about already) is replaced
             entries[entry_key(db.fingerprint)] = db
@@ -233,5 +256,4 @@ def write_entry(path: Path, db: CalibrationDB) -> None:
             os.replace(tmp, path)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-
-
+    return True

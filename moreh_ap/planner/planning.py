@@ -4,7 +4,6 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from moreh_ap.ap_options import APOptions
@@ -13,6 +12,7 @@ from moreh_ap.env import read_env
 from moreh_ap.errors import NoFeasibleConfigError
 from moreh_ap.graph.model_graph import ModelGraph
 from moreh_ap.graph.tracing import trace
+from moreh_ap.files import write_text
 from moreh_ap.log import logger
 from moreh_ap.planner import cost as cost_model
 from moreh_ap.planner import memory as memory_model
@@ -308,7 +308,7 @@ def plan_graph(
     logger.info("train: true")
     _detailed_log(env.detailed_log, cands, chosen.config)
     if dump:
-        Path(SELECTED_DUMP).write_text(chosen.config.to_moreh_line() + "\n")
+        write_text(SELECTED_DUMP, chosen.config.to_moreh_line() + "\n")
     return Plan(
         config=chosen.config,
         selected=chosen,
@@ -329,7 +329,7 @@ def _detailed_log(level: int, cands: list[Candidate], selected: ParallelConfig |
         for line in table.splitlines():
             logger.info(line)
     else:
-        Path(DETAILED_DUMP).write_text(table + "\n")
+        write_text(DETAILED_DUMP, table + "\n")
 
 
 def plan(

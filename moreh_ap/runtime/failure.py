@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 import torch.distributed as dist
 
+from moreh_ap.env import exit_on_error
 from moreh_ap.errors import InputError
 from moreh_ap.runtime.dist import world_size
 
@@ -29,7 +30,7 @@ def fail(exc: BaseException, where: str, hint: str = "") -> None:
 
     Does nothing for one process or with ``MOREH_AP_EXIT_ON_ERROR=0`` (the caller re-raises).
     """
-    if world_size() > 1 and os.environ.get("MOREH_AP_EXIT_ON_ERROR", "1") != "0":
+    if world_size() > 1 and exit_on_error():
         r = dist.get_rank()
         sys.stderr.write(f"[rank {r}] moreh_ap: {where} failed:\n{''.join(traceback.format_exception(exc))}{hint}")
         sys.stderr.flush()

@@ -21,6 +21,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 from moreh_ap.errors import InputError
+from moreh_ap.runtime.loss import IGNORE_INDEX
 
 __all__ = ["StepInputs", "prepare_inputs", "dp_slice", "micro_batches", "shape_key"]
 
@@ -87,26 +88,59 @@ def prepare_inputs(args: tuple, target: Any, kwargs: dict[str, Any], *, hf_model
                       batch=tensors[0].shape[0])
 
 
-def dp_slice(inputs: StepInputs, *, dp: int, dp_rank: int) -> tuple[StepInputs, int]:
+def dp_slice(inputs: StepInputs, *, dp: int, dp_rank: int, pipelined: bool = False) -> tuple[StepInputs, int]:
     """This dp rank's rows of the global batch, and their count.
 
+    A batch that ``dp`` does not divide (the short last batch of an epoch) still trains as one device
+    would: a Hugging Face model called with ``labels=`` gets extra rows (copies of the first row)
+    whose labels are all -100, which add nothing to the loss or the gradients, so the returned
+    ``batch`` is the padded size; a ``loss_fn`` model at pp = 1 gets an uneven split (the first
+    ``batch % dp`` ranks one row more; the loss weights rows by samples), ``batch`` stays the real
+    size and the caller runs one micro-batch.
+
     Raises:
-        InputError: the global batch is not divisible by ``dp``.
+        InputError: an uneven batch for a ``loss_fn`` model in a pipeline, or fewer samples than ``dp``.
     """
     batch = inputs.batch
-    if batch % dp:
-        raise InputError(f"global batch({batch}) is not divisible by dp({dp})")
-    local = batch // dp
-    lo = dp_rank * local
+    if batch % dp and inputs.hf_labels:
+        inputs = _pad_hf(inputs, dp)
+    elif batch % dp:
+        if pipelined:
+            raise InputError(f"a global batch of {batch} samples cannot be split over dp({dp}) data-parallel ranks "
+                             f"in a pipeline with loss_fn: drop the short last batch (DataLoader(..., "
+                             f"drop_last=True)) or pass a multiple of {dp} samples")
+        if batch < dp:
+            raise InputError(f"a global batch of {batch} samples has fewer samples than dp({dp}) data-parallel "
+                             f"ranks: drop the short last batch (DataLoader(..., drop_last=True))")
+    rows = inputs.batch
+    sizes = [rows // dp + (1 if r < rows % dp else 0) for r in range(dp)]
+    lo, local = sum(sizes[:dp_rank]), sizes[dp_rank]
 
     def cut(t: torch.Tensor) -> torch.Tensor:
-        return t[lo:lo + local] if t.dim() > 0 and t.shape[0] == batch else t
+        return t[lo:lo + local] if t.dim() > 0 and t.shape[0] == rows else t
 
     sliced = StepInputs(args=tree_map_only(torch.Tensor, cut, inputs.args),
                         kwargs=tree_map_only(torch.Tensor, cut, inputs.kwargs),
                         target=tree_map_only(torch.Tensor, cut, inputs.target),
-                        hf_labels=inputs.hf_labels, batch=batch)
+                        hf_labels=inputs.hf_labels, batch=rows)
     return sliced, local
+
+
+def _pad_hf(inputs: StepInputs, dp: int) -> StepInputs:
+    """The batch padded to a multiple of ``dp`` with copies of row 0 whose labels are all -100."""
+    rows = inputs.batch
+    extra = -rows % dp
+
+    def pad(t: torch.Tensor, fill: int | None = None) -> torch.Tensor:
+        if t.dim() == 0 or t.shape[0] != rows:
+            return t
+        more = t[:1].expand(extra, *t.shape[1:]) if fill is None else t.new_full((extra, *t.shape[1:]), fill)
+        return torch.cat([t, more])
+
+    return StepInputs(args=tree_map_only(torch.Tensor, pad, inputs.args),
+                      kwargs=tree_map_only(torch.Tensor, pad, inputs.kwargs),
+                      target=tree_map_only(torch.Tensor, lambda t: pad(t, IGNORE_INDEX), inputs.target),
+                      hf_labels=True, batch=rows + extra)
 
 
 def micro_batches(obj: Any, n: int, rows: int) -> list:

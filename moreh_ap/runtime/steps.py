@@ -85,8 +85,9 @@ class StepRunner:
         layout = self.layout
         inputs = prepare_inputs(args, target, kwargs, hf_model=self.loss.hf_model, pipelined=layout.pp > 1,
                                 has_loss_fn=self.loss.loss_fn is not None)
-        mine, local = dp_slice(inputs, dp=layout.dp, dp_rank=self.dp_rank)
-        nmb = self.micro_batch_count(local)
+        mine, local = dp_slice(inputs, dp=layout.dp, dp_rank=self.dp_rank, pipelined=layout.pp > 1)
+        # an uneven split (short last batch, loss_fn model): one micro-batch, weighted by this rank's samples
+        nmb = self.micro_batch_count(local) if mine.batch % layout.dp == 0 else 1
         plan = LossPlan(hf_loss=self.loss.hf_loss if inputs.hf_labels else None, vocab_size=self.loss.vocab_size,
                         user_loss=None if inputs.hf_labels else self.loss.loss_fn,
                         num_items=hf_num_items(inputs.target) if inputs.hf_labels else inputs.batch,

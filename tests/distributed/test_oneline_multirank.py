@@ -6,7 +6,8 @@ fp32 (``mixed_precision=False``); tolerances: losses and gradient norms rtol 1e-
 ``|a - b| / |a| < 1e-4`` and max abs diff < 2e-4 (AdamW, lr 1e-2, turns a gradient difference of
 1e-9 on an element whose gradient is ~0 into an update difference of up to lr; measured: ~1e-5
 relative, ~1e-5 max abs; a lost micro-batch or a wrong loss scale moves the weights by > 1e-2).
-The parallel configuration is pinned with ``MOREH_AP_CONFIG`` so each case tests a known layout.
+The parallel configuration is pinned with ``MOREH_AP_CONFIG`` so each case tests a known layout (its
+``batch_per_device`` matches the first batch: a pinned config that disagrees with the batch is an error).
 """
 import json
 import re
@@ -80,13 +81,15 @@ def reference(tmp_path_factory):
 
 CASES = {
     # pp=1 data parallel (DDP), HF gradient checkpointing => recomputation fixed on
-    "dp2-ddp-line-ckpt": (2, ["line", "--ckpt"], _config(num_stages=1, num_micro_batches=1)),
+    "dp2-ddp-line-ckpt": (2, ["line", "--ckpt"], _config(num_stages=1, num_micro_batches=1, batch_per_device=4)),
     # pp=2, 1F1B over 2 micro-batches
-    "pp2-1f1b-line": (2, ["line"], _config(num_stages=2, num_micro_batches=2)),
+    "pp2-1f1b-line": (2, ["line"], _config(num_stages=2, num_micro_batches=2, batch_per_device=4)),
     # env var only (no line in the script), FSDP2 over 2 ranks, 2 micro-batches
-    "dp2-fsdp-env": (2, ["env"], _config(num_stages=1, num_micro_batches=2, distribute_param=True)),
+    "dp2-fsdp-env": (2, ["env"], _config(num_stages=1, num_micro_batches=2, distribute_param=True,
+                                             batch_per_device=2)),
     # 4 ranks: 2 stages x FSDP2 over 2 data-parallel ranks
-    "pp2xdp2-fsdp-line": (4, ["line"], _config(num_stages=2, num_micro_batches=2, distribute_param=True)),
+    "pp2xdp2-fsdp-line": (4, ["line"], _config(num_stages=2, num_micro_batches=2, distribute_param=True,
+                                                    batch_per_device=2)),
 }
 
 
@@ -123,7 +126,7 @@ LOSS = re.compile(r"\[Step (\d+)/\d+\] Loss: ([0-9.]+)")
 
 
 EXAMPLE_CASES = {
-    "2-ranks-2-stages": (2, dict(num_stages=2, num_micro_batches=4)),
+    "2-ranks-2-stages": (2, dict(num_stages=2, num_micro_batches=4, batch_per_device=2)),
     "4-ranks-2-stages-x-dp2-zero3": (4, dict(num_stages=2, num_micro_batches=4, distribute_param=True,
                                              distribute_low_prec_param=True)),
 }
@@ -156,7 +159,7 @@ def test_example_pipelined_matches_one_device(case, tmp_path):
 @pytest.mark.timeout(600)
 def test_crashing_rank_ends_the_run_with_its_traceback(tmp_path):
     proc = _run([SCRIPT, tmp_path, "line", "--crash-rank", "1"], tmp_path, ap=None, nproc=2,
-                config=_config(num_stages=2, num_micro_batches=2), MOREH_AP_RANK_OUTPUT="rank0",
+                config=_config(num_stages=2, num_micro_batches=2, batch_per_device=4), MOREH_AP_RANK_OUTPUT="rank0",
                 MOREH_AP_CACHE_DIR=str(tmp_path / "cache"))  # rank 1's traceback comes from its stderr file
     assert proc.returncode != 0
     crash_at = float(re.search(r"CRASH_AT ([0-9.]+)", proc.stderr).group(1))

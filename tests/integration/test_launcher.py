@@ -1,4 +1,6 @@
 # Tests of the self-launcher: when it launches, the command it re-runs, and real 2-3 rank runs.
+import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -142,3 +144,70 @@ def test_no_launch_in_python_c_or_under_a_rank(tmp_path):
     script = _write(tmp_path, "one.py", code + "\n")
     proc, _ = _run([str(script)], cwd=tmp_path, MOREH_AP_NPROC="2", RANK="0", WORLD_SIZE="1")
     assert proc.returncode == 0 and proc.stdout.strip() == "done" and "Launching" not in proc.stderr
+
+
+@pytest.mark.multirank
+def test_no_silent_copies_when_ap_cannot_engage(tmp_path):
+    """A model trained in eval mode never engages AP: rank 1 stops at its first optimizer step, saying why,
+    instead of training a copy of its own; the run ends non-zero with that reason on the console."""
+    script = _write(tmp_path, text=textwrap.dedent(
+        """
+        import torch
+        torch.moreh.option.enable_advanced_parallelization()
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model.eval()
+        for step in range(3):
+            model(torch.ones(2, 4)).sum().backward()
+            opt.step()
+        print("trained", flush=True)
+        """))
+    proc, elapsed = _run([str(script)], cwd=tmp_path, MOREH_AP_NPROC="2", MOREH_AP_CACHE_DIR=str(tmp_path / "c"))
+    assert proc.returncode != 0 and elapsed < 60
+    assert "moreh_ap: rank 1 of 2 failed" in proc.stderr
+    assert "APNotEngagedError: rank 1 stops: advanced parallelization has not engaged, but SGD.step() runs" \
+        in proc.stderr
+    assert "[error] advanced parallelization has not engaged" in proc.stderr  # rank 0 says it too
+
+
+def _listeners(port: int) -> list[str]:
+    """Local addresses (hex, as in /proc/net/tcp*) of the sockets listening on ``port``."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for line in open(table).read().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                found.append(local.rsplit(":", 1)[0])
+    return found
+
+
+def _own_address() -> str | None:
+    """This machine's address on its default route (a UDP connect sends nothing), or None."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))
+            return s.getsockname()[0]
+    except OSError:
+        return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux's socket table")
+def test_rendezvous_store_listens_on_loopback_only():
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    store = launcher.loopback_store(2, timeout_s=10)
+    try:
+        assert _listeners(store.port) == ["0100007F"]  # 127.0.0.1, not 00000000 (every interface)
+        client = TCPStore("127.0.0.1", store.port, 2, is_master=False, timeout=timedelta(seconds=10))
+        client.set("k", "v")
+        assert store.get("k") == b"v"
+        other = _own_address()
+        if other and not other.startswith("127."):  # this machine's own address on another interface: refused
+            with pytest.raises(OSError):
+                socket.create_connection((other, store.port), timeout=5).close()
+    finally:
+        del store

@@ -68,3 +68,17 @@ def test_hook_is_idempotent():
     proc = _run(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["1", "_LazyMoreh"]
+
+
+def test_env_only_run_with_a_bad_value_stops_at_the_first_cuda_call():
+    """MOREH_ENABLE_ADVANCED_PARALLELIZATION=1 with a bad MOREH_* value: the hook reports it in one line (it
+    never raises) and the script's first .cuda() or optimizer raises it, naming the variable."""
+    code = "import torch; print('imported', flush=True); torch.nn.Linear(2, 2).cuda(); print('trained')"
+    proc = _run(code, MOREH_ENABLE_ADVANCED_PARALLELIZATION="1", MOREH_AP_CONFIG="{not json")
+    assert proc.returncode != 0 and proc.stdout.split() == ["imported"]
+    assert "start-up hook could not enable advanced parallelization" in proc.stderr
+    assert ("ValueError: advanced parallelization was requested by MOREH_ENABLE_ADVANCED_PARALLELIZATION=1 but "
+            "cannot start: MOREH_AP_CONFIG='{not json' is not valid") in proc.stderr
+    proc = _run("import torch; torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)",
+                MOREH_ENABLE_ADVANCED_PARALLELIZATION="1", MOREH_AP_EXIT_ON_ERROR="yes")
+    assert proc.returncode != 0 and "MOREH_AP_EXIT_ON_ERROR='yes' is not valid" in proc.stderr.splitlines()[-1]

@@ -9,6 +9,7 @@ from torch import nn
 from moreh_ap import oneline
 from moreh_ap.config import ParallelConfig
 from moreh_ap.oneline import choose, probe
+from moreh_ap.oneline.state import STATE
 from moreh_ap.option import APOptions, enable_advanced_parallelization
 
 pytestmark = pytest.mark.timeout(120)
@@ -226,3 +227,47 @@ def test_pinned_config_from_json_line_or_dump_file(monkeypatch, tmp_path):
     monkeypatch.setenv(oneline.CONFIG_ENV, "{not json")
     with pytest.raises(ValueError, match="MOREH_AP_CONFIG"):
         choose.pinned_config(APOptions())
+
+
+def test_optimizer_created_before_enable_is_found(in_tmp):
+    model = _tiny_llama()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # before the line
+    enable_advanced_parallelization(mixed_precision=False)
+    ids, labels = _batch(0)
+    model(ids, labels=labels).loss.backward()
+    opt.step()
+    assert oneline.is_engaged() and model in STATE.engines  # the class was swapped: AP runs this model
+    STATE.engines.pop(model)  # the engine holds the model: later tests expect no engaged model
+
+
+def test_line_after_a_step_is_a_clear_error_not_a_silent_one_device_run(in_tmp):
+    model = _tiny_llama()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids, labels = _batch(0)
+    model(ids, labels=labels).loss.backward()
+    opt.step()
+    enable_advanced_parallelization()  # after a step: the optimizer's state belongs to the unsplit model
+    with pytest.raises(oneline.OptimizerAlreadySteppedError, match="already stepped"):
+        model(ids, labels=labels)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_step_before_engagement_stops_every_rank_but_0(rank, monkeypatch, in_tmp, capfd):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    enable_advanced_parallelization()
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.eval()
+    model(torch.ones(2, 4)).sum().backward()  # eval mode: not a training forward, AP does not engage
+    if rank == 1:
+        with pytest.raises(oneline.APNotEngagedError, match="rank 1 stops: advanced parallelization has not "
+                                                            "engaged, but SGD.step\\(\\) runs"):
+            opt.step()
+        return
+    opt.step()  # rank 0 goes on (one device) and says why the others stopped, once
+    opt.step()
+    assert capfd.readouterr().err.count("each of the 2 ranks would train its own copy") == 1
+    oneline.uninstall()
+    monkeypatch.setenv("RANK", "1")
+    opt.step()  # the hook is gone with the line
