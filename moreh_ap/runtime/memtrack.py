@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from moreh_ap.runtime.apply import Wrapper
 
-__all__ = ["TrackedPeak", "tracked_step_peak"]
+__all__ = ["TrackedPeak", "tracked_step_peak", "LivePeak"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -101,6 +101,32 @@ def tracked_step_peak(pm, optimizer: torch.optim.Optimizer, step: Callable[[], N
     dev = max(snap, key=lambda k: snap[k]["Total"])
     cats = {getattr(k, "value", str(k)): int(v) for k, v in snap[dev].items() if k != "Total" and v}
     return TrackedPeak(total=int(snap[dev]["Total"]), categories=cats, wrapper=pm.wrapper.value)
+
+
+class LivePeak:
+    """Peak live bytes of this rank over a ``with`` region (the live tracker), what lives before it counted
+    (parameters, gradients, buffers, optimizer state, FSDP2 buffers, pipeline receive buffers).
+
+    Used by the engine's closed loop on CPU (one training step, then one optimizer step). ``peak`` is 0
+    until the region exits.
+    """
+
+    def __init__(self, pm, optimizer: torch.optim.Optimizer | None) -> None:
+        self.pm, self.optimizer = pm, optimizer
+        self.peak = 0
+        self._mt: _LiveTracker | None = None
+
+    def __enter__(self) -> "LivePeak":
+        self._mt = _LiveTracker()
+        self._mt.register_existing(self.pm, self.optimizer)
+        self._mt.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mt.__exit__(*exc)
+        snap = self._mt.get_tracker_snapshot("peak")
+        self.peak = max((int(v["Total"]) for v in snap.values()), default=0)
+        self._mt = None
 
 
 def _fake_backend() -> bool:
@@ -176,7 +202,8 @@ class _LiveTracker(MemTracker):
                         for t in extra:
                             if isinstance(t, torch.Tensor):
                                 self._update_and_maybe_create_winfos(t, _MemRefType.OTH)
-        self._track_optimizer_states(_MemRefType.OPT, optimizer)
+        if optimizer is not None:
+            self._track_optimizer_states(_MemRefType.OPT, optimizer)
         for sched in pm._runner.schedules.values():
             stages = getattr(sched, "_stages", None) or [getattr(sched, "_stage", None)]
             for stage in stages:
