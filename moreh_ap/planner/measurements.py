@@ -20,7 +20,8 @@ The correction rule (:class:`Corrections`), by the parts of the predicted breakd
   and ``dynamic`` (activations + transient: the measured peak minus the static bytes).
 
 Each factor is the geometric mean over this device and model's measured configurations. A measured
-configuration is predicted with its own factors (so it is predicted as it was measured); every
+configuration is predicted with its own factors (a part it gave no information about keeps factor 1,
+as its other factors assumed), so it is predicted as it was measured; every
 other candidate's parts are multiplied by the mean factors, so candidates whose breakdowns differ
 move by different amounts. Memory corrections change feasibility against the cap.
 """

@@ -118,6 +118,7 @@ class LivePeak:
 
     def __enter__(self) -> "LivePeak":
         self._mt = _LiveTracker()
+        self._mt.modules = False  # totals only: no module hooks in the user's run
         self._mt.register_existing(self.pm, self.optimizer)
         self._mt.__enter__()
         return self
@@ -145,6 +146,10 @@ class _LiveTracker(MemTracker):
     ``UntypedStorage.resize_`` of a storage it has not seen yet (FSDP2's all-gather buffers and unsharded
     parameters, created in an earlier step, resized to 0 in between) starts tracking that storage.
     """
+
+    modules = True
+    """Track forward / backward regions with ``ModTracker`` (module hooks, multi-grad hooks on inputs); False:
+    totals only, no hooks at all (the hooks break ``autograd.grad`` as a pipeline stage's first step runs it)."""
 
     def _track_resize(self) -> None:
         orig = self._orig_resize
@@ -174,7 +179,8 @@ class _LiveTracker(MemTracker):
             self._track_resize()
             self._peak_mem_snap = self.get_tracker_snapshot()
             self._peak_mem = {dev: snap[_TOTAL_KEY] for dev, snap in self._peak_mem_snap.items()}
-            self._mod_tracker.__enter__()
+            if self.modules:
+                self._mod_tracker.__enter__()
         TorchDispatchMode.__enter__(self)
         self._depth += 1
         return self
@@ -184,7 +190,8 @@ class _LiveTracker(MemTracker):
         if self._depth == 0:
             self._deregister_param_and_optimizer_hooks()
             self._restore_resize()
-            self._mod_tracker.__exit__(*args)
+            if self.modules:
+                self._mod_tracker.__exit__(*args)
         TorchDispatchMode.__exit__(self, *args)
 
     def register_existing(self, pm, optimizer) -> None:

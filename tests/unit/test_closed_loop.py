@@ -179,3 +179,23 @@ def test_correction_rule_by_parts():
     m2 = dataclasses.replace(m, train_step_time=0.75)
     a2 = _cand_stub(a_cfg, compute=1.0, comm=2.0, opt=0.5, static=1000, dynamic=1000)
     assert Corrections([m2]).learn([a2]).mean.comm == pytest.approx(0.25)
+
+
+def test_oneline_mode_measures_against_its_plan(tmp_path, monkeypatch, capsys):
+    """The one-line mode passes rank 0's plan to the engine: the line has a prediction and the file is written."""
+    from moreh_ap.option import enable_advanced_parallelization
+    from tests.helpers.models import tiny_llama
+
+    monkeypatch.chdir(tmp_path)
+    enable_advanced_parallelization(mixed_precision=False)
+    model = tiny_llama(layers=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(1, 100, (4, 16))
+    for _ in range(4):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    err = capsys.readouterr().err
+    assert re.search(r"Measured steps 2-3: .*; predicted step [\d.e+-]+ s", err), err
+    entries = json.loads(measurement_path().read_text())["entries"]
+    assert len(entries) == 1 and next(iter(entries.values()))["config"]["num_stages"] == 1
