@@ -107,8 +107,21 @@ class StepProbe:
     def _timed(self) -> bool:
         return self.calls == 2 or (self.calls == 3 and self.cuda)
 
+    def abort(self) -> None:
+        """Stop measuring without a result (a step raised): the tracker and the optimizer hooks are removed."""
+        if self._live is not None:
+            self._live.__exit__(None, None, None)
+            self._live = None
+        self.done = True
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
     def before_step(self) -> None:
         """Called at the start of ``train_step``."""
+        if self._live is not None:  # an optimizer step raised inside the tracked region
+            self.abort()
+            return
         if self.calls == 3 and not self.done:  # the optimizer did not step after step 3: finish now
             self.finish()
             return

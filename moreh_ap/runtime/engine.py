@@ -203,8 +203,13 @@ class ParallelModel(nn.Module):
             with failure_policy("train_step", hint=self._hint):
                 return self._runner.step(args, target, kwargs, train=True)
         probe.before_step()
-        with failure_policy("train_step", hint=self._hint):
-            loss = self._runner.step(args, target, kwargs, train=True)
+        try:
+            with failure_policy("train_step", hint=self._hint):
+                loss = self._runner.step(args, target, kwargs, train=True)
+        except BaseException:
+            probe.abort()  # no tracker left active in the caller's code
+            self._probe = None
+            raise
         probe.after_step()
         if probe.done:
             self._probe = None

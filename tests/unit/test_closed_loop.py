@@ -191,11 +191,35 @@ def test_oneline_mode_measures_against_its_plan(tmp_path, monkeypatch, capsys):
     model = tiny_llama(layers=2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(1, 100, (4, 16))
-    for _ in range(4):
-        model(ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    try:
+        for _ in range(4):
+            model(ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        from moreh_ap.oneline.state import STATE
+
+        STATE.engines.pop(model, None)  # the engine holds its root: later tests' engaged_model() must not see it
     err = capsys.readouterr().err
     assert re.search(r"Measured steps 2-3: .*; predicted step [\d.e+-]+ s", err), err
     entries = json.loads(measurement_path().read_text())["entries"]
     assert len(entries) == 1 and next(iter(entries.values()))["config"]["num_stages"] == 1
+
+
+def test_a_failing_step_stops_the_measurement_cleanly(monkeypatch):
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    from moreh_ap.errors import InputError
+
+    model = tiny_gpt2()
+    opt = torch.optim.AdamW(model.parameters())
+    pm = parallelize(model, ParallelConfig(num_stages=1, num_micro_batches=2, batch_per_device=4,
+                                           mixed_precision=False), optimizer=opt)
+    idx = _batch()
+    for _ in range(2):
+        pm.train_step(idx, labels=idx)
+        opt.step()
+    with pytest.raises(InputError):
+        pm.train_step(idx)  # step 3 (tracked on CPU) has no loss: raises
+    assert pm._probe is None and not _get_current_dispatch_mode_stack()
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
