@@ -15,6 +15,9 @@ def _clean_moreh_env(monkeypatch, tmp_path):
     for name in _env.ALL_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(_env.CACHE_DIR, str(tmp_path / "moreh_ap_cache"))
+    # the suite runs on CPU unless a test says otherwise (it compares with CPU references): on a CUDA
+    # machine parallelize() would otherwise put the model on cuda:LOCAL_RANK
+    monkeypatch.setenv("MOREH_AP_DEVICE", "cpu")
     _option.disable_advanced_parallelization()
     yield
     _option.disable_advanced_parallelization()

@@ -6,6 +6,7 @@ import json
 import os
 from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,8 +20,8 @@ from moreh_ap.planner import plan
 from moreh_ap.planner.planning import SELECTED_DUMP
 from moreh_ap.runtime.dist import rank, world_size
 
-__all__ = ["CONFIG_ENV", "DUMP_FILE", "PLANNING_TIMEOUT_S", "choose_config", "pinned_config", "check_pinned_batch",
-           "check_micro_batches"]
+__all__ = ["CONFIG_ENV", "DUMP_FILE", "PLANNING_TIMEOUT_S", "choose_config", "choose_plan", "pinned_config",
+           "check_pinned_batch", "check_micro_batches"]
 
 CONFIG_ENV = "MOREH_AP_CONFIG"
 """Pin the parallel configuration (JSON of ``ParallelConfig.to_dict()`` or the seed's line): skips the planner."""
@@ -34,7 +35,14 @@ PLANNING_TIMEOUT_S = 3600
 
 def choose_config(root: nn.Module, args, kwargs, *, optimizer, options: APOptions,
                   recompute_fixed: bool) -> ParallelConfig:
-    """The configuration every rank runs: rank 0's choice, given to all.
+    """The configuration every rank runs: rank 0's choice, given to all (see :func:`choose_plan`)."""
+    return choose_plan(root, args, kwargs, optimizer=optimizer, options=options, recompute_fixed=recompute_fixed)[0]
+
+
+def choose_plan(root: nn.Module, args, kwargs, *, optimizer, options: APOptions,
+                recompute_fixed: bool) -> tuple[ParallelConfig, Any]:
+    """The configuration every rank runs (rank 0's choice, given to all) and this rank's plan when it
+    chose that configuration (None when pinned or when this rank's plan differs): the engine's prediction.
 
     Every rank plans (the planner's calibration is collective); an error on rank 0 is raised on
     every rank, so nobody waits for a config that never comes.
@@ -47,9 +55,10 @@ def choose_config(root: nn.Module, args, kwargs, *, optimizer, options: APOption
         options: the user's search options.
         recompute_fixed: recomputation is on regardless of the options (HF gradient checkpointing).
     """
+    plans: list = []
     try:
         mine = ("ok", _plan_here(root, args, kwargs, optimizer=optimizer, options=options,
-                                 recompute_fixed=recompute_fixed))
+                                 recompute_fixed=recompute_fixed, plans=plans))
     except Exception as exc:  # rank 0's error is every rank's error: nobody waits for a config that never comes
         mine = ("error", exc)
     box = [mine]
@@ -61,19 +70,20 @@ def choose_config(root: nn.Module, args, kwargs, *, optimizer, options: APOption
         raise value
     if mine[0] == "error":
         raise mine[1]
-    return ParallelConfig.from_dict(value)
+    config = ParallelConfig.from_dict(value)
+    return config, next((p for p in plans if p.config == config), None)
 
 
-def _plan_here(root, args, kwargs, *, optimizer, options: APOptions, recompute_fixed: bool) -> dict:
+def _plan_here(root, args, kwargs, *, optimizer, options: APOptions, recompute_fixed: bool, plans: list) -> dict:
     """This rank's choice as a dict: the pinned config or the planner's (a collective: it calibrates with
     every rank). Only rank 0 logs and writes the dump file."""
-
     if recompute_fixed and options.activation_recomputation == "auto":
         options = replace(options, activation_recomputation=True)
     config = pinned_config(options)
     if config is None:
         check_micro_batches(options, _batch_size(args, kwargs), world_size())
-        return plan(root, args, kwargs, options=options, optimizer=optimizer, dump=rank() == 0).config.to_dict()
+        plans.append(plan(root, args, kwargs, options=options, optimizer=optimizer, dump=rank() == 0))
+        return plans[-1].config.to_dict()
     check_pinned_batch(config, _batch_size(args, kwargs), world_size())
     logger.info(f"Configuration for parallelism is pinned by {CONFIG_ENV}.")
     if recompute_fixed:

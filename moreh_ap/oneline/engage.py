@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from moreh_ap.models import is_hf_model
-from moreh_ap.oneline.choose import choose_config
+from moreh_ap.oneline.choose import choose_plan
 from moreh_ap.oneline.state import STATE, Internal, cuda_available
 from moreh_ap.oneline.step import Engine, broadcast_inputs
 from moreh_ap.oneline.swap import swap_class
@@ -44,13 +44,14 @@ def engage(root: nn.Module, args, kwargs) -> Engine:
         _check_trainable_call(root, kwargs)
         args, kwargs = broadcast_inputs(args, kwargs)
         recompute_fixed = _hf_checkpointing(root)
-        config = choose_config(root, args, kwargs, optimizer=optimizer, options=STATE.options,
-                               recompute_fixed=recompute_fixed)
+        config, prediction = choose_plan(root, args, kwargs, optimizer=optimizer, options=STATE.options,
+                                         recompute_fixed=recompute_fixed)
         if recompute_fixed and hasattr(root, "gradient_checkpointing_disable"):
             root.gradient_checkpointing_disable()  # the runtime's checkpoint wrappers recompute instead
         _place_deferred(except_root=root)
         user_class = type(root)
-        pm = parallelize(root, config, optimizer=optimizer)  # fully_shard may swap the class (FSDP<Name>)
+        # fully_shard may swap the class (FSDP<Name>); the plan is what steps 2-3 are measured against
+        pm = parallelize(root, config, optimizer=optimizer, prediction=prediction)
         engine = Engine(root, pm)
         swap_class(root, user_class)
         STATE.engines[root] = engine

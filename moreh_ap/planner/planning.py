@@ -18,6 +18,7 @@ from moreh_ap.planner import cost as cost_model
 from moreh_ap.planner import memory as memory_model
 from moreh_ap.planner.candidates import enumerate_candidates
 from moreh_ap.planner.cluster import Cluster
+from moreh_ap.planner.measurements import Corrections, device_fingerprint, learn_and_correct, model_signature
 from moreh_ap.planner.memory import MemoryBreakdown
 from moreh_ap.planner.partition import partition
 from moreh_ap.planner.units import optimizer_profile
@@ -75,6 +76,8 @@ class Plan:
     """The traced model."""
     global_batch: int = 0
     """Samples per step."""
+    corrections: Corrections | None = field(default=None, repr=False)
+    """What this machine's measurements of this model corrected (None: no measurement was found)."""
 
     def summary(self) -> str:
         """A few lines: the selected config, its memory and time breakdown, and the counts."""
@@ -248,6 +251,7 @@ def plan_graph(
     dump: bool = False,
     global_batch: int | None = None,
     started: float | None = None,
+    use_measurements: bool = True,
 ) -> Plan:
     """Plan for an already traced model (what :func:`plan` does after tracing).
 
@@ -261,6 +265,8 @@ def plan_graph(
         dump: write ``advanced_parallelization_selected_config.dump`` in the working directory.
         global_batch: samples per step (default: the traced batch).
         started: ``time.perf_counter()`` when planning started (for ``planning_ms``).
+        use_measurements: correct the predictions with what the engine measured on this machine for this
+            model (:mod:`moreh_ap.planner.measurements`); False plans from the models alone.
 
     Raises:
         NoFeasibleConfigError: nothing fits; the message has the bytes and the ways out.
@@ -288,11 +294,16 @@ def plan_graph(
     cands = _pool_map(ev.compile, configs, env.max_parallel_compile_threads)
     logger.info(f"Elapsed Time to compile all candidates = {(time.perf_counter() - t0) * 1e3:.0f} [ms]")
     logger.info("Parallel Graph Compile finished.")
+    corrections = learn_and_correct(cands, device=device_fingerprint(cluster.device_type, world),
+                                    model=model_signature(graph), cost=ev.cost, cap=cap) if use_measurements else None
     survivors = [c for c in cands if c.feasible]
     logger.info(f"The number of possible candidates is {len(survivors)}.")
     logger.info("SelectBestGraphFromCandidates start...")
     t1 = time.perf_counter()
-    _pool_map(ev.cost, survivors, env.max_parallel_compile_threads)
+    _pool_map(ev.cost, [c for c in survivors if c.step_time is None], env.max_parallel_compile_threads)
+    if corrections is not None:
+        for c in cands:
+            corrections.correct_time(c)
     logger.info(f"Elapsed Time to compute cost for survived candidates = {(time.perf_counter() - t1) * 1e3:.0f} [ms]")
     logger.info("SelectBestGraphFromCandidates finished.")
     if not survivors:
@@ -318,6 +329,7 @@ def plan_graph(
         cluster=cluster,
         graph=graph,
         global_batch=batch,
+        corrections=corrections,
     )
 
 

@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["init_distributed", "world_size", "rank", "device_for_rank", "subgroup", "broadcast_from_rank0",
+__all__ = ["DEVICE_ENV", "init_distributed", "world_size", "rank", "device_for_rank", "subgroup",
+           "broadcast_from_rank0",
            "module_tensors", "send_tensors", "recv_tensors", "BUCKET_BYTES"]
 
 BUCKET_BYTES = 64 * 1024 * 1024
@@ -27,10 +28,30 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+DEVICE_ENV = "MOREH_AP_DEVICE"
+"""This rank's device kind: "cpu" or "cuda" (set by the self-launcher in the ranks it starts); unset = auto."""
+DEVICE_CHOICES = ("cpu", "cuda")
+
+
 def device_for_rank() -> torch.device:
-    """``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``."""
-    if torch.cuda.is_available():
+    """This rank's device: ``MOREH_AP_DEVICE`` when set, else ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``.
+
+    ``MOREH_AP_DEVICE=cpu`` keeps the rank on CPU on a CUDA machine (e.g. several gloo ranks on a one-GPU
+    machine); ``cuda`` requires CUDA. On CUDA the device index is ``LOCAL_RANK`` modulo the visible devices.
+
+    Raises:
+        ValueError: ``MOREH_AP_DEVICE`` is not one of "cpu", "cuda", or is "cuda" without a CUDA device.
+    """
+    kind = os.environ.get(DEVICE_ENV, "").strip().lower()
+    if kind and kind not in DEVICE_CHOICES:
+        raise ValueError(f"{DEVICE_ENV}={os.environ[DEVICE_ENV]!r} is not valid: expected one of {DEVICE_CHOICES} "
+                         "or unset (auto)")
+    if kind == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    if kind == "cuda":
+        raise ValueError(f"{DEVICE_ENV}=cuda but no CUDA device is available: set it to 'cpu' or unset it")
     return torch.device("cpu")
 
 

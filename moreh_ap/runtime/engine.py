@@ -19,13 +19,14 @@ from moreh_ap.config import ParallelConfig
 from moreh_ap.layout import ParallelLayout
 from moreh_ap.log import logger
 import moreh_ap.runtime.apply as A
+from moreh_ap.runtime.closed_loop import StepProbe
 from moreh_ap.runtime.build import copy_rank0_weights, rebind_optimizer, wrap_stages
 from moreh_ap.runtime.dist import device_for_rank, rank, world_size
 from moreh_ap.runtime.failure import block_list_hint, failure_policy
 from moreh_ap.runtime.norm import NormParams, clip_params_, global_norm
 from moreh_ap.models import ModelAdapter, find_adapter, map_stage_names, param_names
 from moreh_ap.runtime.state_dict import full_state_dict
-from moreh_ap.runtime.steps import LossSource, StepRunner
+from moreh_ap.runtime.steps import LossSource, StepRunner, to_device
 from moreh_ap.runtime.ties import find_tied_params, norm_params, sum_tied_grads
 
 __all__ = ["parallelize", "ParallelModel", "StepOutput"]
@@ -43,7 +44,7 @@ class StepOutput:
 
 
 def parallelize(model: nn.Module, config: ParallelConfig, *, optimizer: torch.optim.Optimizer | None = None,
-                loss_fn: Callable | None = None) -> "ParallelModel":
+                loss_fn: Callable | None = None, prediction=None, measure: bool = True) -> "ParallelModel":
     """Apply ``config`` to ``model`` on this rank (call on every rank after the process group is up).
 
     Args:
@@ -55,6 +56,11 @@ def parallelize(model: nn.Module, config: ParallelConfig, *, optimizer: torch.op
             gradient norm on several ranks.
         loss_fn: ``loss_fn(output, target)`` (a mean over samples) for models that do not compute their
             own loss; HF causal LMs given ``labels`` use their own loss.
+        prediction: the planner's :class:`~moreh_ap.planner.planning.Plan` that chose ``config``: steps 2-3
+            are logged against its prediction and stored in ``MOREH_AP_CACHE_DIR`` so that a later plan of
+            this model on this machine is corrected (:mod:`moreh_ap.runtime.closed_loop`). None: the
+            measurement is only logged.
+        measure: measure steps 2-3 at all (False: nothing is measured or logged).
 
     Returns:
         The :class:`ParallelModel` to train with.
@@ -71,6 +77,9 @@ def parallelize(model: nn.Module, config: ParallelConfig, *, optimizer: torch.op
                                   "runtime yet; use tp=1")
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"parallelize: loss_fn must be callable, got {type(loss_fn).__name__}")
+    if prediction is not None and not (hasattr(prediction, "candidates") and hasattr(prediction, "graph")):
+        raise TypeError(f"parallelize: prediction must be a moreh_ap.planner.Plan or None, "
+                        f"got {type(prediction).__name__}")
     world = world_size()
     adapter = find_adapter(model)
     if config.num_stages > 1 and not adapter.supports_pipeline:
@@ -81,7 +90,9 @@ def parallelize(model: nn.Module, config: ParallelConfig, *, optimizer: torch.op
                                 distribute_low_prec_param=config.distribute_low_prec_param and world > 1)
     config.validate(world, num_blocks=len(adapter.blocks()) if config.num_stages > 1 else None)
     with failure_policy("parallelize", user_errors=(ValueError, TypeError, NotImplementedError)):
-        return ParallelModel(model, config, adapter, optimizer=optimizer, loss_fn=loss_fn)
+        pm = ParallelModel(model, config, adapter, optimizer=optimizer, loss_fn=loss_fn)
+    pm._probe = StepProbe(pm, optimizer=optimizer, prediction=prediction) if measure else None
+    return pm
 
 
 class ParallelModel(nn.Module):
@@ -101,6 +112,8 @@ class ParallelModel(nn.Module):
         super().__init__()
         self.config = config
         self.loss_fn = loss_fn
+        self._probe: StepProbe | None = None
+        """Measures steps 2-3 (set by :func:`parallelize`); None once done."""
         self.device = device_for_rank()
         self.layout = ParallelLayout.from_config(config, world_size())
         self.mesh = self.layout.build_mesh(self.device.type)
@@ -166,6 +179,7 @@ class ParallelModel(nn.Module):
         if self.pp > 1:
             with failure_policy("eval forward", hint=self._hint), torch.no_grad():
                 return StepOutput(self._runner.step(args, target, kwargs, train=False))
+        args, kwargs, target = to_device((args, kwargs, target), self.device)
         out = self._stages[0].module(*args, **kwargs)
         if target is not None and self.loss_fn is not None:
             return StepOutput(self.loss_fn(out, target), logits=out)
@@ -178,11 +192,28 @@ class ParallelModel(nn.Module):
         in the parameters (the optimizer steps after). Returns the mean loss over the global batch,
         the same fp32 scalar on every rank.
 
+        Input tensors may be anywhere (e.g. CPU tensors from a DataLoader): this rank's rows are moved to
+        its device. Steps 2-3 are measured once (:mod:`moreh_ap.runtime.closed_loop`).
+
         Raises:
             moreh_ap.errors.InputError: the call cannot be run (no loss, a batch that cannot be split).
         """
-        with failure_policy("train_step", hint=self._hint):
-            return self._runner.step(args, target, kwargs, train=True)
+        probe = self._probe
+        if probe is None:
+            with failure_policy("train_step", hint=self._hint):
+                return self._runner.step(args, target, kwargs, train=True)
+        probe.before_step()
+        try:
+            with failure_policy("train_step", hint=self._hint):
+                loss = self._runner.step(args, target, kwargs, train=True)
+        except BaseException:
+            probe.abort()  # no tracker left active in the caller's code
+            self._probe = None
+            raise
+        probe.after_step()
+        if probe.done:
+            self._probe = None
+        return loss
 
     def _hint(self, exc: BaseException) -> str:
         return block_list_hint(exc, pipelined=self.pp > 1, split_name=self._split_name)

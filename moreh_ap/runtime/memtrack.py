@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from moreh_ap.runtime.apply import Wrapper
 
-__all__ = ["TrackedPeak", "tracked_step_peak"]
+__all__ = ["TrackedPeak", "tracked_step_peak", "LivePeak"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -103,6 +103,33 @@ def tracked_step_peak(pm, optimizer: torch.optim.Optimizer, step: Callable[[], N
     return TrackedPeak(total=int(snap[dev]["Total"]), categories=cats, wrapper=pm.wrapper.value)
 
 
+class LivePeak:
+    """Peak live bytes of this rank over a ``with`` region (the live tracker), what lives before it counted
+    (parameters, gradients, buffers, optimizer state, FSDP2 buffers, pipeline receive buffers).
+
+    Used by the engine's closed loop on CPU (one training step, then one optimizer step). ``peak`` is 0
+    until the region exits.
+    """
+
+    def __init__(self, pm, optimizer: torch.optim.Optimizer | None) -> None:
+        self.pm, self.optimizer = pm, optimizer
+        self.peak = 0
+        self._mt: _LiveTracker | None = None
+
+    def __enter__(self) -> "LivePeak":
+        self._mt = _LiveTracker()
+        self._mt.modules = False  # totals only: no module hooks in the user's run
+        self._mt.register_existing(self.pm, self.optimizer)
+        self._mt.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mt.__exit__(*exc)
+        snap = self._mt.get_tracker_snapshot("peak")
+        self.peak = max((int(v["Total"]) for v in snap.values()), default=0)
+        self._mt = None
+
+
 def _fake_backend() -> bool:
     import torch.distributed as dist
 
@@ -119,6 +146,10 @@ class _LiveTracker(MemTracker):
     ``UntypedStorage.resize_`` of a storage it has not seen yet (FSDP2's all-gather buffers and unsharded
     parameters, created in an earlier step, resized to 0 in between) starts tracking that storage.
     """
+
+    modules = True
+    """Track forward / backward regions with ``ModTracker`` (module hooks, multi-grad hooks on inputs); False:
+    totals only, no hooks at all (the hooks break ``autograd.grad`` as a pipeline stage's first step runs it)."""
 
     def _track_resize(self) -> None:
         orig = self._orig_resize
@@ -148,7 +179,8 @@ class _LiveTracker(MemTracker):
             self._track_resize()
             self._peak_mem_snap = self.get_tracker_snapshot()
             self._peak_mem = {dev: snap[_TOTAL_KEY] for dev, snap in self._peak_mem_snap.items()}
-            self._mod_tracker.__enter__()
+            if self.modules:
+                self._mod_tracker.__enter__()
         TorchDispatchMode.__enter__(self)
         self._depth += 1
         return self
@@ -158,7 +190,8 @@ class _LiveTracker(MemTracker):
         if self._depth == 0:
             self._deregister_param_and_optimizer_hooks()
             self._restore_resize()
-            self._mod_tracker.__exit__(*args)
+            if self.modules:
+                self._mod_tracker.__exit__(*args)
         TorchDispatchMode.__exit__(self, *args)
 
     def register_existing(self, pm, optimizer) -> None:
@@ -176,7 +209,8 @@ class _LiveTracker(MemTracker):
                         for t in extra:
                             if isinstance(t, torch.Tensor):
                                 self._update_and_maybe_create_winfos(t, _MemRefType.OTH)
-        self._track_optimizer_states(_MemRefType.OPT, optimizer)
+        if optimizer is not None:
+            self._track_optimizer_states(_MemRefType.OPT, optimizer)
         for sched in pm._runner.schedules.values():
             stages = getattr(sched, "_stages", None) or [getattr(sched, "_stage", None)]
             for stage in stages:

@@ -16,7 +16,7 @@ global batch) is all-reduced so that every rank returns the same fp32 scalar.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -30,7 +30,20 @@ from moreh_ap.runtime.apply import Stage, Wrapper, build_schedule
 from moreh_ap.runtime.inputs import StepInputs, dp_slice, micro_batches, prepare_inputs, shape_key
 from moreh_ap.runtime.loss import LossPlan, extract_logits, hf_num_items
 
-__all__ = ["LossSource", "StepRunner"]
+__all__ = ["LossSource", "StepRunner", "to_device"]
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor in it (through tuples, lists and dicts) on ``device``; the rest as is."""
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device == device else obj.to(device, non_blocking=True)
+    if isinstance(obj, tuple):
+        return tuple(to_device(x, device) for x in obj)
+    if isinstance(obj, list):
+        return [to_device(x, device) for x in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
 
 
 @dataclass(kw_only=True, slots=True)
@@ -86,6 +99,8 @@ class StepRunner:
         inputs = prepare_inputs(args, target, kwargs, hf_model=self.loss.hf_model, pipelined=layout.pp > 1,
                                 has_loss_fn=self.loss.loss_fn is not None)
         mine, local = dp_slice(inputs, dp=layout.dp, dp_rank=self.dp_rank, pipelined=layout.pp > 1)
+        mine = replace(mine, args=to_device(mine.args, self.device), kwargs=to_device(mine.kwargs, self.device),
+                       target=to_device(mine.target, self.device))  # users feed CPU tensors (a DataLoader)
         # an uneven split (short last batch, loss_fn model): one micro-batch, weighted by this rank's samples
         nmb = self.micro_batch_count(local) if mine.batch % layout.dp == 0 else 1
         plan = LossPlan(hf_loss=self.loss.hf_loss if inputs.hf_labels else None, vocab_size=self.loss.vocab_size,

@@ -1,8 +1,9 @@
 # Multi-rank harness: launch N gloo CPU ranks that run many runtime cases in one start-up, collect results.
 """``launch(world, cases)`` starts ``world`` processes of this file (RANK/WORLD_SIZE env, a free port,
-GLOO_SOCKET_IFNAME=lo, OMP_NUM_THREADS=1, bounded timeouts), each running every case through
-``moreh_ap.parallelize``; rank 0 writes the results. A rank that fails takes the launch down at
-once (the runtime exits on error) and the launch returns every rank's output for the report.
+GLOO_SOCKET_IFNAME=lo, OMP_NUM_THREADS=1, bounded timeouts, MOREH_AP_DEVICE=cpu: CPU ranks even on a
+CUDA machine), each running every case through ``moreh_ap.parallelize``; rank 0 writes the results. A
+rank that fails takes the launch down at once (the runtime exits on error) and the launch returns every
+rank's output for the report.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def launch(world: int, cases: list[dict], *, timeout: float = 240.0, env: dict |
             e = {k: v for k, v in os.environ.items() if not k.startswith("MOREH_")}
             e.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-                     MOREH_AP_DIST_TIMEOUT="60", PYTHONPATH=str(ROOT) + os.pathsep + e.get("PYTHONPATH", ""))
+                     MOREH_AP_DIST_TIMEOUT="60", MOREH_AP_DEVICE="cpu", PYTHONPATH=str(ROOT) + os.pathsep + e.get("PYTHONPATH", ""))
             e.update(env or {})
             log = open(os.path.join(tmp, f"rank{r}.log"), "w+")
             logs.append(log)
