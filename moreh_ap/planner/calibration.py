@@ -106,10 +106,12 @@ def load_or_measure(
         )
     ms = (time.perf_counter() - t0) * 1e3
 
+    saved = False
     if current_rank() == 0:
         try:
-            write_entry(path, db)
+            saved = write_entry(path, db)
         except OSError as exc:
             logger.warning(f"Could not write the calibration DB to {path}: {exc}")
-    logger.info(f"Calibration DB measured in {ms:.0f} [ms] and saved to {path}.")
+    where = f"saved to {path}" if saved else "not saved"
+    logger.info(f"Calibration DB measured in {ms:.0f} [ms] and {where}.")
     return db
