@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moreh_ap.log import logger
 from moreh_ap.models import find_adapter
 from moreh_ap.oneline.choose import choose_plan, pinned_config
 from moreh_ap.oneline.loss_mode import LossMode, check_same_inputs, decide_loss_mode
@@ -40,6 +41,7 @@ def engage(root: nn.Module, args, kwargs) -> Engine:
             configuration pipelines a model that cannot be pipelined with its loss.
         OptimizerAlreadySteppedError: the optimizer stepped before engagement.
     """
+    compiled, root = _unwrap_compiled(root)
     with Internal():
         init_distributed()
         optimizer = _user_optimizer(root)
@@ -62,6 +64,9 @@ def engage(root: nn.Module, args, kwargs) -> Engine:
         engine = Engine(root, pm, mode=mode)
         swap_class(root, user_class)
         STATE.engines[root] = engine
+        if compiled is not None:  # the script's object: its calls go to the engine as well
+            swap_class(compiled, type(compiled))
+            STATE.engines[compiled] = engine
     engine.pending_inputs = (args, kwargs)
     return engine
 
@@ -79,6 +84,20 @@ def _user_optimizer(root: nn.Module) -> torch.optim.Optimizer:
             f"optimizer ({type(opt).__name__}) has already stepped: its state belongs to the unsplit model. "
             "Call enable_advanced_parallelization() before training starts (before the first optim.step()).")
     return opt
+
+
+def _unwrap_compiled(root: nn.Module) -> tuple[nn.Module | None, nn.Module]:
+    """``(the torch.compile wrapper, its original module)`` for a compiled root, else ``(None, root)``.
+
+    The runtime parallelizes the original module and runs it eagerly (a compiled graph would be traced
+    around the unsplit model); one warning says so.
+    """
+    inner = root._modules.get("_orig_mod") if type(root).__name__ == "OptimizedModule" else None
+    if inner is None:
+        return None, root
+    logger.warning(f"advanced parallelization: the model is torch.compile'd; AP parallelizes the original "
+                   f"{type(inner).__name__} and runs it without torch.compile")
+    return root, inner
 
 
 def _loss_mode(root: nn.Module, args, kwargs) -> LossMode:

@@ -82,6 +82,8 @@ class Engine:
         self.params = list(dict.fromkeys(pm.parameters()))
         self.ids = {id(p) for p in root.parameters()} | {id(p) for p in self.params}
         """Ids of the user's and the runtime's parameters (``clip_grad_norm_`` finds the engine by them)."""
+        self.root = root
+        """The engaged module (the original one under a ``torch.compile`` wrapper)."""
         self.mode = mode
         """Where the loss comes from (the model's output, or the script: :mod:`moreh_ap.oneline.loss_mode`)."""
 
@@ -107,7 +109,7 @@ class Engine:
                 return self.pm.forward_global(*args, **kwargs)
         if training:
             return self._train(args, kwargs)
-        return self._evaluate(root, args, kwargs)
+        return self._evaluate(self.root, args, kwargs)
 
     def _train(self, args, kwargs):
         kwargs = dict(kwargs)

@@ -171,3 +171,24 @@ def test_own_loss_model_without_split_refuses_pinned_pipeline(monkeypatch, in_tm
     case = {"script": "dict", "config": {"num_stages": 2, "num_micro_batches": 2, "batch_per_device": 4}}
     with pytest.raises(ValueError, match="cannot be pipelined"):
         _run_oneline(monkeypatch, case)
+
+
+def test_loss_outside_refuses_a_pinned_pipeline(monkeypatch, in_tmp):
+    case = {"script": "cnn", "config": {"num_stages": 2, "num_micro_batches": 1, "batch_per_device": 4}}
+    with pytest.raises(ValueError, match=r"num_stages : 2, but this model cannot be pipelined \(.*holds no loss"):
+        _run_oneline(monkeypatch, case)
+
+
+def test_compiled_root_is_unwrapped_and_trains_as_one_device(monkeypatch, in_tmp):
+    from moreh_ap.oneline.state import STATE
+
+    case = {"script": "dict", "config": {"num_stages": 1, "num_micro_batches": 2, "batch_per_device": 4}}
+    want = reference(case)
+    monkeypatch.setenv("MOREH_AP_CONFIG", json.dumps({"mixed_precision": False, **case["config"]}))
+    enable_advanced_parallelization(mixed_precision=False)
+    inner = build_model("dict", 0)
+    compiled = torch.compile(inner)
+    got = SCRIPTS["dict"](compiled)
+    assert STATE.engines[compiled] is STATE.engines[inner]
+    assert type(compiled).__name__ == "OptimizedModule" and isinstance(inner, type(build_model("dict", 0)))
+    _assert_same(got, want, tol=1e-6)
