@@ -4,7 +4,6 @@ from collections import namedtuple
 
 import pytest
 import torch
-from torch import nn
 
 from moreh_ap.errors import InputError
 from moreh_ap.models import NanoGPTAdapter, find_adapter
