@@ -86,6 +86,9 @@ class ModelAdapter:
     supports_pipeline = True
     hf_causal_lm = False
     container_path: str | None = None
+    target_arg: tuple[str, int] | None = None
+    """``(keyword, position)`` of the forward's target argument when the model computes its own loss from it
+    and :meth:`stage_loss` computes the same loss on the last pipeline stage (nanoGPT: ``("targets", 1)``)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -129,6 +132,11 @@ class ModelAdapter:
     def loss_function(self) -> Callable | None:
         """The Hugging Face model's own ``loss_function`` (None for other models: the user's loss_fn is used)."""
         return getattr(self.model, "loss_function", None) if self.hf_model else None
+
+    def stage_loss(self) -> Callable | None:
+        """``loss(last stage output, target)``: the loss the model's own forward computes from its
+        :attr:`target_arg`, for pipelines (None: the family computes no loss of its own)."""
+        return None
 
     def vocab_size(self) -> int | None:
         """``model.config.vocab_size`` when the model has one (the HF loss needs it)."""

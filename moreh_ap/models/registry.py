@@ -8,11 +8,12 @@ from moreh_ap.models.block_list import BlockListAdapter
 from moreh_ap.models.generic import GenericAdapter
 from moreh_ap.models.gpt2 import GPT2Adapter
 from moreh_ap.models.hf_llama import LlamaAdapter
+from moreh_ap.models.nanogpt import NanoGPTAdapter
 from moreh_ap.models.sequential import SequentialAdapter
 
 __all__ = ["find_adapter", "find_blocks", "register_adapter", "registered_adapters"]
 
-_ADAPTERS: list[type[ModelAdapter]] = [SequentialAdapter, LlamaAdapter, GPT2Adapter, BlockListAdapter]
+_ADAPTERS: list[type[ModelAdapter]] = [SequentialAdapter, LlamaAdapter, GPT2Adapter, NanoGPTAdapter, BlockListAdapter]
 """The families tried by :func:`find_adapter`, in order; :class:`GenericAdapter` comes after all of them."""
 
 

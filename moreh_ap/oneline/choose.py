@@ -21,7 +21,7 @@ from moreh_ap.planner.planning import SELECTED_DUMP
 from moreh_ap.runtime.dist import rank, world_size
 
 __all__ = ["CONFIG_ENV", "DUMP_FILE", "PLANNING_TIMEOUT_S", "choose_config", "choose_plan", "pinned_config",
-           "check_pinned_batch", "check_micro_batches"]
+           "check_pinned_batch", "check_pinned_restrictions", "check_micro_batches"]
 
 CONFIG_ENV = "MOREH_AP_CONFIG"
 """Pin the parallel configuration (JSON of ``ParallelConfig.to_dict()`` or the seed's line): skips the planner."""
@@ -39,8 +39,8 @@ def choose_config(root: nn.Module, args, kwargs, *, optimizer, options: APOption
     return choose_plan(root, args, kwargs, optimizer=optimizer, options=options, recompute_fixed=recompute_fixed)[0]
 
 
-def choose_plan(root: nn.Module, args, kwargs, *, optimizer, options: APOptions,
-                recompute_fixed: bool) -> tuple[ParallelConfig, Any]:
+def choose_plan(root: nn.Module, args, kwargs, *, optimizer, options: APOptions, recompute_fixed: bool,
+                restricted: str = "", one_micro_batch: bool = False) -> tuple[ParallelConfig, Any]:
     """The configuration every rank runs (rank 0's choice, given to all) and this rank's plan when it
     chose that configuration (None when pinned or when this rank's plan differs): the engine's prediction.
 
@@ -54,11 +54,23 @@ def choose_plan(root: nn.Module, args, kwargs, *, optimizer, options: APOptions,
         optimizer: the user's optimizer (its kind sets the planner's optimizer-state memory).
         options: the user's search options.
         recompute_fixed: recomputation is on regardless of the options (HF gradient checkpointing).
+        restricted: why the model may not be pipelined (logged once; empty: it may be).
+        one_micro_batch: plan one micro-batch (a loss computed outside the model: one forward per call).
+
+    Raises:
+        ValueError: a pinned configuration the model cannot run (pipelined, or several micro-batches,
+            where ``restricted`` / ``one_micro_batch`` forbid it); the planner's errors.
     """
+    if restricted:
+        options = replace(options, pipeline_parallel=False)
+        logger.info(restricted)
+    if one_micro_batch:
+        options = replace(options, num_micro_batches=1)
     plans: list = []
     try:
         mine = ("ok", _plan_here(root, args, kwargs, optimizer=optimizer, options=options,
-                                 recompute_fixed=recompute_fixed, plans=plans))
+                                 recompute_fixed=recompute_fixed, plans=plans, restricted=restricted,
+                                 one_micro_batch=one_micro_batch))
     except Exception as exc:  # rank 0's error is every rank's error: nobody waits for a config that never comes
         mine = ("error", exc)
     box = [mine]
@@ -74,7 +86,8 @@ def choose_plan(root: nn.Module, args, kwargs, *, optimizer, options: APOptions,
     return config, next((p for p in plans if p.config == config), None)
 
 
-def _plan_here(root, args, kwargs, *, optimizer, options: APOptions, recompute_fixed: bool, plans: list) -> dict:
+def _plan_here(root, args, kwargs, *, optimizer, options: APOptions, recompute_fixed: bool, plans: list,
+               restricted: str = "", one_micro_batch: bool = False) -> dict:
     """This rank's choice as a dict: the pinned config or the planner's (a collective: it calibrates with
     every rank). Only rank 0 logs and writes the dump file."""
     if recompute_fixed and options.activation_recomputation == "auto":
@@ -84,6 +97,7 @@ def _plan_here(root, args, kwargs, *, optimizer, options: APOptions, recompute_f
         check_micro_batches(options, _batch_size(args, kwargs), world_size())
         plans.append(plan(root, args, kwargs, options=options, optimizer=optimizer, dump=rank() == 0))
         return plans[-1].config.to_dict()
+    check_pinned_restrictions(config, restricted=restricted, one_micro_batch=one_micro_batch)
     check_pinned_batch(config, _batch_size(args, kwargs), world_size())
     logger.info(f"Configuration for parallelism is pinned by {CONFIG_ENV}.")
     if recompute_fixed:
@@ -169,6 +183,21 @@ def check_micro_batches(options: APOptions, batch: int | None, world: int) -> No
                      f"{world} rank(s) cannot be cut into {nmb} micro-batches per data-parallel replica (samples "
                      f"per replica: {', '.join(map(str, per_replica)) or 'none'}); accepted: 'auto' or one of "
                      f"{', '.join(map(str, accepted))}")
+
+
+def check_pinned_restrictions(config: ParallelConfig, *, restricted: str, one_micro_batch: bool) -> None:
+    """A pinned configuration must not pipeline a model that cannot be, nor cut a loss-outside model's batch.
+
+    Raises:
+        ValueError: naming ``MOREH_AP_CONFIG``, the cause and the way out.
+    """
+    if restricted and config.num_stages > 1:
+        raise ValueError(f"{CONFIG_ENV} pins num_stages : {config.num_stages}, but this model cannot be pipelined "
+                         f"({restricted}); pin num_stages : 1")
+    if one_micro_batch and config.num_micro_batches > 1:
+        raise ValueError(f"{CONFIG_ENV} pins num_micro_batches : {config.num_micro_batches}, but the model's loss is "
+                         "computed outside it (its output holds no loss): each call is one forward of the rank's "
+                         "rows, so pin num_micro_batches : 1 (and batch_per_device : the rows per rank)")
 
 
 def check_pinned_batch(config: ParallelConfig, batch: int | None, world: int) -> None:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moreh_ap.models import is_hf_model
-from moreh_ap.oneline.choose import choose_plan
+from moreh_ap.log import logger
+from moreh_ap.models import find_adapter
+from moreh_ap.oneline.choose import choose_plan, pinned_config
+from moreh_ap.oneline.loss_mode import LossMode, check_same_inputs, decide_loss_mode
 from moreh_ap.oneline.state import STATE, Internal, cuda_available
-from moreh_ap.oneline.step import Engine, broadcast_inputs
+from moreh_ap.oneline.step import Engine, broadcast_inputs, inputs_on_device
 from moreh_ap.oneline.swap import swap_class
 from moreh_ap.runtime import init_distributed, parallelize
 
@@ -34,27 +36,37 @@ def engage(root: nn.Module, args, kwargs) -> Engine:
     """Parallelize ``root`` at its first training forward; the returned engine runs that call next.
 
     Raises:
-        NotImplementedError: several optimizers hold the root's parameters, or the root does not
-            compute its own loss (not a Hugging Face model called with ``labels=``).
+        NotImplementedError: several optimizers hold the root's parameters.
+        ValueError: the model's output holds no loss and the ranks pass different batches, or a pinned
+            configuration pipelines a model that cannot be pipelined with its loss.
         OptimizerAlreadySteppedError: the optimizer stepped before engagement.
     """
+    compiled, root = _unwrap_compiled(root)
     with Internal():
         init_distributed()
         optimizer = _user_optimizer(root)
-        _check_trainable_call(root, kwargs)
-        args, kwargs = broadcast_inputs(args, kwargs)
+        mode = _loss_mode(root, args, kwargs)
+        if mode.outside:  # the targets never reach AP: every rank must already hold the same batch
+            check_same_inputs(args, kwargs)
+            args, kwargs = inputs_on_device(args, kwargs)
+        else:
+            args, kwargs = broadcast_inputs(args, kwargs)
         recompute_fixed = _hf_checkpointing(root)
         config, prediction = choose_plan(root, args, kwargs, optimizer=optimizer, options=STATE.options,
-                                         recompute_fixed=recompute_fixed)
+                                         recompute_fixed=recompute_fixed, restricted=mode.why,
+                                         one_micro_batch=mode.outside)
         if recompute_fixed and hasattr(root, "gradient_checkpointing_disable"):
             root.gradient_checkpointing_disable()  # the runtime's checkpoint wrappers recompute instead
         _place_deferred(except_root=root)
         user_class = type(root)
         # fully_shard may swap the class (FSDP<Name>); the plan is what steps 2-3 are measured against
-        pm = parallelize(root, config, optimizer=optimizer, prediction=prediction)
-        engine = Engine(root, pm)
+        pm = parallelize(root, config, optimizer=optimizer, prediction=prediction, output_loss=mode.output_loss)
+        engine = Engine(root, pm, mode=mode)
         swap_class(root, user_class)
         STATE.engines[root] = engine
+        if compiled is not None:  # the script's object: its calls go to the engine as well
+            swap_class(compiled, type(compiled))
+            STATE.engines[compiled] = engine
     engine.pending_inputs = (args, kwargs)
     return engine
 
@@ -74,13 +86,26 @@ def _user_optimizer(root: nn.Module) -> torch.optim.Optimizer:
     return opt
 
 
-def _check_trainable_call(root: nn.Module, kwargs: dict) -> None:
-    hf = is_hf_model(root)
-    if not hf or kwargs.get("labels") is None:
-        raise NotImplementedError(
-            f"advanced parallelization trains models that compute their own loss: a Hugging Face model called "
-            f"with labels=...; {type(root).__name__} was called without labels. For other models use "
-            "moreh_ap.parallelize(model, config, optimizer=..., loss_fn=...) and its train_step().")
+def _unwrap_compiled(root: nn.Module) -> tuple[nn.Module | None, nn.Module]:
+    """``(the torch.compile wrapper, its original module)`` for a compiled root, else ``(None, root)``.
+
+    The runtime parallelizes the original module and runs it eagerly (a compiled graph would be traced
+    around the unsplit model); one warning says so.
+    """
+    inner = root._modules.get("_orig_mod") if type(root).__name__ == "OptimizedModule" else None
+    if inner is None:
+        return None, root
+    logger.warning(f"advanced parallelization: the model is torch.compile'd; AP parallelizes the original "
+                   f"{type(inner).__name__} and runs it without torch.compile")
+    return root, inner
+
+
+def _loss_mode(root: nn.Module, args, kwargs) -> LossMode:
+    """Where this model's loss comes from (:mod:`moreh_ap.oneline.loss_mode`); a configuration pinned to one
+    stage skips the check of the adapter's pipeline split."""
+    pinned = pinned_config(STATE.options)
+    return decide_loss_mode(root, args, kwargs, adapter=find_adapter(root),
+                            check_adapter=pinned is None or pinned.num_stages > 1)
 
 
 def _hf_checkpointing(root: nn.Module) -> bool:

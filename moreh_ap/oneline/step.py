@@ -1,8 +1,13 @@
 # The engine of an engaged model: a training call runs the whole step, and .backward() on its loss adds the grads.
-"""Training calls return the model's own output type (HF ``CausalLMOutputWithPast`` with ``.loss``;
-``logits`` is None). The step's forward and backward already ran inside the call with a unit seed;
+"""Models that compute their own loss: a training call returns the model's output structure (HF
+``CausalLMOutputWithPast``, a ``(logits, loss)`` tuple, a dict) holding only the step's loss (the other
+entries None). The step's forward and backward already ran inside the call with a unit seed;
 ``.backward()`` on the returned loss (or on anything computed from it, e.g. ``loss / k``) adds this
 step's gradients scaled by the gradient that reaches the loss, exactly as one device would.
+
+Models whose loss the script computes: a training call checks that every rank passes the same batch and
+returns the whole global batch's outputs (all-gathered over data-parallel ranks, autograd-aware); the
+script's own ``backward()`` gives one device's gradients.
 """
 from __future__ import annotations
 
@@ -11,11 +16,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from moreh_ap.models import is_hf_model
+from moreh_ap.oneline.loss_mode import LossMode, check_same_inputs
 from moreh_ap.oneline.state import Internal
 from moreh_ap.runtime.dist import device_for_rank, rank, world_size
 
-__all__ = ["Engine", "broadcast_inputs"]
+__all__ = ["Engine", "broadcast_inputs", "inputs_on_device"]
 
 
 def broadcast_inputs(args, kwargs):
@@ -25,6 +30,11 @@ def broadcast_inputs(args, kwargs):
         box = [tree_map(to_cpu, args), tree_map(to_cpu, kwargs)] if rank() == 0 else [None, None]
         dist.broadcast_object_list(box, src=0)
         args, kwargs = box
+    return inputs_on_device(args, kwargs)
+
+
+def inputs_on_device(args, kwargs):
+    """The call's tensors on this rank's device."""
     device = device_for_rank()
     to_dev = lambda t: t.to(device) if isinstance(t, torch.Tensor) and t.device != device else t  # noqa: E731
     return tree_map(to_dev, args), tree_map(to_dev, kwargs)
@@ -64,7 +74,7 @@ class _PendingStep:
 class Engine:
     """One engaged root model: runs training steps through the ParallelModel, evaluation, full state dicts."""
 
-    def __init__(self, root: nn.Module, pm) -> None:
+    def __init__(self, root: nn.Module, pm, *, mode: LossMode) -> None:
         self.pm = pm
         """The runtime's ``ParallelModel``."""
         self.pending_inputs = None
@@ -72,19 +82,34 @@ class Engine:
         self.params = list(dict.fromkeys(pm.parameters()))
         self.ids = {id(p) for p in root.parameters()} | {id(p) for p in self.params}
         """Ids of the user's and the runtime's parameters (``clip_grad_norm_`` finds the engine by them)."""
-        self.hf = is_hf_model(root)
+        self.root = root
+        """The engaged module (the original one under a ``torch.compile`` wrapper)."""
+        self.mode = mode
+        """Where the loss comes from (the model's output, or the script: :mod:`moreh_ap.oneline.loss_mode`)."""
 
     def call(self, root: nn.Module, args, kwargs, *, broadcast: bool = True):
-        """A call of the engaged model: a whole training step in training mode with grad, else evaluation."""
+        """A call of the engaged model: a whole training step in training mode with grad, else evaluation.
+
+        A model whose loss the script computes: the training forward of the whole batch (outputs gathered).
+        """
+        training = root.training and torch.is_grad_enabled()
         if self.pending_inputs is not None:
             args, kwargs = self.pending_inputs
             self.pending_inputs = None
+        elif self.mode.outside:
+            with Internal():
+                if training:
+                    check_same_inputs(args, kwargs)
+                args, kwargs = inputs_on_device(args, kwargs)
         elif broadcast:
             with Internal():
                 args, kwargs = broadcast_inputs(args, kwargs)
-        if root.training and torch.is_grad_enabled():
+        if training and self.mode.outside:
+            with Internal():
+                return self.pm.forward_global(*args, **kwargs)
+        if training:
             return self._train(args, kwargs)
-        return self._evaluate(root, args, kwargs)
+        return self._evaluate(self.root, args, kwargs)
 
     def _train(self, args, kwargs):
         kwargs = dict(kwargs)
@@ -105,11 +130,8 @@ class Engine:
         return self._output(out)
 
     def _output(self, loss):
-        if self.hf:
-            from transformers.modeling_outputs import CausalLMOutputWithPast
-
-            return CausalLMOutputWithPast(loss=loss, logits=None)
-        return loss
+        """The model's output structure holding only ``loss``."""
+        return self.mode.location.rebuild(loss) if self.mode.location is not None else loss
 
     def _evaluate(self, root, args, kwargs):
         if self.pm.pp > 1:

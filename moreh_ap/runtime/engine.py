@@ -23,6 +23,7 @@ from moreh_ap.runtime.closed_loop import StepProbe
 from moreh_ap.runtime.build import copy_rank0_weights, rebind_optimizer, wrap_stages
 from moreh_ap.runtime.dist import device_for_rank, rank, world_size
 from moreh_ap.runtime.failure import block_list_hint, failure_policy
+from moreh_ap.runtime.gather import gather_batch_outputs
 from moreh_ap.runtime.norm import NormParams, clip_params_, global_norm
 from moreh_ap.models import ModelAdapter, find_adapter, map_stage_names, param_names
 from moreh_ap.runtime.state_dict import full_state_dict
@@ -44,7 +45,8 @@ class StepOutput:
 
 
 def parallelize(model: nn.Module, config: ParallelConfig, *, optimizer: torch.optim.Optimizer | None = None,
-                loss_fn: Callable | None = None, prediction=None, measure: bool = True) -> "ParallelModel":
+                loss_fn: Callable | None = None, output_loss: Callable | None = None, prediction=None,
+                measure: bool = True) -> "ParallelModel":
     """Apply ``config`` to ``model`` on this rank (call on every rank after the process group is up).
 
     Args:
@@ -56,6 +58,12 @@ def parallelize(model: nn.Module, config: ParallelConfig, *, optimizer: torch.op
             gradient norm on several ranks.
         loss_fn: ``loss_fn(output, target)`` (a mean over samples) for models that do not compute their
             own loss; HF causal LMs given ``labels`` use their own loss.
+        output_loss: ``output_loss(model output) -> scalar loss`` for models that compute their own loss
+            in their forward (a dict's ``"loss"``, nanoGPT's ``(logits, loss)``, ...): at pp = 1 every
+            micro-batch's loss is read from the output and weighted by its share of the global batch's
+            samples. At pp > 1 only a family whose adapter computes the same loss on the last stage
+            (``adapter.stage_loss()``, nanoGPT) can be pipelined. Also the mode of
+            :meth:`ParallelModel.forward_global` (no loss at all: the script computes it).
         prediction: the planner's :class:`~moreh_ap.planner.planning.Plan` that chose ``config``: steps 2-3
             are logged against its prediction and stored in ``MOREH_AP_CACHE_DIR`` so that a later plan of
             this model on this machine is corrected (:mod:`moreh_ap.runtime.closed_loop`). None: the
@@ -77,6 +85,11 @@ def parallelize(model: nn.Module, config: ParallelConfig, *, optimizer: torch.op
                                   "runtime yet; use tp=1")
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"parallelize: loss_fn must be callable, got {type(loss_fn).__name__}")
+    if output_loss is not None and not callable(output_loss):
+        raise TypeError(f"parallelize: output_loss must be callable, got {type(output_loss).__name__}")
+    if output_loss is not None and loss_fn is not None:
+        raise ValueError("parallelize: give loss_fn (the loss of the model's output and a target) or output_loss "
+                         "(the model computes its own loss), not both")
     if prediction is not None and not (hasattr(prediction, "candidates") and hasattr(prediction, "graph")):
         raise TypeError(f"parallelize: prediction must be a moreh_ap.planner.Plan or None, "
                         f"got {type(prediction).__name__}")
@@ -88,9 +101,13 @@ def parallelize(model: nn.Module, config: ParallelConfig, *, optimizer: torch.op
         config = config.replace(num_stages=1, schedule="1F1B", stages_per_rank=1, boundaries=None,
                                 distribute_param=config.distribute_param and world > 1,
                                 distribute_low_prec_param=config.distribute_low_prec_param and world > 1)
+    if config.num_stages > 1 and output_loss is not None and adapter.stage_loss() is None:
+        raise NotImplementedError(f"parallelize: {type(model).__name__} computes its loss inside its forward and no "
+                                  f"pipeline split of it ({adapter.name}) computes that loss on the last stage; "
+                                  f"use num_stages=1 (got {config.num_stages})")
     config.validate(world, num_blocks=len(adapter.blocks()) if config.num_stages > 1 else None)
     with failure_policy("parallelize", user_errors=(ValueError, TypeError, NotImplementedError)):
-        pm = ParallelModel(model, config, adapter, optimizer=optimizer, loss_fn=loss_fn)
+        pm = ParallelModel(model, config, adapter, optimizer=optimizer, loss_fn=loss_fn, output_loss=output_loss)
     pm._probe = StepProbe(pm, optimizer=optimizer, prediction=prediction) if measure else None
     return pm
 
@@ -108,7 +125,7 @@ class ParallelModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, config: ParallelConfig, adapter: ModelAdapter, *, optimizer=None,
-                 loss_fn=None) -> None:
+                 loss_fn=None, output_loss=None) -> None:
         super().__init__()
         self.config = config
         self.loss_fn = loss_fn
@@ -136,7 +153,8 @@ class ParallelModel(nn.Module):
         self._stages = stages
         self.stage_modules = nn.ModuleList([s.module for s in stages])
         loss = LossSource(hf_model=adapter.hf_model, hf_loss=adapter.loss_function(), vocab_size=adapter.vocab_size(),
-                          loss_fn=loss_fn)
+                          loss_fn=loss_fn, output_loss=output_loss, adapter_loss=adapter.stage_loss(),
+                          target_arg=adapter.target_arg)
         self._runner = StepRunner(stages, config=config, layout=self.layout, dp_rank=self.dp_rank,
                                   device=self.device, wrapper=self.wrapper,
                                   pp_group=self.mesh.get_group("pp") if self.mesh is not None and self.pp > 1 else None,
@@ -214,6 +232,26 @@ class ParallelModel(nn.Module):
         if probe.done:
             self._probe = None
         return loss
+
+    def forward_global(self, *args, **kwargs):
+        """A training forward for a loss computed OUTSIDE the model (pp = 1): this dp rank's rows run through
+        the model as one micro-batch and every output tensor is all-gathered (autograd-aware), so the
+        caller gets the whole global batch's outputs, as one device would. ``criterion(out, y).backward()``
+        on the same global batch on every rank gives one device's gradients (the gather's backward sums
+        over ranks, DDP / FSDP2 average: no extra scaling).
+
+        Raises:
+            NotImplementedError: the model is pipelined, or an output has no batch dimension.
+            moreh_ap.errors.InputError: no batched input, or fewer samples than data-parallel ranks.
+        """
+        if self.pp > 1:
+            raise NotImplementedError("forward_global: a loss computed outside the model needs the whole "
+                                      f"model on every rank; this model is pipelined (num_stages={self.pp})")
+        with failure_policy("forward", hint=self._hint):
+            out, rows, sizes = self._runner.forward_rows(args, kwargs)
+        if self.dp == 1:
+            return out
+        return gather_batch_outputs(out, rows=rows, sizes=sizes, group=self.mesh.get_group("dp"))
 
     def _hint(self, exc: BaseException) -> str:
         return block_list_hint(exc, pipelined=self.pp > 1, split_name=self._split_name)

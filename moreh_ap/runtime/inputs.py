@@ -5,6 +5,11 @@
   the labels become the target; ``input_ids=`` becomes the positional input; at pp = 1
   ``use_cache`` defaults to False; inside a pipeline only ``input_ids``, ``attention_mask`` and
   ``labels`` are accepted (``use_cache`` and the other outputs-only switches are dropped).
+  A ``num_items_in_batch=`` keyword (transformers' Trainer passes it with gradient accumulation) is
+  the caller's token count: the loss is the sum over the batch's tokens divided by it.
+- Models that compute their own loss (``parallelize(..., output_loss=...)``): at pp = 1 the whole call
+  goes to the model and the loss is read from its output; inside a pipeline the adapter's target
+  argument (nanoGPT's ``targets``) becomes the target of the adapter's loss on the last stage.
 - Other models need ``parallelize(..., loss_fn=...)`` and ``target=``; inside a pipeline they take
   positional tensors only.
 
@@ -41,12 +46,17 @@ class StepInputs:
     """The loss target: HF labels or the user's ``target=``."""
     hf_labels: bool
     """The loss is the Hugging Face model's own, on ``target`` (the labels)."""
+    from_output: bool = False
+    """The loss is read from the model's own output (the whole call went to the model)."""
+    num_items: int | None = None
+    """HF: the caller's ``num_items_in_batch`` (None: the runtime counts the global batch's tokens)."""
     batch: int
     """Samples in the global batch (first dim of the first input tensor)."""
 
 
 def prepare_inputs(args: tuple, target: Any, kwargs: dict[str, Any], *, hf_model: bool, pipelined: bool,
-                   has_loss_fn: bool) -> StepInputs:
+                   has_loss_fn: bool, output_loss: bool = False,
+                   target_arg: tuple[str, int] | None = None) -> StepInputs:
     """Check and normalize one call of ``train_step`` / an evaluation forward.
 
     Args:
@@ -54,15 +64,30 @@ def prepare_inputs(args: tuple, target: Any, kwargs: dict[str, Any], *, hf_model
         hf_model: the model is a Hugging Face model.
         pipelined: the model runs as a pipeline (num_stages > 1).
         has_loss_fn: ``parallelize`` was given a ``loss_fn``.
+        output_loss: the model computes its own loss (read from its output at pp = 1).
+        target_arg: ``(keyword, position)`` of the model's target argument when its adapter computes the
+            same loss on the last pipeline stage (nanoGPT: ``("targets", 1)``).
 
     Raises:
         InputError: no loss can be computed, a missing target, keywords a pipeline cannot take,
             no input tensor.
     """
     kwargs = dict(kwargs)
-    hf_labels = hf_model and target is None and "labels" in kwargs and not has_loss_fn
+    hf_labels = hf_model and target is None and "labels" in kwargs and not has_loss_fn and not output_loss
+    from_output = output_loss and target is None and not has_loss_fn and not pipelined
+    num_items = None
     if hf_labels:
         target = kwargs.pop("labels")
+        num_items = _caller_count(kwargs.pop("num_items_in_batch", None))
+    elif output_loss and target is None and pipelined and target_arg is not None:
+        args, kwargs, target = _take_target(args, kwargs, target_arg)
+        has_loss_fn = True
+    elif from_output:
+        pass
+    elif output_loss and pipelined:
+        raise InputError("ParallelModel.train_step: with num_stages > 1 the model's own loss cannot be read from "
+                         "its output (it is computed inside its forward): no pipeline split computes it; use "
+                         "num_stages=1")
     elif not has_loss_fn:
         raise InputError("ParallelModel.train_step: no loss: pass labels= to a Hugging Face causal LM, or give "
                          "parallelize(..., loss_fn=...) and train_step(..., target=...)")
@@ -70,7 +95,7 @@ def prepare_inputs(args: tuple, target: Any, kwargs: dict[str, Any], *, hf_model
         raise InputError("ParallelModel.train_step: loss_fn is set but target= is missing")
     if hf_model and "input_ids" in kwargs and not args:
         args = (kwargs.pop("input_ids"),)
-    if hf_model and not pipelined:
+    if hf_model and not pipelined and not from_output:
         kwargs.setdefault("use_cache", False)
     if hf_model and pipelined:
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in _HF_NO_EFFECT}
@@ -85,7 +110,32 @@ def prepare_inputs(args: tuple, target: Any, kwargs: dict[str, Any], *, hf_model
     if not tensors:
         raise InputError("ParallelModel.train_step: no input tensor given")
     return StepInputs(args=tuple(args), kwargs=kwargs, target=target, hf_labels=hf_labels,
-                      batch=tensors[0].shape[0])
+                      batch=tensors[0].shape[0], from_output=from_output, num_items=num_items)
+
+
+def _caller_count(value: Any) -> int | None:
+    """The caller's ``num_items_in_batch`` (an int or a tensor) as an int; None when not given."""
+    if value is None:
+        return None
+    return int(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def _take_target(args: tuple, kwargs: dict[str, Any], target_arg: tuple[str, int]) -> tuple[tuple, dict, Any]:
+    """The model's target argument taken out of the call (keyword or position).
+
+    Raises:
+        InputError: the call has no target (the model would compute no loss).
+    """
+    name, pos = target_arg
+    if kwargs.get(name) is not None:
+        target = kwargs.pop(name)
+    elif len(args) > pos and args[pos] is not None:
+        target, args = args[pos], tuple(args[:pos]) + tuple(args[pos + 1:])
+    else:
+        raise InputError(f"ParallelModel.train_step: no loss: the model computes its loss from its {name!r} "
+                         f"argument, which this call does not pass")
+    kwargs.pop(name, None)
+    return tuple(args), kwargs, target
 
 
 def dp_slice(inputs: StepInputs, *, dp: int, dp_rank: int, pipelined: bool = False) -> tuple[StepInputs, int]:
@@ -122,7 +172,8 @@ def dp_slice(inputs: StepInputs, *, dp: int, dp_rank: int, pipelined: bool = Fal
     sliced = StepInputs(args=tree_map_only(torch.Tensor, cut, inputs.args),
                         kwargs=tree_map_only(torch.Tensor, cut, inputs.kwargs),
                         target=tree_map_only(torch.Tensor, cut, inputs.target),
-                        hf_labels=inputs.hf_labels, batch=rows)
+                        hf_labels=inputs.hf_labels, batch=rows, from_output=inputs.from_output,
+                        num_items=inputs.num_items)
     return sliced, local
 
 
@@ -140,7 +191,7 @@ def _pad_hf(inputs: StepInputs, dp: int) -> StepInputs:
     return StepInputs(args=tree_map_only(torch.Tensor, pad, inputs.args),
                       kwargs=tree_map_only(torch.Tensor, pad, inputs.kwargs),
                       target=tree_map_only(torch.Tensor, lambda t: pad(t, IGNORE_INDEX), inputs.target),
-                      hf_labels=True, batch=rows + extra)
+                      hf_labels=True, batch=rows + extra, num_items=inputs.num_items)
 
 
 def micro_batches(obj: Any, n: int, rows: int) -> list:

@@ -4,6 +4,12 @@
 - Hugging Face causal LMs given ``labels``: the model's own ``loss_function`` with
   ``num_items_in_batch`` = non-ignored (shifted) labels of the WHOLE global batch, so
   micro-batches holding different numbers of tokens are weighted right.
+  A caller's ``num_items_in_batch`` replaces that count (the loss is then the one-device
+  ``model(..., num_items_in_batch=N).loss``).
+- Models that compute their own loss: the loss read from the model's output (a mean over the
+  micro-batch), weighted by the micro-batch's share of the global batch's samples, so the step's
+  loss is the mean of the micro-batch losses (the one-device loss when every micro-batch counts the
+  same number of loss elements).
 - Other models: ``loss_fn(output, target)`` (a mean over samples) weighted by the
   micro-batch's share of the global batch's samples.
 
@@ -53,9 +59,14 @@ class LossPlan:
     micro_batch_samples: int
     """Samples per micro-batch (other models' weight numerator)."""
     dp: int
+    output_loss: Callable | None = None
+    """Reads the loss from the model's own output (models that compute their own loss)."""
 
     def piece(self, output, target) -> torch.Tensor:
         """This micro-batch's share of the global loss, times dp (for backward)."""
+        if self.output_loss is not None:
+            loss = self.output_loss(output).float() * (self.micro_batch_samples / self.num_items)
+            return loss * self.dp
         output = extract_logits(output)
         if self.hf_loss is not None:
             loss = self.hf_loss(_as_float(output), target, vocab_size=self.vocab_size,

@@ -58,6 +58,12 @@ class LossSource:
     """The model config's vocabulary size (the HF loss needs it)."""
     loss_fn: Callable | None
     """The user's ``loss_fn(output, target)`` given to ``parallelize``."""
+    output_loss: Callable | None = None
+    """Reads the loss from the model's own output (``parallelize(..., output_loss=...)``)."""
+    adapter_loss: Callable | None = None
+    """The adapter's ``loss(logits, target)`` on the last pipeline stage (nanoGPT), for ``output_loss`` models."""
+    target_arg: tuple[str, int] | None = None
+    """``(keyword, position)`` of the model's target argument that ``adapter_loss`` takes."""
 
 
 class StepRunner:
@@ -96,17 +102,16 @@ class StepRunner:
     def step(self, args: tuple, target: Any, kwargs: dict[str, Any], *, train: bool) -> torch.Tensor:
         """One global batch: forward + backward (``train``) or forward only; the mean loss on every rank."""
         layout = self.layout
-        inputs = prepare_inputs(args, target, kwargs, hf_model=self.loss.hf_model, pipelined=layout.pp > 1,
-                                has_loss_fn=self.loss.loss_fn is not None)
+        src = self.loss
+        inputs = prepare_inputs(args, target, kwargs, hf_model=src.hf_model, pipelined=layout.pp > 1,
+                                has_loss_fn=src.loss_fn is not None, output_loss=src.output_loss is not None,
+                                target_arg=src.target_arg if src.adapter_loss is not None else None)
         mine, local = dp_slice(inputs, dp=layout.dp, dp_rank=self.dp_rank, pipelined=layout.pp > 1)
         mine = replace(mine, args=to_device(mine.args, self.device), kwargs=to_device(mine.kwargs, self.device),
                        target=to_device(mine.target, self.device))  # users feed CPU tensors (a DataLoader)
         # an uneven split (short last batch, loss_fn model): one micro-batch, weighted by this rank's samples
         nmb = self.micro_batch_count(local) if mine.batch % layout.dp == 0 else 1
-        plan = LossPlan(hf_loss=self.loss.hf_loss if inputs.hf_labels else None, vocab_size=self.loss.vocab_size,
-                        user_loss=None if inputs.hf_labels else self.loss.loss_fn,
-                        num_items=hf_num_items(inputs.target) if inputs.hf_labels else inputs.batch,
-                        micro_batch_samples=local // nmb, dp=layout.dp)
+        plan = self._loss_plan(inputs, local=local, nmb=nmb)
         if not train:
             value = self._eval_pipeline(mine, nmb, plan, local)
         elif layout.pp == 1:
@@ -119,6 +124,41 @@ class StepRunner:
         if layout.world_size > 1:
             dist.all_reduce(loss)
         return loss
+
+    def forward_rows(self, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, int, list[int]]:
+        """This dp rank's rows of the global batch through the model (pp = 1), with grad, as ONE forward;
+        the backward is the caller's (a loss computed outside the model).
+
+        Returns:
+            ``(output, this rank's rows, every dp rank's rows)``.
+
+        Raises:
+            InputError: no input tensor, or fewer samples than dp ranks.
+        """
+        tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 0]
+        if not tensors:
+            raise InputError("the model's forward got no batched input tensor")
+        whole = StepInputs(args=tuple(args), kwargs=dict(kwargs), target=None, hf_labels=False,
+                           batch=tensors[0].shape[0])
+        dp = self.layout.dp
+        mine, local = dp_slice(whole, dp=dp, dp_rank=self.dp_rank)
+        sizes = [whole.batch // dp + (1 if r < whole.batch % dp else 0) for r in range(dp)]
+        a, k = to_device(mine.args, self.device), to_device(mine.kwargs, self.device)
+        self._set_sync(True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext():
+            out = self.stages[0].module(*a, **k)
+        return out, local, sizes
+
+    def _loss_plan(self, inputs: StepInputs, *, local: int, nmb: int) -> LossPlan:
+        """How this global batch's loss is split (see :mod:`moreh_ap.runtime.loss`)."""
+        src = self.loss
+        if inputs.hf_labels:
+            count = hf_num_items(inputs.target) if inputs.num_items is None else inputs.num_items
+            return LossPlan(hf_loss=src.hf_loss, vocab_size=src.vocab_size, user_loss=None, num_items=count,
+                            micro_batch_samples=local // nmb, dp=self.layout.dp)
+        return LossPlan(hf_loss=None, vocab_size=src.vocab_size, user_loss=src.loss_fn or src.adapter_loss,
+                        num_items=inputs.batch, micro_batch_samples=local // nmb, dp=self.layout.dp,
+                        output_loss=src.output_loss if inputs.from_output else None)
 
     def micro_batch_count(self, local: int) -> int:
         """The config's micro-batch count, or the largest valid smaller one that divides a short batch.
@@ -152,7 +192,7 @@ class StepRunner:
             with torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext():
                 a, k, t = mbs[i]
                 out = module(*a, **k)
-                loss = plan.piece(extract_logits(out), t)
+                loss = plan.piece(out if plan.output_loss is not None else extract_logits(out), t)
             del out  # the logits are not saved for backward: let them go before it (one logits-sized tensor)
             loss.backward()
             total += loss.detach().float() / self.layout.dp

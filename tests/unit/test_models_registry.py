@@ -12,12 +12,13 @@ from tests.helpers.runtime_cases import build_model
 from moreh_ap.config import ParallelConfig
 from moreh_ap.graph import trace
 from moreh_ap.layout import ParallelLayout, stage_ranges
-from moreh_ap.models import (BlockListAdapter, GenericAdapter, GPT2Adapter, LlamaAdapter, ModelAdapter,
+from moreh_ap.models import (BlockListAdapter, GenericAdapter, GPT2Adapter, LlamaAdapter, ModelAdapter, NanoGPTAdapter,
                              SequentialAdapter, find_adapter, find_blocks, is_hf_model, register_adapter,
                              registered_adapters)
 from moreh_ap.planner import Cluster, enumerate_candidates, plan
 from moreh_ap.runtime import apply as A
 from tests.helpers.models import TinyGPT, mlp, tiny_gpt2, tiny_llama, tiny_neox
+from tests.helpers.script_models import GPT, GPTConfig
 
 pytestmark = pytest.mark.timeout(120)
 GIB = 1024**3
@@ -27,6 +28,7 @@ FAMILIES = {
     LlamaAdapter: lambda: (tiny_llama(4), (torch.randint(0, 128, (4, 16)),), None),
     GPT2Adapter: lambda: (tiny_gpt2(4), (torch.randint(0, 100, (4, 16)),), None),
     BlockListAdapter: lambda: (build_model("gpt", 0), (torch.randint(0, 64, (4, 16)),), {}),
+    NanoGPTAdapter: lambda: (GPT(GPTConfig()), (torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))), {}),
     GenericAdapter: lambda: (tiny_neox(4), (torch.randint(0, 128, (4, 16)),), None),
 }
 """A tiny model of every family, with one batch (kwargs None: ``labels=`` the input ids)."""

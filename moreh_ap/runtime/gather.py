@@ -1,0 +1,52 @@
+# The differentiable all-gather of a loss-outside model's outputs: every rank gets the whole global batch's.
+"""A model whose loss is computed by the script (``loss = criterion(model(x), y)``) runs its forward on
+this data-parallel rank's rows; :func:`gather_batch_outputs` all-gathers every output tensor over the dp
+group (``torch.distributed.nn.functional.all_gather``: autograd-aware, on gloo its backward is an
+all-to-all plus a sum), so the script sees the whole batch's outputs in one device's order.
+
+Gradients: every rank computes the same loss on the same gathered outputs, so the gather's backward
+hands rank r ``dp`` times the gradient of its rows; DDP / FSDP2 then average over dp: one device's
+gradients, with no extra scaling. Uneven row counts (a short last batch) are padded to the largest
+before the gather and cut after it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed.nn.functional as dist_fn
+from torch.utils._pytree import tree_map_only
+
+__all__ = ["gather_batch_outputs"]
+
+
+def gather_batch_outputs(out: Any, *, rows: int, sizes: list[int], group) -> Any:
+    """``out`` with each tensor whose first dim is this rank's ``rows`` replaced by the global batch's.
+
+    Args:
+        out: this rank's output (tensors inside tuples, lists, dicts, Hugging Face ``ModelOutput``).
+        rows: this rank's samples.
+        sizes: every dp rank's samples, in dp order (their sum is the global batch).
+        group: the data-parallel process group.
+
+    Raises:
+        NotImplementedError: an output tensor has no batch dimension (it cannot be assembled into the
+            global batch's).
+    """
+    most = max(sizes)
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 0 or t.shape[0] != rows:
+            raise NotImplementedError(
+                f"advanced parallelization: an output of shape {tuple(t.shape)} has no batch dimension of this "
+                f"rank's {rows} samples, so the global batch's output cannot be assembled from the data-parallel "
+                "ranks; return per-sample outputs (batch first), or compute the loss inside the model")
+        if rows < most:  # a short last batch: equal sizes for the collective, cut again below
+            t = torch.cat([t, t.new_zeros((most - rows, *t.shape[1:]))])
+        parts = dist_fn.all_gather(t, group=group)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    if hasattr(out, "to_tuple") and isinstance(out, dict):  # HF ModelOutput: keep its type and fields
+        fields = {k: tree_map_only(torch.Tensor, gather, v) for k, v in out.items()}
+        return type(out)(**fields)
+    return tree_map_only(torch.Tensor, gather, out)
