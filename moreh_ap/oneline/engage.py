@@ -14,6 +14,7 @@ from torch import nn
 from moreh_ap.models import is_hf_model
 from moreh_ap.oneline.choose import choose_plan
 from moreh_ap.oneline.state import STATE, Internal, cuda_available
+from moreh_ap.oneline.state_dicts import swap_optimizer
 from moreh_ap.oneline.step import Engine, broadcast_inputs
 from moreh_ap.oneline.swap import swap_class
 from moreh_ap.runtime import init_distributed, parallelize
@@ -52,6 +53,7 @@ def engage(root: nn.Module, args, kwargs) -> Engine:
         user_class = type(root)
         # fully_shard may swap the class (FSDP<Name>); the plan is what steps 2-3 are measured against
         pm = parallelize(root, config, optimizer=optimizer, prediction=prediction)
+        swap_optimizer(optimizer, pm)  # its state_dict()/load_state_dict() in one-device format
         engine = Engine(root, pm)
         swap_class(root, user_class)
         STATE.engines[root] = engine
@@ -65,13 +67,7 @@ def _user_optimizer(root: nn.Module) -> torch.optim.Optimizer:
     if len(found) > 1:
         raise NotImplementedError(f"advanced parallelization: {len(found)} optimizers hold parameters of "
                                   f"{type(root).__name__}; use one optimizer (param groups are fine)")
-    opt = found[0]
-    if len(opt.state) > 0:
-        raise OptimizerAlreadySteppedError(
-            f"advanced parallelization engages at the first training forward of {type(root).__name__}, but its "
-            f"optimizer ({type(opt).__name__}) has already stepped: its state belongs to the unsplit model. "
-            "Call enable_advanced_parallelization() before training starts (before the first optim.step()).")
-    return opt
+    return found[0]  # state it holds (loaded, or from earlier steps) is carried by parallelize from rank 0
 
 
 def _check_trainable_call(root: nn.Module, kwargs: dict) -> None:
