@@ -9,7 +9,7 @@ from moreh_ap.runtime.apply import Stage, Wrapper, local_module
 from moreh_ap.runtime.dist import rank, world_size
 from moreh_ap.models import clean_name
 
-__all__ = ["full_state_dict", "load_full_state_dict"]
+__all__ = ["full_state_dict", "load_full_state_dict", "reshard_fsdp"]
 
 
 @torch.no_grad()
@@ -76,7 +76,7 @@ def load_full_state_dict(stages: list[Stage], wrapper: Wrapper, state_dict: dict
                            f"{unexpected[:8]} (the model's original names are expected, as on one device)")
     for st in stages:
         module = local_module(st, wrapper)
-        _reshard(module)
+        reshard_fsdp(module)
         for n, t in list(module.named_parameters()) + list(module.named_buffers()):
             src = next((state_dict[o] for o in st.names.get(clean_name(n), []) if o in state_dict), None)
             if src is not None:
@@ -84,7 +84,7 @@ def load_full_state_dict(stages: list[Stage], wrapper: Wrapper, state_dict: dict
     return _IncompatibleKeys(missing, unexpected)
 
 
-def _reshard(module: torch.nn.Module) -> None:
+def reshard_fsdp(module: torch.nn.Module) -> None:
     """FSDP2 units back to their sharded parameters (those are the ones kept between steps)."""
     from torch.distributed.fsdp import FSDPModule
 
