@@ -3,7 +3,8 @@
 
 1. :func:`copy_rank0_weights`: global rank 0's values into this rank's stage tensors;
 2. :func:`wrap_stages`: recompute wrappers, then FSDP2 / replicate / DDP over the dp mesh;
-3. :func:`rebind_optimizer`: the user's optimizer over this rank's (possibly sharded) parameters.
+3. :func:`rebind_optimizer`: the user's optimizer over this rank's (possibly sharded) parameters, with
+   the state it held (rank 0's) laid onto them.
 """
 from __future__ import annotations
 

@@ -34,6 +34,7 @@ RESUMED = {  # id: (saved case, config, when the state dicts are loaded)
     "pp2-to-zero3-before": ("llama-adamw-pp2", ZERO3, "before"),
     "zero3-to-pp2-after": ("llama-adamw-zero3", PP2, "after"),
     "gpt2-lamb-pp2-to-zero3-after": ("gpt2-lamb-pp2", ZERO3, "after"),
+    "gpt2-lamb-pp2-to-pp2-after": ("gpt2-lamb-pp2", PP2, "after"),  # both tied copies filled by load_state_dict
 }
 _RUNS: dict = {}
 
