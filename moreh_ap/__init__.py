@@ -19,7 +19,7 @@ from moreh_ap.log import logger
 from moreh_ap.optim import FusedLAMB
 from moreh_ap.ap_options import APOptions
 from moreh_ap.planner import Cluster, Plan, plan
-from moreh_ap import runtime
+from moreh_ap import checkpoint, runtime
 from moreh_ap.runtime import ParallelModel, clip_grad_norm_, parallelize
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "ParallelModel",
     "Plan",
     "apex",
+    "checkpoint",
     "clip_grad_norm_",
     "env",
     "logger",

@@ -16,6 +16,7 @@ from moreh_ap.models import find_adapter
 from moreh_ap.oneline.choose import choose_plan, pinned_config
 from moreh_ap.oneline.loss_mode import LossMode, check_same_inputs, decide_loss_mode
 from moreh_ap.oneline.state import STATE, Internal, cuda_available
+from moreh_ap.oneline.state_dicts import swap_optimizer
 from moreh_ap.oneline.step import Engine, broadcast_inputs, inputs_on_device
 from moreh_ap.oneline.swap import swap_class
 from moreh_ap.runtime import init_distributed, parallelize
@@ -24,7 +25,8 @@ __all__ = ["engage", "OptimizerAlreadySteppedError", "APNotEngagedError"]
 
 
 class OptimizerAlreadySteppedError(RuntimeError):
-    """The user's optimizer stepped before AP engaged: its state belongs to the unsplit model."""
+    """Kept importable for scripts that catch it; no longer raised: state an optimizer holds when AP engages
+    (loaded from a checkpoint, or from earlier steps) is carried from rank 0 onto this rank's parameters."""
 
 
 class APNotEngagedError(RuntimeError):
@@ -39,7 +41,6 @@ def engage(root: nn.Module, args, kwargs) -> Engine:
         NotImplementedError: several optimizers hold the root's parameters.
         ValueError: the model's output holds no loss and the ranks pass different batches, or a pinned
             configuration pipelines a model that cannot be pipelined with its loss.
-        OptimizerAlreadySteppedError: the optimizer stepped before engagement.
     """
     compiled, root = _unwrap_compiled(root)
     with Internal():
@@ -61,6 +62,7 @@ def engage(root: nn.Module, args, kwargs) -> Engine:
         user_class = type(root)
         # fully_shard may swap the class (FSDP<Name>); the plan is what steps 2-3 are measured against
         pm = parallelize(root, config, optimizer=optimizer, prediction=prediction, output_loss=mode.output_loss)
+        swap_optimizer(optimizer, pm)  # its state_dict()/load_state_dict() in one-device format
         engine = Engine(root, pm, mode=mode)
         swap_class(root, user_class)
         STATE.engines[root] = engine
@@ -77,13 +79,7 @@ def _user_optimizer(root: nn.Module) -> torch.optim.Optimizer:
     if len(found) > 1:
         raise NotImplementedError(f"advanced parallelization: {len(found)} optimizers hold parameters of "
                                   f"{type(root).__name__}; use one optimizer (param groups are fine)")
-    opt = found[0]
-    if len(opt.state) > 0:
-        raise OptimizerAlreadySteppedError(
-            f"advanced parallelization engages at the first training forward of {type(root).__name__}, but its "
-            f"optimizer ({type(opt).__name__}) has already stepped: its state belongs to the unsplit model. "
-            "Call enable_advanced_parallelization() before training starts (before the first optim.step()).")
-    return opt
+    return found[0]  # state it holds (loaded, or from earlier steps) is carried by parallelize from rank 0
 
 
 def _unwrap_compiled(root: nn.Module) -> tuple[nn.Module | None, nn.Module]:

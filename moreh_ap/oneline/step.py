@@ -147,11 +147,8 @@ class Engine:
         return self._output(out.loss)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full weights on the CPU on every rank (a collective)."""
-        with Internal():
-            sd = self.pm.full_state_dict()
-            if world_size() > 1:
-                box = [sd if rank() == 0 else None]
-                dist.broadcast_object_list(box, src=0)
-                sd = box[0]
-        return sd
+        """Full weights on the CPU on rank 0, meta placeholders elsewhere (a collective;
+        :func:`moreh_ap.oneline.state_dicts.model_state_dict`)."""
+        from moreh_ap.oneline.state_dicts import model_state_dict
+
+        return model_state_dict(self.pm)

@@ -1,5 +1,5 @@
 # The class swap: the engaged root's class becomes a same-named subclass whose methods go through the engine.
-"""After engagement ``model(...)``, ``state_dict()``, ``save_pretrained()``, ``.to()``/``.cuda()``/``.cpu()``
+"""After engagement ``model(...)``, ``state_dict()``, ``load_state_dict()``, ``save_pretrained()``, ``.to()``/``.cuda()``/``.cpu()``
 and ``generate()`` of the root model act on the parallelized model; ``isinstance`` still holds."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moreh_ap.oneline.state import STATE, Internal, internal
+from moreh_ap.oneline.state_dicts import load_model_state_dict
 from moreh_ap.runtime.dist import rank, world_size
 
 __all__ = ["swap_class"]
@@ -19,6 +20,7 @@ def swap_class(root: nn.Module, user_class: type) -> None:
     ns = {
         "__call__": _swapped_call,
         "state_dict": _swapped_state_dict,
+        "load_state_dict": _swapped_load_state_dict,
         "to": _swapped_to,
         "cuda": _swapped_cuda,
         "cpu": _swapped_cpu,
@@ -42,6 +44,16 @@ def _swapped_state_dict(self, *args, **kwargs):
     if internal() or args or kwargs.get("destination") is not None or kwargs.get("prefix"):
         return super(type(self), self).state_dict(*args, **kwargs)
     return STATE.engines[self].full_state_dict()
+
+
+def _swapped_load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+    """The full one-device ``state_dict`` (every rank passes it whole): each rank copies its stages and shards."""
+    if internal():
+        return super(type(self), self).load_state_dict(state_dict, strict=strict, assign=assign)
+    if assign:
+        raise NotImplementedError("advanced parallelization: model.load_state_dict(..., assign=True) after AP "
+                                  "engaged is not supported (the plan placed the weights); use assign=False")
+    return load_model_state_dict(STATE.engines[self].pm, state_dict, strict=strict)
 
 
 def _swapped_to(self, *args, **kwargs):

@@ -3,7 +3,8 @@
 
 1. :func:`copy_rank0_weights`: global rank 0's values into this rank's stage tensors;
 2. :func:`wrap_stages`: recompute wrappers, then FSDP2 / replicate / DDP over the dp mesh;
-3. :func:`rebind_optimizer`: the user's optimizer over this rank's (possibly sharded) parameters.
+3. :func:`rebind_optimizer`: the user's optimizer over this rank's (possibly sharded) parameters, with
+   the state it held (rank 0's) laid onto them.
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import torch.distributed as dist
 from moreh_ap.config import ParallelConfig
 from moreh_ap.layout import ParallelLayout
 import moreh_ap.runtime.apply as A
-from moreh_ap.runtime.dist import BUCKET_BYTES, module_tensors, rank, recv_tensors, send_tensors
+from moreh_ap.runtime.dist import BUCKET_BYTES, device_for_rank, module_tensors, rank, recv_tensors, send_tensors
+from moreh_ap.runtime.optim_state import OptimizerMap, plain_class, register_map
+from moreh_ap.runtime.optim_transfer import carry_rank0_state
 from moreh_ap.models import ModelAdapter
 
 __all__ = ["copy_rank0_weights", "wrap_stages", "rebind_optimizer"]
@@ -74,31 +77,39 @@ def wrap_stages(stages: list[A.Stage], config: ParallelConfig, *, layout: Parall
 
 
 def rebind_optimizer(optimizer: torch.optim.Optimizer, ids: dict[int, list[str]], *, stages: list[A.Stage],
-                     wrapper: A.Wrapper) -> None:
+                     wrapper: A.Wrapper) -> OptimizerMap:
     """Point ``optimizer``'s param groups at this rank's parameters (same groups and hyper-parameters).
 
-    A parameter held by no stage of this rank leaves its group; a tied one appears once.
+    A parameter held by no stage of this rank leaves its group; a tied one appears once. State the
+    optimizer already holds (loaded from a checkpoint, or from earlier steps) is taken from global rank 0
+    and laid onto this rank's parameters (:func:`moreh_ap.runtime.optim_transfer.carry_rank0_state`, a
+    collective). The returned map (also kept for the optimizer, :func:`moreh_ap.runtime.optim_state.map_of`)
+    relates the rebound parameters to the user's one-device indices.
 
     Raises:
-        ValueError: the optimizer has state already, or holds a parameter that is not in the model.
+        ValueError: the optimizer holds a parameter that is not in the model.
     """
-    if len(optimizer.state) > 0:
-        raise ValueError("parallelize: the optimizer already has state (it has stepped); create it over "
-                         "model.parameters() and pass it before its first step")
     by_name = {}
     for names, p in A.named_local_params(stages, wrapper):
         for n in names:
             by_name[n] = p
+    for group in optimizer.param_groups:
+        if any(ids.get(id(p)) is None for p in group["params"]):
+            raise ValueError("parallelize: the optimizer holds a parameter that is not in the model")
+    before = plain_class(optimizer).state_dict(optimizer) if len(optimizer.state) > 0 else None
+    omap = OptimizerMap(group_names=[[ids[id(p)][0] for p in g["params"]] for g in optimizer.param_groups])
     used = set()
     for group in optimizer.param_groups:
         new = []
         for p in group["params"]:
-            names = ids.get(id(p))
-            if names is None:
-                raise ValueError("parallelize: the optimizer holds a parameter that is not in the model")
+            names = ids[id(p)]
             q = next((by_name[n] for n in names if n in by_name), None)
             if q is not None and id(q) not in used:
                 used.add(id(q))
                 new.append(q)
+                omap.local[names[0]] = q
         group["params"] = new
     optimizer.state = defaultdict(dict)
+    register_map(optimizer, omap)
+    carry_rank0_state(optimizer, before, omap, device=device_for_rank())
+    return omap

@@ -298,3 +298,37 @@ class ParallelModel(nn.Module):
         A collective: call it on every rank.
         """
         return full_state_dict(self._stages, self.wrapper, keys=self._orig_keys, dp_rank=self.dp_rank)
+
+    def load_full_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True):
+        """Load a one-device state dict (the model's original names, full tensors): every rank passes the whole
+        dict and copies what its stages and shards hold (no communication). Returns torch's
+        ``(missing_keys, unexpected_keys)``; ``strict`` raises ``RuntimeError`` on either, as torch does."""
+        from moreh_ap.runtime.state_dict import load_full_state_dict
+
+        return load_full_state_dict(self._stages, self.wrapper, state_dict, keys=self._orig_keys, strict=strict)
+
+    def optimizer_state_dict(self) -> dict | None:
+        """The optimizer's state as ``optimizer.state_dict()`` gives it on one device (indices in the user's
+        original group order, full CPU tensors) on rank 0; None elsewhere. A collective: call it on every rank.
+
+        Raises:
+            ValueError: ``parallelize`` was given no optimizer.
+        """
+        from moreh_ap.runtime.optim_state import map_of
+        from moreh_ap.runtime.optim_transfer import gather_one_device_state
+
+        return gather_one_device_state(self._own_optimizer(), map_of(self._own_optimizer()), dp_rank=self.dp_rank)
+
+    def load_optimizer_state_dict(self, state_dict: dict) -> None:
+        """Load a one-device optimizer state dict (every rank passes the whole dict; each lays its own shards
+        and stages; no communication). Hyper-parameters of the groups come from the dict, as in torch."""
+        from moreh_ap.runtime.optim_state import lay_named_state, map_of, named_from_one_device
+
+        optimizer = self._own_optimizer()
+        omap = map_of(optimizer)
+        lay_named_state(optimizer, named_from_one_device(state_dict, omap), omap)
+
+    def _own_optimizer(self) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            raise ValueError("ParallelModel: no optimizer was given to parallelize(model, config, optimizer=...)")
+        return self.optimizer

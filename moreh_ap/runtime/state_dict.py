@@ -1,4 +1,4 @@
-# The full, unsharded state dict of a parallelized model, with the original names, gathered on rank 0.
+# Full, unsharded state dicts of a parallelized model with the original names: gathered on rank 0, loaded on every rank.
 from __future__ import annotations
 
 import torch
@@ -9,7 +9,7 @@ from moreh_ap.runtime.apply import Stage, Wrapper, local_module
 from moreh_ap.runtime.dist import rank, world_size
 from moreh_ap.models import clean_name
 
-__all__ = ["full_state_dict"]
+__all__ = ["full_state_dict", "load_full_state_dict", "reshard_fsdp"]
 
 
 @torch.no_grad()
@@ -50,3 +50,58 @@ def full_state_dict(stages: list[Stage], wrapper: Wrapper, *, keys: list[str], d
     if missing:
         raise RuntimeError(f"full_state_dict: no rank held {missing[:5]}")
     return {k: merged[k] for k in keys}
+
+
+@torch.no_grad()
+def load_full_state_dict(stages: list[Stage], wrapper: Wrapper, state_dict: dict[str, torch.Tensor], *,
+                         keys: list[str], strict: bool = True):
+    """Copy a full one-device state dict (original names) into this rank's stages (no communication).
+
+    Every rank passes the whole dict; each copies the tensors its stages hold, a DTensor shard taking its
+    own slice; a tied tensor held on several ranks is filled on each (from whichever of its names is present).
+
+    Returns:
+        torch's ``(missing_keys, unexpected_keys)`` named tuple, as ``nn.Module.load_state_dict``.
+
+    Raises:
+        RuntimeError: ``strict`` and keys are missing or unexpected, or a tensor's shape differs.
+    """
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    known = set(keys)
+    missing = [k for k in keys if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in known]
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"Error(s) in loading state_dict: missing keys {missing[:8]}, unexpected keys "
+                           f"{unexpected[:8]} (the model's original names are expected, as on one device)")
+    for st in stages:
+        module = local_module(st, wrapper)
+        reshard_fsdp(module)
+        for n, t in list(module.named_parameters()) + list(module.named_buffers()):
+            src = next((state_dict[o] for o in st.names.get(clean_name(n), []) if o in state_dict), None)
+            if src is not None:
+                _copy_full_into(t, src, name=clean_name(n))
+    return _IncompatibleKeys(missing, unexpected)
+
+
+def reshard_fsdp(module: torch.nn.Module) -> None:
+    """FSDP2 units back to their sharded parameters (those are the ones kept between steps)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def _copy_full_into(t: torch.Tensor, full: torch.Tensor, *, name: str) -> None:
+    if tuple(full.shape) != tuple(t.shape):
+        raise RuntimeError(f"load_state_dict: size mismatch for {name}: the checkpoint has {tuple(full.shape)}, "
+                           f"the model {tuple(t.shape)}")
+    if is_dtensor(t):
+        from torch.distributed.tensor import distribute_tensor
+
+        local = t.to_local()
+        part = distribute_tensor(full.detach().to(local.device), t.device_mesh, t.placements, src_data_rank=None)
+        local.copy_(part.to_local())
+    else:
+        t.detach().copy_(full)

@@ -115,10 +115,13 @@ def test_script_matches_one_device(case, reference, tmp_path):
         assert res["eval"] == pytest.approx(ref["eval"], rel=1e-5)  # model.eval() + forward (pipelined too)
     assert all(res["loss"] == results[0]["loss"] for res in results)  # loss.item() identical on all ranks
     want = torch.load(ref_dir / "state_rank0.pt")
-    for r in range(nproc):  # state_dict(): full weights on the CPU on every rank
-        got = torch.load(tmp_path / f"state_rank{r}.pt")
-        assert all(t.device.type == "cpu" for t in got.values())
-        _assert_weights_close(want, got)
+    got = torch.load(tmp_path / "state_rank0.pt")  # state_dict(): full weights on the CPU on rank 0
+    assert all(t.device.type == "cpu" for t in got.values())
+    _assert_weights_close(want, got)
+    for r in range(1, nproc):  # the other ranks: the same keys and shapes, meta placeholders (no data)
+        other = torch.load(tmp_path / f"state_rank{r}.pt")
+        assert list(other) == list(want) and all(t.device.type == "meta" for t in other.values())
+        assert all(other[k].shape == want[k].shape for k in want)
     _assert_weights_close(_saved(ref_dir / "saved"), _saved(tmp_path / "saved"))
 
 

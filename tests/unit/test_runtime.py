@@ -64,11 +64,6 @@ def test_bad_input_raises_clear_errors():
         moreh_ap.parallelize(model, {"num_stages": 1})
     with pytest.raises(TypeError, match="nn.Module"):
         moreh_ap.parallelize(object(), _one())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model(torch.randn(2, 16)).sum().backward()
-    opt.step()
-    with pytest.raises(ValueError, match="already has state"):
-        moreh_ap.parallelize(model, _one(), optimizer=opt)
     pm = moreh_ap.parallelize(build_model("mlp", 0), _one())
     with pytest.raises(ValueError, match="loss_fn"):
         pm.train_step(torch.randn(4, 16))
