@@ -1,4 +1,4 @@
-# The torch entry points the one-line mode patches: .cuda()/.to(), Optimizer.__init__, clip_grad_norm_.
+# The torch entry points the one-line mode patches: .cuda()/.to(), CUDA calls, Optimizer.__init__, clip_grad_norm_.
 """Installing and removing the hooks; the patched ``nn.Module.__call__`` itself is :mod:`moreh_ap.oneline.probe`."""
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from moreh_ap.ap_options import APOptions
 from moreh_ap.log import logger
+from moreh_ap.oneline.cuda_calls import cpu_instead_of_cuda, patch_cuda_calls, restore_cuda_calls
 from moreh_ap.oneline.engage import APNotEngagedError
 from moreh_ap.oneline.probe import probe_call, remove_probe
 from moreh_ap.oneline.state import STATE, Internal, cuda_available, has_trainable, internal
@@ -68,6 +69,7 @@ def _patch(*, cpu_only: bool) -> None:
     torch.Tensor.cuda = _tensor_cuda
     nn.Module.cuda = _module_cuda
     nn.Module.to = _module_to
+    patch_cuda_calls()
     if not cpu_only:
         o["call"] = nn.Module.__call__
         o["optim_init"] = torch.optim.Optimizer.__init__
@@ -91,6 +93,7 @@ def uninstall() -> None:
         torch.Tensor.cuda = o.pop("tensor_cuda")
         nn.Module.cuda = o.pop("module_cuda")
         nn.Module.to = o.pop("module_to")
+    restore_cuda_calls()
     if "failed_optim_init" in o:
         torch.optim.Optimizer.__init__ = o.pop("failed_optim_init")
     if "call" in o:
@@ -167,14 +170,15 @@ def _module_cuda(self, device=None):
 def _module_to(self, *args, **kwargs):
     if internal():
         return STATE.originals["module_to"](self, *args, **kwargs)
+    if not cuda_available():  # `model.to("cuda")`, `model.to(local_rank)`: the model stays on the CPU
+        args, kwargs = cpu_instead_of_cuda(args, kwargs)
+        return STATE.originals["module_to"](self, *args, **kwargs)
     device, dtype, _non_blocking, _fmt = torch._C._nn._parse_to(*args, **kwargs)
     if device is None or device.type != "cuda":
         return STATE.originals["module_to"](self, *args, **kwargs)
-    defer = not cuda_available() or (not STATE.cpu_only and not STATE.engaged and has_trainable(self))
-    if not defer:
+    if STATE.cpu_only or STATE.engaged or not has_trainable(self):
         return STATE.originals["module_to"](self, *args, **kwargs)
-    if cuda_available():
-        STATE.deferred.add(self)
+    STATE.deferred.add(self)  # placed at engagement: only what this rank keeps
     if dtype is not None:
         STATE.originals["module_to"](self, dtype)
     return self
