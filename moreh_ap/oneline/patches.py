@@ -16,6 +16,7 @@ from moreh_ap.oneline.cuda_calls import cpu_instead_of_cuda, patch_cuda_calls, r
 from moreh_ap.oneline.engage import APNotEngagedError
 from moreh_ap.oneline.probe import probe_call, remove_probe
 from moreh_ap.oneline.state import STATE, Internal, cuda_available, has_trainable, internal
+from moreh_ap.oneline.writes import patch_library_writes, patch_writes, restore_writes
 
 __all__ = ["install", "install_failed", "uninstall"]
 
@@ -80,6 +81,8 @@ def _patch(*, cpu_only: bool) -> None:
         torch.optim.Optimizer.__init__ = _make_optimizer_init(o["optim_init"])
         _adopt_existing_optimizers()
         o["step_hook"] = register_optimizer_step_pre_hook(_step_before_engagement)
+        patch_writes()
+        o["writes_hook"] = register_optimizer_step_pre_hook(_writes_after_engagement)
         clip_mod.clip_grad_norm_ = _clip_grad_norm_
         torch.nn.utils.clip_grad_norm_ = _clip_grad_norm_
     STATE.installed = True
@@ -101,6 +104,8 @@ def uninstall() -> None:
         o.pop("call", None)
         torch.optim.Optimizer.__init__ = o.pop("optim_init")
         o.pop("step_hook").remove()
+        o.pop("writes_hook").remove()
+        restore_writes()
         clip_mod.clip_grad_norm_ = o.pop("clip")
         torch.nn.utils.clip_grad_norm_ = o.pop("clip_utils")
     STATE.installed = False
@@ -139,6 +144,13 @@ def _step_before_engagement(optimizer, _args, _kwargs) -> None:
     if "not-engaged" not in STATE.warned:
         STATE.warned.add("not-engaged")
         logger.error(f"{reason} Ranks 1-{world - 1} stop.")
+
+
+def _writes_after_engagement(_optimizer, _args, _kwargs) -> None:
+    """A global optimizer step pre-hook: once AP engaged, the libraries' checkpoint writes become rank 0's
+    (:func:`moreh_ap.oneline.writes.patch_library_writes`, which does its work once)."""
+    if STATE.engaged and "hf_writes" not in STATE.originals:
+        patch_library_writes()
 
 
 def _make_optimizer_init(original):
