@@ -62,7 +62,6 @@ def _rank0_only(original, *, keep_memory_files: bool = False):
             return original(*args, **kwargs)
         return None
 
-    wrapper.__moreh_ap_original__ = original
     return wrapper
 
 
