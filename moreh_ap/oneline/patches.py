@@ -1,4 +1,4 @@
-# The torch entry points the one-line mode patches: .cuda()/.to(), Optimizer.__init__, clip_grad_norm_.
+# The torch entry points the one-line mode patches: .cuda()/.to(), CUDA calls, Optimizer.__init__, clip_grad_norm_.
 """Installing and removing the hooks; the patched ``nn.Module.__call__`` itself is :mod:`moreh_ap.oneline.probe`."""
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from moreh_ap.ap_options import APOptions
 from moreh_ap.log import logger
+from moreh_ap.oneline.cuda_calls import cpu_instead_of_cuda, patch_cuda_calls, restore_cuda_calls
 from moreh_ap.oneline.engage import APNotEngagedError
 from moreh_ap.oneline.probe import probe_call, remove_probe
 from moreh_ap.oneline.state import STATE, Internal, cuda_available, has_trainable, internal
+from moreh_ap.oneline.writes import patch_library_writes, patch_writes, restore_writes
 
 __all__ = ["install", "install_failed", "uninstall"]
 
@@ -68,6 +70,7 @@ def _patch(*, cpu_only: bool) -> None:
     torch.Tensor.cuda = _tensor_cuda
     nn.Module.cuda = _module_cuda
     nn.Module.to = _module_to
+    patch_cuda_calls()
     if not cpu_only:
         o["call"] = nn.Module.__call__
         o["optim_init"] = torch.optim.Optimizer.__init__
@@ -78,6 +81,8 @@ def _patch(*, cpu_only: bool) -> None:
         torch.optim.Optimizer.__init__ = _make_optimizer_init(o["optim_init"])
         _adopt_existing_optimizers()
         o["step_hook"] = register_optimizer_step_pre_hook(_step_before_engagement)
+        patch_writes()
+        o["writes_hook"] = register_optimizer_step_pre_hook(_writes_after_engagement)
         clip_mod.clip_grad_norm_ = _clip_grad_norm_
         torch.nn.utils.clip_grad_norm_ = _clip_grad_norm_
     STATE.installed = True
@@ -91,6 +96,7 @@ def uninstall() -> None:
         torch.Tensor.cuda = o.pop("tensor_cuda")
         nn.Module.cuda = o.pop("module_cuda")
         nn.Module.to = o.pop("module_to")
+    restore_cuda_calls()
     if "failed_optim_init" in o:
         torch.optim.Optimizer.__init__ = o.pop("failed_optim_init")
     if "call" in o:
@@ -98,6 +104,8 @@ def uninstall() -> None:
         o.pop("call", None)
         torch.optim.Optimizer.__init__ = o.pop("optim_init")
         o.pop("step_hook").remove()
+        o.pop("writes_hook").remove()
+        restore_writes()
         clip_mod.clip_grad_norm_ = o.pop("clip")
         torch.nn.utils.clip_grad_norm_ = o.pop("clip_utils")
     STATE.installed = False
@@ -138,6 +146,13 @@ def _step_before_engagement(optimizer, _args, _kwargs) -> None:
         logger.error(f"{reason} Ranks 1-{world - 1} stop.")
 
 
+def _writes_after_engagement(_optimizer, _args, _kwargs) -> None:
+    """A global optimizer step pre-hook: once AP engaged, the libraries' checkpoint writes become rank 0's
+    (:func:`moreh_ap.oneline.writes.patch_library_writes`, which does its work once)."""
+    if STATE.engaged and "hf_writes" not in STATE.originals:
+        patch_library_writes()
+
+
 def _make_optimizer_init(original):
     def __init__(self, params, defaults, *args, **kwargs):
         original(self, params, defaults, *args, **kwargs)
@@ -167,14 +182,15 @@ def _module_cuda(self, device=None):
 def _module_to(self, *args, **kwargs):
     if internal():
         return STATE.originals["module_to"](self, *args, **kwargs)
+    if not cuda_available():  # `model.to("cuda")`, `model.to(local_rank)`: the model stays on the CPU
+        args, kwargs = cpu_instead_of_cuda(args, kwargs)
+        return STATE.originals["module_to"](self, *args, **kwargs)
     device, dtype, _non_blocking, _fmt = torch._C._nn._parse_to(*args, **kwargs)
     if device is None or device.type != "cuda":
         return STATE.originals["module_to"](self, *args, **kwargs)
-    defer = not cuda_available() or (not STATE.cpu_only and not STATE.engaged and has_trainable(self))
-    if not defer:
+    if STATE.cpu_only or STATE.engaged or not has_trainable(self):
         return STATE.originals["module_to"](self, *args, **kwargs)
-    if cuda_available():
-        STATE.deferred.add(self)
+    STATE.deferred.add(self)  # placed at engagement: only what this rank keeps
     if dtype is not None:
         STATE.originals["module_to"](self, dtype)
     return self

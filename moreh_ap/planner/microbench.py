@@ -9,6 +9,10 @@
   ``reduce_scatter_tensor`` and a ``send``/``recv`` pair at a few sizes on
   the live process group (on gloo, all-gather is several times slower than an
   all-reduce of the same bytes: one "bandwidth" per link mis-ranks FSDP).
+
+The random inputs and the reference block's initial weights are drawn inside
+:func:`~moreh_ap.planner.private_rng.private_rng`: the script's generators are
+where they were after a measurement.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import statistics
 import time
 
 from moreh_ap.planner.calibration_db import COLLECTIVES, CalibrationDB
+from moreh_ap.planner.private_rng import private_rng
 from moreh_ap.planner.time_model import gemm_size
 
 MATMUL_SIZES = (256, 512, 1024)
@@ -67,6 +72,7 @@ def _table(medians: dict, sizes) -> dict[str, list[list[float]]]:
     return {key: [[float(n), 2.0 * n**3 / max(medians[("mm", key, n)], 1e-9)] for n in sizes] for key, _ in _DTYPES}
 
 
+@private_rng()
 def measure_matmul(device, *, sizes=MATMUL_SIZES, repeats: int = 5) -> dict[str, list[list[float]]]:
     """FLOP/s of square matmuls per dtype (median of ``repeats``, sizes interleaved, after a warm-up)."""
     return _table(_interleaved_medians(_matmul_fns(device, sizes), device, repeats), sizes)
@@ -153,6 +159,7 @@ def _block_numbers(medians: dict, matmul, shape) -> tuple[dict[str, float], dict
     return eff, floor
 
 
+@private_rng()
 def measure_block(device, matmul: dict[str, list[list[float]]], *, shape=None, tiny_shape=TINY_BLOCK_SHAPE,
                   repeats: int = 5) -> tuple[dict[str, float], dict[str, float]]:
     """Per dtype, a block's time as ``floor + FLOPs / (matmul rate x efficiency)``, from two sizes.
@@ -170,6 +177,7 @@ def measure_block(device, matmul: dict[str, list[list[float]]], *, shape=None, t
     return _block_numbers(_interleaved_medians(_block_fns(device, shape, tiny_shape), device, repeats), matmul, shape)
 
 
+@private_rng()
 def measure_compute(device, *, sizes=MATMUL_SIZES, shape=None, tiny_shape=TINY_BLOCK_SHAPE, repeats: int = 5):
     """:func:`measure_matmul` and :func:`measure_block` timed together, interleaved (one busy spell hits both).
 

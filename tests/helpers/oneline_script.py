@@ -7,6 +7,7 @@ batches (rank 0's batch must be used), ``model.cuda()`` / ``tensor.cuda()``, a f
 last batch, ``model.eval()`` + forward, ``model.train()``, ``state_dict()``, ``to('cpu')`` and
 ``save_pretrained``. Prints ``RESULT {json}`` on every rank.
 """
+import io
 import json
 import os
 import sys
@@ -86,7 +87,10 @@ except NotImplementedError as exc:
 model.train()
 
 state = model.state_dict()
-torch.save(state, os.path.join(OUT, f"state_rank{RANK}.pt"))
+buffer = io.BytesIO()  # every rank's copy is checked: torch.save to a path writes on rank 0 only under AP
+torch.save(state, buffer)
+with open(os.path.join(OUT, f"state_rank{RANK}.pt"), "wb") as f:
+    f.write(buffer.getvalue())
 model = model.to("cpu")
 model.save_pretrained(os.path.join(OUT, "saved"))
 reloaded = LlamaForCausalLM.from_pretrained(os.path.join(OUT, "saved"))
