@@ -32,7 +32,10 @@ under ``MOREH_AP_CACHE_DIR/logs/``, named in one log line at launch (the newest
 fails, the others and rank 0 are stopped and the failing rank is named, with
 its traceback (from its torch elastic error file, or the tail of its stderr
 file; with ``all`` it is already on the console); if rank 0 fails or gets
-Ctrl-C, the children are stopped. The exit code is then non-zero.
+Ctrl-C, the children are stopped. The exit code is then non-zero. No child
+outlives rank 0 (:mod:`moreh_ap.launch_watch`): rank 0, leaving, waits for its
+children at most ``MOREH_AP_DIST_TIMEOUT`` + 30 s, then stops them; a child
+whose rank 0 is gone (any exit, ``os._exit`` or a signal included) stops itself.
 
 Code that runs before the launch point runs once per rank: every child
 re-executes the script from its first line.
@@ -56,6 +59,7 @@ from torch.utils.data import get_worker_info
 from moreh_ap import env as _env
 from moreh_ap.files import prune_log_dirs
 from moreh_ap.launch_env import rank_env, visible_devices
+from moreh_ap.launch_watch import EXIT_GRACE_S, exit_wait_s, running_ranks, watch_launcher
 from moreh_ap.log import logger
 from moreh_ap.ranks import OWN_VARIABLES, rank_variables_present
 
@@ -345,9 +349,17 @@ class _Launch:
             return
         self._stopped.set()
         self._watcher.join(timeout=2 * _POLL_S + 1)
+        bound = exit_wait_s()
         with self._lock:
-            result = self.context.wait(timeout=-1, period=_POLL_S)
-        if result is not None and result.is_failed():
+            result = self.context.wait(timeout=bound, period=_POLL_S)
+        if result is None:  # a child still runs (e.g. it hangs) long after rank 0 finished: stop it
+            running = ", ".join(map(str, running_ranks(self.context))) or "?"
+            self._stderr.write(f"moreh_ap: rank 0 of {self.world} finished, but rank(s) {running} did not finish "
+                               f"within {bound:g} s (MOREH_AP_DIST_TIMEOUT + {EXIT_GRACE_S:g}); stopping them.\n")
+            self._stderr.flush()
+            self.context.close(timeout=_STOP_GRACE_S)
+            os._exit(1)
+        if result.is_failed():
             self._report(result)
             os._exit(1)
 
@@ -370,6 +382,7 @@ def maybe_launch() -> LaunchDecision:
     decision = decide()
     with _launch_lock:
         if _launch is not None or not decision.launch:
+            watch_launcher()  # a self-launched rank > 0 ends when rank 0 is gone
             _warn_once(decision)
             return decision
         logger.info(f"Launching {decision.reason}: this process is rank 0.")
