@@ -2,20 +2,25 @@
 """How ``MOREH_AP_NPROC=G python train.py`` (or G > 1 CUDA devices) becomes G ranks.
 
 When advanced parallelization is enabled in a process that is not already a
-rank (no ``RANK``/``WORLD_SIZE``, not under torchrun, not a DataLoader or
-multiprocessing worker, not an interactive interpreter), the script is started
-again G-1 times with the same interpreter, flags and argv, each child with
-``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR=127.0.0.1`` and
-``MASTER_PORT`` set, and the calling process continues as rank 0.
+rank (no ``RANK``/``WORLD_SIZE`` of torchrun nor ``MOREH_AP_RANK`` of ours, not
+a DataLoader or multiprocessing worker, not an interactive interpreter), the
+script is started again G-1 times with the same interpreter, flags and argv,
+and the calling process continues as rank 0. The ranks meet through variables
+of moreh_ap's own (``MOREH_AP_RANK``, ``MOREH_AP_WORLD_SIZE``,
+``MOREH_AP_LOCAL_RANK``, ``MOREH_AP_LOCAL_WORLD_SIZE``, ``MOREH_AP_MASTER_ADDR``,
+``MOREH_AP_MASTER_PORT``; see :mod:`moreh_ap.launch_env`), never torchrun's:
+the script keeps seeing no ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*``
+and stays a single-device script (one that tests ``RANK`` to start its own DDP
+does not). :func:`moreh_ap.runtime.init_distributed` brings the process group up
+from them; :func:`moreh_ap.launch_rank` tells the script its rank. On G CUDA
+devices rank r > 0 gets ``CUDA_VISIBLE_DEVICES`` = the r-th visible device.
 
 The port cannot race: rank 0 binds a ``TCPStore`` server on port 0 (the OS
 picks a free port) before any child starts and keeps it, as torchrun's agent
-does; every rank, rank 0 included, then connects to it as a client through
-plain ``env://`` initialization (``TORCHELASTIC_USE_AGENT_STORE=True``, the
-variable torchrun sets for the same purpose). The store is unauthenticated, so
-it listens on loopback only (127.0.0.1): rank 0 binds that socket itself and
-hands it to the store (``master_listen_fd``; the store's ``host`` argument does
-not choose the address it listens on).
+does; every rank, rank 0 included, then connects to it as a client. The store
+is unauthenticated, so it listens on loopback only (127.0.0.1): rank 0 binds
+that socket itself and hands it to the store (``master_listen_fd``; the
+store's ``host`` argument does not choose the address it listens on).
 Children are started and stopped with torch's own elastic process context
 (``torch.distributed.elastic.multiprocessing.start_processes``). By default
 (``MOREH_AP_RANK_OUTPUT=rank0``) only rank 0 writes to the console: the
@@ -27,7 +32,10 @@ under ``MOREH_AP_CACHE_DIR/logs/``, named in one log line at launch (the newest
 fails, the others and rank 0 are stopped and the failing rank is named, with
 its traceback (from its torch elastic error file, or the tail of its stderr
 file; with ``all`` it is already on the console); if rank 0 fails or gets
-Ctrl-C, the children are stopped. The exit code is then non-zero.
+Ctrl-C, the children are stopped. The exit code is then non-zero. No child
+outlives rank 0 (:mod:`moreh_ap.launch_watch`): rank 0, leaving, waits for its
+children at most ``MOREH_AP_DIST_TIMEOUT`` + 30 s, then stops them; a child
+whose rank 0 is gone (any exit, ``os._exit`` or a signal included) stops itself.
 
 Code that runs before the launch point runs once per rank: every child
 re-executes the script from its first line.
@@ -50,12 +58,13 @@ from torch.utils.data import get_worker_info
 
 from moreh_ap import env as _env
 from moreh_ap.files import prune_log_dirs
+from moreh_ap.launch_env import rank_env, visible_devices
+from moreh_ap.launch_watch import EXIT_GRACE_S, exit_wait_s, running_ranks, watch_launcher
 from moreh_ap.log import logger
+from moreh_ap.ranks import OWN_VARIABLES, rank_variables_present
 
 __all__ = ["LaunchDecision", "decide", "self_command", "maybe_launch", "loopback_store"]
 
-_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "GROUP_RANK")
-_LAUNCHED_MARK = "MOREH_AP_LAUNCHED"
 _POLL_S = 0.2
 _STOP_GRACE_S = 5
 _TAIL_LINES = 80
@@ -133,7 +142,7 @@ def decide(environ=None, *, cuda_count: int | None = None) -> LaunchDecision:
 
     if nproc <= 1:
         return no("one local rank")
-    present = [v for v in (*_RANK_VARIABLES, _LAUNCHED_MARK) if environ.get(v)]
+    present = rank_variables_present(environ)
     if present:
         return no(f"already a rank ({', '.join(present)} set): torchrun or a launched rank")
     if _in_worker():
@@ -194,7 +203,7 @@ def loopback_store(world: int, *, timeout_s: float = 300.0):
 
 
 def _rank_files(log_dir: str):
-    """torch elastic ``LogsSpecs``: every child's stdout and stderr redirected to files named by its RANK."""
+    """torch elastic ``LogsSpecs``: every child's stdout and stderr redirected to files named by its rank."""
     from torch.distributed.elastic.multiprocessing import LogsDest, LogsSpecs, Std
 
     class RankFiles(LogsSpecs):
@@ -208,7 +217,7 @@ def _rank_files(log_dir: str):
         def reify(self, envs: dict[int, dict[str, str]]) -> LogsDest:
             dest = LogsDest()
             for local, environ in envs.items():
-                base = os.path.join(log_dir, f"rank{environ['RANK']}")
+                base = os.path.join(log_dir, f"rank{environ[OWN_VARIABLES['rank']]}")
                 dest.stdouts[local], dest.stderrs[local] = base + ".stdout.log", base + ".stderr.log"
                 dest.error_files[local] = environ["TORCHELASTIC_ERROR_FILE"] = base + ".error.json"
             return dest
@@ -258,17 +267,12 @@ class _Launch:
         atexit.register(self._at_exit)
 
     def _rank_env(self, rank: int, decision: LaunchDecision) -> dict[str, str]:
-        env = {
-            "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(self.world),
-            "LOCAL_WORLD_SIZE": str(self.world), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(self.port), _LAUNCHED_MARK: "1", "MOREH_AP_DEVICE": decision.device,
-            "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "0",
-        }
-        if decision.device == "cpu" and not os.environ.get("GLOO_SOCKET_IFNAME"):
-            env["GLOO_SOCKET_IFNAME"] = "lo"  # ranks talk over loopback only
-        if decision.device == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.world))
-        return env
+        devices = None
+        if decision.device == "cuda":
+            devices = visible_devices(self.world, cuda_visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                      device_count=_cuda_count())
+        return rank_env(rank, world=self.world, port=self.port, device=decision.device, devices=devices,
+                        environ=os.environ, cpu_count=os.cpu_count() or 1)
 
     def _start_children(self, decision: LaunchDecision):
         from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, start_processes
@@ -345,9 +349,17 @@ class _Launch:
             return
         self._stopped.set()
         self._watcher.join(timeout=2 * _POLL_S + 1)
+        bound = exit_wait_s()
         with self._lock:
-            result = self.context.wait(timeout=-1, period=_POLL_S)
-        if result is not None and result.is_failed():
+            result = self.context.wait(timeout=bound, period=_POLL_S)
+        if result is None:  # a child still runs (e.g. it hangs) long after rank 0 finished: stop it
+            running = ", ".join(map(str, running_ranks(self.context))) or "?"
+            self._stderr.write(f"moreh_ap: rank 0 of {self.world} finished, but rank(s) {running} did not finish "
+                               f"within {bound:g} s (MOREH_AP_DIST_TIMEOUT + {EXIT_GRACE_S:g}); stopping them.\n")
+            self._stderr.flush()
+            self.context.close(timeout=_STOP_GRACE_S)
+            os._exit(1)
+        if result.is_failed():
             self._report(result)
             os._exit(1)
 
@@ -370,6 +382,7 @@ def maybe_launch() -> LaunchDecision:
     decision = decide()
     with _launch_lock:
         if _launch is not None or not decision.launch:
+            watch_launcher()  # a self-launched rank > 0 ends when rank 0 is gone
             _warn_once(decision)
             return decision
         logger.info(f"Launching {decision.reason}: this process is rank 0.")

@@ -5,32 +5,24 @@
 
 It is a loguru logger with its own core and its own sink (stderr), so the
 user's ``loguru.logger`` is neither reconfigured nor sent our lines. Only
-rank 0 prints (``RANK`` env var, or the initialized process group).
+rank 0 prints (:func:`moreh_ap.ranks.launch_rank`: the launcher's variables, or the initialized process
+group).
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import loguru
-import torch.distributed as dist
 
 from moreh_ap import env as _env
+from moreh_ap.ranks import launch_rank
 
 __all__ = ["logger", "current_rank", "format_record"]
 
 
 def current_rank() -> int:
-    """This process's global rank: the process group if up, else ``RANK``, else 0."""
-    try:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
-    except Exception:
-        pass
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
+    """This process's global rank (:func:`moreh_ap.ranks.launch_rank`)."""
+    return launch_rank()
 
 
 def format_record(record) -> str:

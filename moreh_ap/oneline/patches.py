@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
 
 import torch
 import torch.nn.utils.clip_grad as clip_mod
@@ -12,11 +11,13 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from moreh_ap.ap_options import APOptions
 from moreh_ap.log import logger
+from moreh_ap.oneline.aside import register_uninstall
 from moreh_ap.oneline.cuda_calls import cpu_instead_of_cuda, patch_cuda_calls, restore_cuda_calls
 from moreh_ap.oneline.engage import APNotEngagedError
 from moreh_ap.oneline.probe import probe_call, remove_probe
 from moreh_ap.oneline.state import STATE, Internal, cuda_available, has_trainable, internal
 from moreh_ap.oneline.writes import patch_library_writes, patch_writes, restore_writes
+from moreh_ap.ranks import identity
 
 __all__ = ["install", "install_failed", "uninstall"]
 
@@ -116,6 +117,9 @@ def uninstall() -> None:
     STATE.deferred.clear()
 
 
+register_uninstall(uninstall)  # the probe removes every hook through it when AP stands aside
+
+
 def _adopt_existing_optimizers() -> None:
     """Optimizers created before the hooks (before ``enable_advanced_parallelization()``) are found too: the
     root probe looks for their parameters like for those created after (one scan of the GC's objects)."""
@@ -130,11 +134,12 @@ def _step_before_engagement(optimizer, _args, _kwargs) -> None:
     if STATE.engaged or internal():
         return
     try:
-        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        found = identity()
     except ValueError:
         return
-    if world <= 1:
+    if found is None or found.world_size <= 1:
         return
+    world, rank = found.world_size, found.rank
     reason = (f"advanced parallelization has not engaged, but {type(optimizer).__name__}.step() runs: each of the "
               f"{world} ranks would train its own copy of the model. AP engages at the first training forward "
               "(model in train mode, grad enabled) of a model whose parameters an optimizer holds; a forward "

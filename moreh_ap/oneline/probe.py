@@ -4,7 +4,8 @@
 The first call of a module that is in training mode, runs with grad enabled and holds parameters of
 an optimizer created meanwhile is the ROOT. Its enclosing calls are seen first, so the outermost
 such module wins. At that call AP engages (:func:`moreh_ap.oneline.engage.engage`) and the probe is
-removed. (``Module._call_impl`` binds ``self.forward`` before hooks run, so a forward pre-hook could
+removed, unless the script distributes itself (its own process group, DDP or FSDP): then AP stands aside
+(:mod:`moreh_ap.oneline.aside`) and the script runs as written. (``Module._call_impl`` binds ``self.forward`` before hooks run, so a forward pre-hook could
 not redirect the current call.)
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from moreh_ap.log import logger
+from moreh_ap.oneline.aside import stand_aside
 from moreh_ap.oneline.engage import engage
 from moreh_ap.oneline.state import STATE, Internal, cuda_available, has_trainable, internal
 
@@ -45,6 +47,8 @@ def probe_call(self, *args, **kwargs):
             STATE.deferred.discard(self)  # a deferred module used on its own: place it now
             with Internal():
                 self.cuda()
+        return original(self, *args, **kwargs)
+    if stand_aside(self):  # the script distributes itself: every hook is gone, it runs as written
         return original(self, *args, **kwargs)
     remove_probe()
     STATE.engaged = True

@@ -5,7 +5,9 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from moreh_ap.env import NPROC
 from moreh_ap.planner.calibration import load_or_measure
+from moreh_ap.ranks import world_sizes
 
 GiB = 1024**3
 
@@ -127,9 +129,10 @@ class Cluster:
     def detect(cls, *, calibrate: bool = False) -> Cluster:
         """The cluster this process runs in.
 
-        World size comes from the process group when one is up, else from
-        ``WORLD_SIZE`` / ``MOREH_AP_NPROC``; devices per node from
-        ``LOCAL_WORLD_SIZE`` or the CUDA device count. CUDA devices are matched
+        World size comes from the process group when one is up, else from the
+        launch (:func:`moreh_ap.ranks.world_sizes`: the self-launcher's variables or
+        torchrun's ``WORLD_SIZE``) or ``MOREH_AP_NPROC``; devices per node from the
+        launch's local world size, ``MOREH_AP_NPROC`` or the CUDA device count. CUDA devices are matched
         to a preset by name and their real memory is used; without CUDA the
         ``cpu`` preset. With ``calibrate=True`` the calibration DB is loaded
         from the cache (or measured once) and attached.
@@ -184,16 +187,12 @@ def _detect_world() -> tuple[int, int]:
             world = dist.get_world_size()
     except Exception:
         pass
-    env = os.environ
+    launch_world, launch_local = world_sizes()
+    nproc = os.environ.get(NPROC, "").strip()
+    nproc = int(nproc) if nproc.isdigit() else None
     if world is None:
-        for key in ("WORLD_SIZE", "MOREH_AP_NPROC"):
-            if env.get(key, "").strip().isdigit():
-                world = int(env[key])
-                break
-    for key in ("LOCAL_WORLD_SIZE", "MOREH_AP_NPROC"):
-        if env.get(key, "").strip().isdigit():
-            local = int(env[key])
-            break
+        world = launch_world or nproc
+    local = launch_local or nproc
     if local is None:
         try:
             import torch

@@ -1,6 +1,6 @@
 # Process group, sub-groups and weight transfers between ranks for the runtime.
-"""Bring up torch.distributed from torchrun-style env vars; world size, rank and device of this process;
-cached sub-groups; rank 0's weights to other ranks. The device mesh is ``ParallelLayout.build_mesh``."""
+"""Bring up torch.distributed from this process's launch identity (moreh_ap's own variables or torchrun's);
+world size, rank and device of this process; cached sub-groups; rank 0's weights to other ranks. The device mesh is ``ParallelLayout.build_mesh``."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DEVICE_ENV", "init_distributed", "world_size", "rank", "device_for_rank", "subgroup",
+from moreh_ap.ranks import OWN_VARIABLES, identity, local_rank
+
+__all__ = ["DEVICE_ENV", "init_distributed", "created_by_ap", "world_size", "rank", "device_for_rank", "subgroup",
            "broadcast_from_rank0",
            "module_tensors", "send_tensors", "recv_tensors", "BUCKET_BYTES"]
 
@@ -34,10 +36,12 @@ DEVICE_CHOICES = ("cpu", "cuda")
 
 
 def device_for_rank() -> torch.device:
-    """This rank's device: ``MOREH_AP_DEVICE`` when set, else ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``.
+    """This rank's device: ``MOREH_AP_DEVICE`` when set, else ``cuda:<local rank>`` when CUDA is available, else ``cpu``.
 
     ``MOREH_AP_DEVICE=cpu`` keeps the rank on CPU on a CUDA machine (e.g. several gloo ranks on a one-GPU
-    machine); ``cuda`` requires CUDA. On CUDA the device index is ``LOCAL_RANK`` modulo the visible devices.
+    machine); ``cuda`` requires CUDA. On CUDA the device index is the local rank (:func:`moreh_ap.ranks.local_rank`:
+    the self-launcher's ``MOREH_AP_LOCAL_RANK`` or torchrun's ``LOCAL_RANK``) modulo the visible devices; a
+    self-launched rank sees one device (its ``CUDA_VISIBLE_DEVICES``), rank 0 uses the first it sees.
 
     Raises:
         ValueError: ``MOREH_AP_DEVICE`` is not one of "cpu", "cuda", or is "cuda" without a CUDA device.
@@ -49,28 +53,45 @@ def device_for_rank() -> torch.device:
     if kind == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
     if kind == "cuda":
         raise ValueError(f"{DEVICE_ENV}=cuda but no CUDA device is available: set it to 'cpu' or unset it")
     return torch.device("cpu")
 
 
-def init_distributed(*, backend: str | None = None, timeout_s: float | None = None) -> bool:
-    """Initialize the default process group from ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``.
+_ap_group = None
+"""The default process group :func:`init_distributed` created (None until it does)."""
 
-    nccl on CUDA, gloo on CPU, with a bounded timeout (``MOREH_AP_DIST_TIMEOUT`` seconds, default 60)
-    so that a dead peer surfaces as an error instead of a 30-minute hang. Idempotent.
+
+def created_by_ap() -> bool:
+    """Whether the current default process group is the one :func:`init_distributed` created (False when
+    there is none, or the script created its own)."""
+    return dist.is_available() and dist.is_initialized() and _ap_group is not None and _ap_group is dist.group.WORLD
+
+
+def init_distributed(*, backend: str | None = None, timeout_s: float | None = None) -> bool:
+    """Initialize the default process group from this process's launch identity (:mod:`moreh_ap.ranks`).
+
+    Self-launched ranks (``MOREH_AP_RANK``, ``MOREH_AP_WORLD_SIZE``, ``MOREH_AP_MASTER_ADDR``,
+    ``MOREH_AP_MASTER_PORT``) connect to the launcher's rendezvous store and pass it to
+    ``init_process_group``; under torchrun (``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``)
+    ``env://`` initialization is used. nccl on CUDA, gloo on CPU, with a bounded timeout
+    (``MOREH_AP_DIST_TIMEOUT`` seconds, default 60) so that a dead peer surfaces as an error instead of a
+    30-minute hang. Idempotent.
 
     Args:
         backend: override the backend ("gloo", "nccl").
         timeout_s: collective timeout in seconds.
 
     Returns:
-        True when a process group is up (also if it already was), False for a single process without env vars.
+        True when a process group is up (also if it already was), False for a single process without
+        launch variables.
     """
+    global _ap_group
     if dist.is_initialized():
         return True
-    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+    found = identity()
+    if found is None:
         return False
     if timeout_s is None:
         from moreh_ap.env import read_env
@@ -82,13 +103,21 @@ def init_distributed(*, backend: str | None = None, timeout_s: float | None = No
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if backend == "gloo":
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo" if os.environ["MASTER_ADDR"] in ("127.0.0.1", "localhost") else "")
-        if not os.environ["GLOO_SOCKET_IFNAME"]:
-            del os.environ["GLOO_SOCKET_IFNAME"]
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
-                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    addr = found.master_addr or "127.0.0.1"
+    if backend == "gloo" and not os.environ.get("GLOO_SOCKET_IFNAME") and addr in ("127.0.0.1", "localhost"):
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    timeout = timedelta(seconds=timeout_s)
+    if found.source == "moreh_ap":
+        if found.master_port is None:
+            raise ValueError(f"{OWN_VARIABLES['master_port']} is not set: a self-launched rank needs the "
+                             "launcher's rendezvous port")
+        store = dist.TCPStore(addr, found.master_port, found.world_size, is_master=False, timeout=timeout)
+        dist.init_process_group(backend=backend, store=store, timeout=timeout, rank=found.rank,
+                                world_size=found.world_size)
+    else:
+        os.environ.setdefault("MASTER_ADDR", addr)
+        dist.init_process_group(backend=backend, timeout=timeout, rank=found.rank, world_size=found.world_size)
+    _ap_group = dist.group.WORLD
     return True
 
 

@@ -15,12 +15,14 @@ import time
 
 import torch
 
+import moreh_ap
+
 OUT = sys.argv[1]
 MODE = sys.argv[2] if len(sys.argv) > 2 else "line"
-RANK = int(os.environ.get("RANK", "0"))
 
 if MODE == "line":
     torch.moreh.option.enable_advanced_parallelization(mixed_precision=False)
+RANK = moreh_ap.launch_rank()  # the self-launcher's rank (its script sees no RANK) or torchrun's
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 

@@ -18,11 +18,15 @@ ROOT = REPO_ROOT
 SCRIPT = textwrap.dedent(
     """
     import os, sys
-    print(f"before-line pid={os.getpid()}", flush=True)   # runs once per rank
+    LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                   "GROUP_RANK", "TORCHELASTIC_USE_AGENT_STORE")
+    seen = lambda: [v for v in LAUNCH_VARS if v in os.environ]
+    print(f"before-line pid={os.getpid()} env={seen()}", flush=True)   # runs once per rank
     import torch
     import torch.distributed as dist
     torch.moreh.option.enable_advanced_parallelization()
     import moreh_ap
+    after_line = seen()
     moreh_ap.runtime.init_distributed(timeout_s=60)
     t = torch.tensor([dist.get_rank() + 1.0])
     dist.all_reduce(t)
@@ -30,9 +34,39 @@ SCRIPT = textwrap.dedent(
         raise RuntimeError(f"boom on rank {dist.get_rank()}")
     dist.barrier()
     print(f"rank {dist.get_rank()}/{dist.get_world_size()} sum={t.item():g} argv={sys.argv[1:]}", flush=True)
+    print(f"launch_rank={moreh_ap.launch_rank()} env={after_line}{seen()}", flush=True)
     dist.destroy_process_group()
     """
 )
+
+ENGAGING_SCRIPT = textwrap.dedent(
+    """
+    import os
+    LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                   "GROUP_RANK", "TORCHELASTIC_USE_AGENT_STORE")
+    seen = lambda: [v for v in LAUNCH_VARS if v in os.environ]
+    env = {"start": seen()}
+    import torch
+    torch.moreh.option.enable_advanced_parallelization(mixed_precision=False)
+    import moreh_ap
+    env["line"] = seen()
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    model = LlamaForCausalLM(config).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.randint(0, 64, (6, 8), generator=torch.Generator().manual_seed(0)).cuda()
+    for step in range(2):
+        loss = model(ids, labels=ids).loss
+        env[f"step{step}"] = seen()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    engaged = moreh_ap.oneline.is_engaged()
+    print(f"launch_rank={moreh_ap.launch_rank()} engaged={engaged} env={env}", flush=True)
+    """
+)
+NO_VARS = "env={'start': [], 'line': [], 'step0': [], 'step1': []}"
 
 
 def _write(tmp_path, name="train.py", text=SCRIPT):
@@ -59,7 +93,8 @@ def test_decide():
     d = launcher.decide({}, cuda_count=4)
     assert (d.launch, d.nproc, d.device) == (True, 4, "cuda")
     assert launcher.decide({"MOREH_AP_NPROC": "8"}, cuda_count=4).device == "cpu"
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "MOREH_AP_LAUNCHED"):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "MOREH_AP_LAUNCHED", "MOREH_AP_RANK",
+                "MOREH_AP_WORLD_SIZE", "MOREH_AP_LOCAL_RANK"):
         d = launcher.decide({"MOREH_AP_NPROC": "2", var: "1"}, cuda_count=0)
         assert not d.launch and "already a rank" in d.reason
     with pytest.raises(ValueError, match="MOREH_AP_NPROC"):
@@ -91,6 +126,9 @@ def test_two_ranks_from_plain_python(tmp_path):
     assert "rank 1/2" not in proc.stdout and proc.stdout.count("before-line") == 1
     assert "rank 1/2 sum=3 argv=['--x', '1']" in _rank_log(cache, 1)
     assert _rank_log(cache, 1).count("before-line") == 1
+    # the script sees none of torchrun's variables, before or after the line, on any rank; launch_rank() says
+    for rank, out in ((0, proc.stdout), (1, _rank_log(cache, 1))):
+        assert "env=[]" in out and f"launch_rank={rank} env=[][]" in out, out
     assert "[info] Launching 2 local cpu ranks: this process is rank 0." in proc.stderr
     run_dir = next((cache / "logs").iterdir())
     assert f"[info] Output of rank 1 goes to {run_dir} (rank<r>.stdout.log, rank<r>.stderr.log)" in proc.stderr
@@ -105,6 +143,20 @@ def test_two_ranks_from_plain_python(tmp_path):
 
 
 @pytest.mark.multirank
+def test_ranks_see_no_launch_variables_after_engagement(tmp_path):
+    """Three self-launched ranks train a tiny Llama with AP engaged (a pinned dp=3 config): on every rank the
+    script sees none of torchrun's variables at its start, after the line and after engagement, and
+    ``moreh_ap.launch_rank()`` gives the ranks 0, 1, 2."""
+    script = _write(tmp_path, text=ENGAGING_SCRIPT)
+    config = '{"num_stages": 1, "num_micro_batches": 1, "batch_per_device": 2, "mixed_precision": false}'
+    proc, _ = _run([str(script)], cwd=tmp_path, MOREH_AP_NPROC="3", MOREH_AP_RANK_OUTPUT="all",
+                   MOREH_AP_CONFIG=config, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("launch_rank="))
+    assert lines == [f"launch_rank={r} engaged=True {NO_VARS}" for r in range(3)], proc.stdout
+
+
+@pytest.mark.multirank
 def test_module_launch_and_env_only(tmp_path):
     _write(tmp_path, "pkg/__init__.py", "")
     _write(tmp_path, "pkg/train.py")
@@ -112,11 +164,12 @@ def test_module_launch_and_env_only(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "rank 0/2 sum=3 argv=['a']" in proc.stdout
     assert "rank 1/2 sum=3 argv=['a']" in _rank_log(tmp_path / "c", 1)
-    env_only = _write(tmp_path, "envonly.py", "import os, torch\nprint('rank', os.environ.get('RANK'), flush=True)\n")
+    env_only = _write(tmp_path, "envonly.py", "import os, torch, moreh_ap\n"
+                      "print('rank', moreh_ap.launch_rank(), os.environ.get('RANK'), flush=True)\n")
     proc, _ = _run([str(env_only)], cwd=tmp_path, MOREH_AP_NPROC="2", MOREH_ENABLE_ADVANCED_PARALLELIZATION="1",
                    MOREH_AP_RANK_OUTPUT="all")
     assert proc.returncode == 0, proc.stderr
-    assert sorted(proc.stdout.split("\n")[:2]) == ["rank 0", "rank 1"]
+    assert sorted(proc.stdout.split("\n")[:2]) == ["rank 0 None", "rank 1 None"]
 
 
 @pytest.mark.multirank

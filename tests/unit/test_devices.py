@@ -18,15 +18,21 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
 
 
-def test_auto_is_cuda_local_rank_on_a_cuda_machine(fake_cuda, monkeypatch):
+@pytest.mark.parametrize("prefix", ["", "MOREH_AP_"])
+def test_auto_is_cuda_local_rank_on_a_cuda_machine(fake_cuda, monkeypatch, prefix):
+    """The local rank is torchrun's LOCAL_RANK or the self-launcher's MOREH_AP_LOCAL_RANK."""
     monkeypatch.delenv("MOREH_AP_DEVICE", raising=False)
-    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv(prefix + "RANK", "3")
+    monkeypatch.setenv(prefix + "WORLD_SIZE", "4")
+    monkeypatch.setenv(prefix + "LOCAL_RANK", "3")
     assert device_for_rank() == torch.device("cuda", 1)
     monkeypatch.setenv("MOREH_AP_DEVICE", "cuda")
     assert device_for_rank() == torch.device("cuda", 1)
 
 
 def test_moreh_ap_device_cpu_keeps_ranks_on_cpu_on_a_cuda_machine(fake_cuda, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("MOREH_AP_DEVICE", "cpu")
     assert device_for_rank() == torch.device("cpu")

@@ -1,6 +1,8 @@
 # Tests of moreh_ap.log: the seed's format, rank 0 only, and the user's loguru left alone.
 import re
 
+import pytest
+
 from loguru import logger as user_logger
 
 from moreh_ap.log import logger
@@ -14,11 +16,14 @@ def test_seed_format_on_stderr(capsys):
     assert any(LINE.match(line) for line in err), err
 
 
-def test_only_rank_zero_prints(capsys, monkeypatch):
-    monkeypatch.setenv("RANK", "1")
+@pytest.mark.parametrize("rank_var,world_var", [("RANK", "WORLD_SIZE"), ("MOREH_AP_RANK", "MOREH_AP_WORLD_SIZE")])
+def test_only_rank_zero_prints(capsys, monkeypatch, rank_var, world_var):
+    """The rank comes from torchrun's variables or the self-launcher's own."""
+    monkeypatch.setenv(world_var, "2")
+    monkeypatch.setenv(rank_var, "1")
     logger.info("from rank one")
     assert "from rank one" not in capsys.readouterr().err
-    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv(rank_var, "0")
     logger.warning("from rank zero")
     assert "[warning] from rank zero" in capsys.readouterr().err
 

@@ -230,10 +230,12 @@ def test_optimizer_created_before_enable_is_found(in_tmp):
     STATE.engines.pop(model)  # the engine holds the model: later tests expect no engaged model
 
 
+@pytest.mark.parametrize("prefix", ["", "MOREH_AP_"])  # torchrun's RANK/WORLD_SIZE or the self-launcher's
 @pytest.mark.parametrize("rank", [0, 1])
-def test_a_step_before_engagement_stops_every_rank_but_0(rank, monkeypatch, in_tmp, capfd):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", str(rank))
+def test_a_step_before_engagement_stops_every_rank_but_0(rank, prefix, monkeypatch, in_tmp, capfd):
+    monkeypatch.setenv(prefix + "WORLD_SIZE", "2")
+    monkeypatch.setenv(prefix + "RANK", str(rank))
+    monkeypatch.setattr(STATE, "warned", set())  # the once-only warning, fresh for each case
     enable_advanced_parallelization()
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -248,5 +250,5 @@ def test_a_step_before_engagement_stops_every_rank_but_0(rank, monkeypatch, in_t
     opt.step()
     assert capfd.readouterr().err.count("each of the 2 ranks would train its own copy") == 1
     oneline.uninstall()
-    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv(prefix + "RANK", "1")
     opt.step()  # the hook is gone with the line
