@@ -139,6 +139,8 @@ class ParallelModel(nn.Module):
         self._split_name = adapter.name
         self._orig_keys = list(model.state_dict().keys())
         ids = param_names(model)
+        self._tied_keys = [names for names in ids.values() if len(names) > 1]
+        """Original names that share one parameter (a tie): one tensor under each in the full state dict."""
         ranges = self.layout.stage_ranges(len(adapter.blocks()), config.boundaries) if self.pp > 1 else []
         stages = A.apply_pipeline(adapter, self.layout, pp_rank=self.pp_rank, ranges=ranges)
         for st in stages:
@@ -297,7 +299,8 @@ class ParallelModel(nn.Module):
 
         A collective: call it on every rank.
         """
-        return full_state_dict(self._stages, self.wrapper, keys=self._orig_keys, dp_rank=self.dp_rank)
+        return full_state_dict(self._stages, self.wrapper, keys=self._orig_keys, dp_rank=self.dp_rank,
+                               tied=self._tied_keys)
 
     def load_full_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True):
         """Load a one-device state dict (the model's original names, full tensors): every rank passes the whole

@@ -13,10 +13,12 @@ __all__ = ["full_state_dict", "load_full_state_dict", "reshard_fsdp"]
 
 
 @torch.no_grad()
-def full_state_dict(stages: list[Stage], wrapper: Wrapper, *, keys: list[str], dp_rank: int) -> dict[str, torch.Tensor]:
+def full_state_dict(stages: list[Stage], wrapper: Wrapper, *, keys: list[str], dp_rank: int,
+                    tied: list[list[str]] = ()) -> dict[str, torch.Tensor]:
     """Full weights of the model on rank 0 (``{}`` elsewhere), in the order of ``keys`` (its original names).
 
-    A collective: every rank calls it. Sharded tensors are gathered whole; tied ones appear under each name;
+    A collective: every rank calls it. Sharded tensors are gathered whole; tied ones appear under each name as
+    ONE tensor object, as on one device (so ``save_pretrained``/safetensors see the tie and store it once);
     the dp-index-0 rank of every pipeline rank sends its stages' tensors (on the CPU) to rank 0.
 
     Args:
@@ -24,6 +26,7 @@ def full_state_dict(stages: list[Stage], wrapper: Wrapper, *, keys: list[str], d
         wrapper: the data-parallel wrapper around them.
         keys: the original model's state-dict keys.
         dp_rank: this rank's data-parallel coordinate.
+        tied: groups of original names that share one parameter.
 
     Raises:
         RuntimeError: some key is held by no rank.
@@ -46,6 +49,11 @@ def full_state_dict(stages: list[Stage], wrapper: Wrapper, *, keys: list[str], d
     for part in gathered:
         for k, v in part.items():
             merged.setdefault(k, v)
+    for names in tied:
+        held = next((merged[n] for n in names if n in merged), None)
+        for n in names:
+            if held is not None and n in merged:
+                merged[n] = held
     missing = [k for k in keys if k not in merged]
     if missing:
         raise RuntimeError(f"full_state_dict: no rank held {missing[:5]}")

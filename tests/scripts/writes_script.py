@@ -15,6 +15,7 @@ import torch
 
 torch.moreh.option.enable_advanced_parallelization(mixed_precision=False)
 
+import moreh_ap  # noqa: E402
 import safetensors.torch as st  # noqa: E402
 import transformers.trainer as hf_trainer  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
@@ -22,7 +23,7 @@ from tokenizers.models import WordLevel  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerState  # noqa: E402
 
 OUT = sys.argv[1]
-LAUNCH_RANK = os.environ.get("RANK", "0")  # before engagement only (the launcher's variable, for now)
+LAUNCH_RANK = moreh_ap.launch_rank()  # the script's way to know its rank (no RANK in its environment)
 
 config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0)
