@@ -18,7 +18,8 @@ GPT_CFG = GPTConfig()
 
 
 def _state(model) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    # after engagement only rank 0 gets the weights; the other ranks get meta placeholders (no data)
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not v.is_meta}
 
 
 def _norm(model) -> float:
