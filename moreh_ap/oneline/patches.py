@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 
 import torch
+import torch.distributed as dist
 import torch.nn.utils.clip_grad as clip_mod
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -18,6 +19,7 @@ from moreh_ap.oneline.probe import probe_call, remove_probe
 from moreh_ap.oneline.state import STATE, Internal, cuda_available, has_trainable, internal
 from moreh_ap.oneline.writes import patch_library_writes, patch_writes, restore_writes
 from moreh_ap.ranks import identity
+from moreh_ap.runtime.dist import created_by_ap
 
 __all__ = ["install", "install_failed", "uninstall"]
 
@@ -178,10 +180,19 @@ def _module_cuda(self, device=None):
         return STATE.originals["module_cuda"](self, device)
     if not cuda_available():
         return self
-    if not STATE.cpu_only and not STATE.engaged and has_trainable(self):
+    if _defer(self):
         STATE.deferred.add(self)  # placed at engagement: only what this rank keeps
         return self
     return STATE.originals["module_cuda"](self, device)
+
+
+def _defer(module: nn.Module) -> bool:
+    """Whether ``module.cuda()`` waits for engagement: a model with trainable parameters, AP not engaged, and
+    no process group the script created itself (such a script distributes itself: AP will stand aside at its
+    first forward, so its ``.cuda()`` before ``DistributedDataParallel(model)`` must happen now)."""
+    if STATE.cpu_only or STATE.engaged or not has_trainable(module):
+        return False
+    return not (dist.is_available() and dist.is_initialized() and not created_by_ap())
 
 
 def _module_to(self, *args, **kwargs):
@@ -193,7 +204,7 @@ def _module_to(self, *args, **kwargs):
     device, dtype, _non_blocking, _fmt = torch._C._nn._parse_to(*args, **kwargs)
     if device is None or device.type != "cuda":
         return STATE.originals["module_to"](self, *args, **kwargs)
-    if STATE.cpu_only or STATE.engaged or not has_trainable(self):
+    if not _defer(self):
         return STATE.originals["module_to"](self, *args, **kwargs)
     STATE.deferred.add(self)  # placed at engagement: only what this rank keeps
     if dtype is not None:
