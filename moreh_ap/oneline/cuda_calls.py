@@ -35,7 +35,7 @@ def patch_cuda_calls() -> None:
     torch.Tensor.to = _tensor_to
     for name in _NAMES:
         originals[f"cuda_{name}"] = getattr(torch.cuda, name)
-        setattr(torch.cuda, name, _no_op)
+        setattr(torch.cuda, name, _no_op_named(name))
 
 
 def restore_cuda_calls() -> None:
@@ -48,9 +48,15 @@ def restore_cuda_calls() -> None:
         setattr(torch.cuda, name, originals.pop(f"cuda_{name}"))
 
 
-def _no_op(*_args, **_kwargs) -> None:
-    """``torch.cuda.set_device`` / ``torch.cuda.synchronize`` on a machine without CUDA."""
-    return None
+def _no_op_named(name: str):
+    """A no-op standing in for ``torch.cuda.<name>`` on a machine without CUDA: one function object per name
+    (torch.compile's tracing rules map torch functions by object; one object under two names is an error)."""
+
+    def no_op(*_args, **_kwargs) -> None:
+        return None
+
+    no_op.__name__ = no_op.__qualname__ = name
+    return no_op
 
 
 def _names_cuda(value: Any) -> bool:

@@ -65,3 +65,15 @@ def test_each_cuda_call_is_accepted_and_restored(mode, monkeypatch):
     assert torch.Tensor.to is _ORIGINAL_TO
     assert torch.cuda.set_device is _ORIGINAL_SET_DEVICE and torch.cuda.synchronize is _ORIGINAL_SYNC
     _calls_fail_as_in_plain_torch()
+
+
+def test_patched_cuda_calls_keep_torch_compile_working():
+    """torch.compile maps torch functions by object: the stand-ins must be one object per name."""
+    from torch._dynamo import trace_rules
+
+    enable_advanced_parallelization()
+    try:
+        assert torch.cuda.set_device is not torch.cuda.synchronize
+        trace_rules.get_torch_obj_rule_map.__wrapped__()  # built fresh (the cached map may predate the patch)
+    finally:
+        disable_advanced_parallelization()
