@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from moreh_ap.models.tp_plan import TPPlan
 
 __all__ = ["ModelAdapter", "block_signature", "clean_name", "is_hf_model", "map_stage_names", "param_names"]
 
@@ -142,12 +145,12 @@ class ModelAdapter:
         """``model.config.vocab_size`` when the model has one (the HF loss needs it)."""
         return getattr(getattr(self.model, "config", None), "vocab_size", None)
 
-    def tp_plan(self) -> dict[str, Any] | None:
-        """Tensor-parallel plan of a block: ``{submodule FQN inside a block: torch ParallelStyle}``.
+    def tp_plan(self) -> "TPPlan | None":
+        """The family's tensor-parallel plan (:class:`~moreh_ap.models.tp_plan.TPPlan`), or None: no tensor
+        parallelism for this family (the planner plans ``tp = 1`` and the runtime refuses ``tp > 1``).
 
-        Room for tensor parallelism: no family has one yet and the runtime does not read it (tp = 1).
-        A family that gets one returns, e.g. for Llama, ``{"self_attn.q_proj": ColwiseParallel(), ...,
-        "self_attn.o_proj": RowwiseParallel(), ...}`` as ``parallelize_module`` takes it.
+        Families with one: Hugging Face Llama-family and GPT-2 (Megatron-style column-split q/k/v and MLP
+        input, row-split attention output and MLP output, vocabulary-parallel embedding and head).
         """
         return None
 

@@ -58,3 +58,25 @@ class GPT2Adapter(ModelAdapter):
     def build_stage(self, lo, hi, *, first, last):
         stage = _GPT2Stage(self.model, self.blocks()[lo:hi], first, last)
         return stage, stage.h
+
+    def tp_plan(self):
+        """``attn.c_attn`` (q, k, v side by side: re-laid per rank first) and ``mlp.c_fc`` column-split,
+        ``attn.c_proj`` and ``mlp.c_proj`` row-split (``Conv1D`` weights are ``(in, out)``); the attention's
+        ``split_size`` / ``num_heads`` count the local heads. ``wte`` vocabulary-parallel and ``lm_head``
+        column-split with logits gathered: both shard the tied weight's dim 0, so the tie is kept."""
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+        from moreh_ap.models.tp_plan import TPPlan
+        from moreh_ap.models.tp_styles import Conv1DColwise, Conv1DRowwise
+
+        cfg = self.model.config
+        if getattr(cfg, "add_cross_attention", False):  # q_attn, a second fused projection: no plan
+            return None
+        block = {"attn.c_attn": Conv1DColwise(), "attn.c_proj": Conv1DRowwise(),
+                 "mlp.c_fc": Conv1DColwise(), "mlp.c_proj": Conv1DRowwise()}
+        outer = {"transformer.wte": RowwiseParallel(input_layouts=Replicate()),
+                 "lm_head": ColwiseParallel(output_layouts=Replicate())}
+        return TPPlan(block=block, outer=outer, divisible={"attention heads": cfg.n_head},
+                      relay={"attn.c_attn.weight": (1, 3), "attn.c_attn.bias": (0, 3)},
+                      local_attrs={"attn": ("split_size", "num_heads")})

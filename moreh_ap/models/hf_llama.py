@@ -59,3 +59,30 @@ class LlamaAdapter(ModelAdapter):
     def build_stage(self, lo, hi, *, first, last):
         stage = _LlamaStage(self.model, self.blocks()[lo:hi], first, last)
         return stage, stage.layers
+
+    def tp_plan(self):
+        """q/k/v and gate/up column-split, o/down row-split (heads and KV heads divide by tp); the embedding
+        vocabulary-parallel and the head column-split with logits gathered (both shard the vocabulary, dim 0 of
+        the weight, so a tied pair stays tied). An embedding with a ``padding_idx`` stays replicated (and so
+        does a head tied to it)."""
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+        from moreh_ap.models.tp_plan import TPPlan
+        from moreh_ap.models.tp_styles import ReplicateParams
+
+        cfg = self.model.config
+        heads = cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        block = {f"self_attn.{n}": ColwiseParallel() for n in ("q_proj", "k_proj", "v_proj")}
+        block.update({"self_attn.o_proj": RowwiseParallel(), "mlp.gate_proj": ColwiseParallel(),
+                      "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()})
+        embed = self.model.model.embed_tokens
+        tied = self.model.lm_head.weight is embed.weight
+        if embed.padding_idx is None:
+            outer = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate()),
+                     "lm_head": ColwiseParallel(output_layouts=Replicate())}
+        else:
+            outer = {"model.embed_tokens": ReplicateParams(),
+                     "lm_head": ReplicateParams() if tied else ColwiseParallel(output_layouts=Replicate())}
+        return TPPlan(block=block, outer=outer, divisible={"attention heads": heads, "key/value heads": kv})

@@ -27,13 +27,15 @@ __all__ = ["copy_rank0_weights", "wrap_stages", "rebind_optimizer"]
 
 @torch.no_grad()
 def copy_rank0_weights(adapter: ModelAdapter, stages: list[A.Stage], *, layout: ParallelLayout,
-                       ranges: list[tuple[int, int]], mesh: Any, dp_rank: int, device: torch.device) -> None:
+                       ranges: list[tuple[int, int]], mesh: Any, dp_rank: int, device: torch.device,
+                       tp_rank: int = 0) -> None:
     """Global rank 0's values into this rank's stage tensors (already on this rank's device).
 
     Rank 0 holds the whole model (its own stages on its device, the rest where the user left
-    them): it sends pp rank p's stage tensors to the dp-index-0 rank of pp rank p, one bucket
+    them): it sends pp rank p's stage tensors to the (dp, tp)-index-0 rank of pp rank p, one bucket
     at a time copied to its device (NCCL sends device memory; gloo takes either); then every pp
-    rank's dp group broadcasts from its dp-index-0 rank, as DDP does at construction.
+    rank's dp group broadcasts from its dp-index-0 rank, as DDP does at construction, and every
+    tensor-parallel group from its tp-index-0 rank (before tensor parallelism splits anything).
     """
     if mesh is None:
         return
@@ -44,17 +46,19 @@ def copy_rank0_weights(adapter: ModelAdapter, stages: list[A.Stage], *, layout: 
                 theirs = A.apply_pipeline(adapter, layout, pp_rank=p, ranges=ranges)
                 send_tensors(module_tensors([st.module for st in theirs]), dst=layout.rank(pp=p, dp=0),
                              device=device)
-        elif dp_rank == 0:
+        elif dp_rank == 0 and tp_rank == 0:
             recv_tensors(mine, src=0)
     if layout.dp > 1:
         dist._broadcast_coalesced(mesh.get_group("dp"), mine, BUCKET_BYTES, 0)
+    if layout.tp > 1:
+        dist._broadcast_coalesced(mesh.get_group("tp"), mine, BUCKET_BYTES, 0)
 
 
 def wrap_stages(stages: list[A.Stage], config: ParallelConfig, *, layout: ParallelLayout, mesh: Any) -> A.Wrapper:
     """Recompute wrappers (``config.recomputation``), then the data-parallel wrapper; returns which one.
 
-    FSDP2 with ``distribute_param``; else FSDP-based replicate inside a pipeline, DDP without one (dp > 1);
-    nothing without a process group.
+    FSDP2 with ``distribute_param``; else FSDP-based replicate inside a pipeline or with tensor parallelism
+    (DDP cannot broadcast DTensor parameters), DDP otherwise (dp > 1); nothing without a process group.
     """
     if config.recomputation:
         for st in stages:
@@ -67,7 +71,7 @@ def wrap_stages(stages: list[A.Stage], config: ParallelConfig, *, layout: Parall
         if config.distribute_param:
             A.apply_fsdp(st, config, dp_mesh)
             wrapper = A.Wrapper.FSDP
-        elif layout.pp > 1:
+        elif layout.pp > 1 or (layout.tp > 1 and layout.dp > 1):
             A.apply_replicate(st, config, dp_mesh)
             wrapper = A.Wrapper.REPLICATE
         elif layout.dp > 1:
@@ -77,14 +81,15 @@ def wrap_stages(stages: list[A.Stage], config: ParallelConfig, *, layout: Parall
 
 
 def rebind_optimizer(optimizer: torch.optim.Optimizer, ids: dict[int, list[str]], *, stages: list[A.Stage],
-                     wrapper: A.Wrapper) -> OptimizerMap:
+                     wrapper: A.Wrapper, relays: dict | None = None) -> OptimizerMap:
     """Point ``optimizer``'s param groups at this rank's parameters (same groups and hyper-parameters).
 
     A parameter held by no stage of this rank leaves its group; a tied one appears once. State the
     optimizer already holds (loaded from a checkpoint, or from earlier steps) is taken from global rank 0
     and laid onto this rank's parameters (:func:`moreh_ap.runtime.optim_transfer.carry_rank0_state`, a
     collective). The returned map (also kept for the optimizer, :func:`moreh_ap.runtime.optim_state.map_of`)
-    relates the rebound parameters to the user's one-device indices.
+    relates the rebound parameters to the user's one-device indices; ``relays`` (original name -> re-lay of a
+    parameter held in tensor-parallel order) lets it lay and gather their state in one-device order.
 
     Raises:
         ValueError: the optimizer holds a parameter that is not in the model.
@@ -97,7 +102,8 @@ def rebind_optimizer(optimizer: torch.optim.Optimizer, ids: dict[int, list[str]]
         if any(ids.get(id(p)) is None for p in group["params"]):
             raise ValueError("parallelize: the optimizer holds a parameter that is not in the model")
     before = plain_class(optimizer).state_dict(optimizer) if len(optimizer.state) > 0 else None
-    omap = OptimizerMap(group_names=[[ids[id(p)][0] for p in g["params"]] for g in optimizer.param_groups])
+    omap = OptimizerMap(group_names=[[ids[id(p)][0] for p in g["params"]] for g in optimizer.param_groups],
+                        relays=dict(relays or {}))
     used = set()
     for group in optimizer.param_groups:
         new = []

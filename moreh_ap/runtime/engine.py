@@ -29,6 +29,7 @@ from moreh_ap.models import ModelAdapter, find_adapter, map_stage_names, param_n
 from moreh_ap.runtime.state_dict import full_state_dict
 from moreh_ap.runtime.steps import LossSource, StepRunner, to_device
 from moreh_ap.runtime.ties import find_tied_params, norm_params, sum_tied_grads
+from moreh_ap.runtime.tp import align_grads, apply_tp, check_tp
 
 __all__ = ["parallelize", "ParallelModel", "StepOutput"]
 
@@ -51,7 +52,8 @@ def parallelize(model: nn.Module, config: ParallelConfig, *, optimizer: torch.op
 
     Args:
         model: the full model (same class and shapes on every rank; rank 0's weights win).
-        config: the parallel configuration (``tp`` must be 1).
+        config: the parallel configuration (``tp > 1`` needs a family with a tensor-parallel plan:
+            Hugging Face Llama-family and GPT-2, with attention heads and KV heads divisible by ``tp``).
         optimizer: the user's optimizer over ``model.parameters()``, with empty state; it is rebound to
             this rank's (possibly sharded) parameters, keeping param groups and hyper-parameters. An
             optimizer with a ``set_grad_norm_fn`` method (FusedLAMB) is given the model's global
@@ -80,9 +82,6 @@ def parallelize(model: nn.Module, config: ParallelConfig, *, optimizer: torch.op
         raise TypeError(f"parallelize: model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(config, ParallelConfig):
         raise TypeError(f"parallelize: config must be a ParallelConfig, got {type(config).__name__}")
-    if config.tp != 1:
-        raise NotImplementedError(f"ParallelConfig.tp={config.tp}: tensor parallelism is not supported by the "
-                                  "runtime yet; use tp=1")
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"parallelize: loss_fn must be callable, got {type(loss_fn).__name__}")
     if output_loss is not None and not callable(output_loss):
@@ -106,6 +105,8 @@ def parallelize(model: nn.Module, config: ParallelConfig, *, optimizer: torch.op
                                   f"pipeline split of it ({adapter.name}) computes that loss on the last stage; "
                                   f"use num_stages=1 (got {config.num_stages})")
     config.validate(world, num_blocks=len(adapter.blocks()) if config.num_stages > 1 else None)
+    if config.tp > 1:
+        check_tp(adapter, config.tp)
     with failure_policy("parallelize", user_errors=(ValueError, TypeError, NotImplementedError)):
         pm = ParallelModel(model, config, adapter, optimizer=optimizer, loss_fn=loss_fn, output_loss=output_loss)
     pm._probe = StepProbe(pm, optimizer=optimizer, prediction=prediction) if measure else None
@@ -119,7 +120,7 @@ class ParallelModel(nn.Module):
         config: the applied config.
         layout: degrees, this run's rank grid and stage placement.
         mesh: the device mesh (None for one process).
-        pp_rank, dp_rank: this rank's coordinates.
+        pp_rank, dp_rank, tp_rank: this rank's coordinates.
         stage_modules: this rank's (wrapped) stage modules.
         wrapper: the data-parallel wrapper around them.
     """
@@ -135,7 +136,7 @@ class ParallelModel(nn.Module):
         self.layout = ParallelLayout.from_config(config, world_size())
         self.mesh = self.layout.build_mesh(self.device.type)
         coords = self.layout.coords(rank())
-        self.pp_rank, self.dp_rank = coords.pp, coords.dp
+        self.pp_rank, self.dp_rank, self.tp_rank = coords.pp, coords.dp, coords.tp
         self._split_name = adapter.name
         self._orig_keys = list(model.state_dict().keys())
         ids = param_names(model)
@@ -148,9 +149,11 @@ class ParallelModel(nn.Module):
         for st in stages:  # only this rank's stages go to its device; the others' weights stay where they are
             st.module.to(self.device)
         copy_rank0_weights(adapter, stages, layout=self.layout, ranges=ranges, mesh=self.mesh,
-                           dp_rank=self.dp_rank, device=self.device)
+                           dp_rank=self.dp_rank, device=self.device, tp_rank=self.tp_rank)
         self._ties = find_tied_params(model, adapter, ids, layout=self.layout, ranges=ranges,
-                                      pp_rank=self.pp_rank, dp_rank=self.dp_rank)
+                                      pp_rank=self.pp_rank, dp_rank=self.dp_rank, tp_rank=self.tp_rank)
+        self._relays = apply_tp(adapter, stages, tp_mesh=self.mesh["tp"], ids=ids) if self.layout.tp > 1 else {}
+        """Original names of parameters re-laid for tensor parallelism (GPT-2's q/k/v) -> their re-lay."""
         self.wrapper = wrap_stages(stages, config, layout=self.layout, mesh=self.mesh)
         self._stages = stages
         self.stage_modules = nn.ModuleList([s.module for s in stages])
@@ -160,15 +163,16 @@ class ParallelModel(nn.Module):
         self._runner = StepRunner(stages, config=config, layout=self.layout, dp_rank=self.dp_rank,
                                   device=self.device, wrapper=self.wrapper,
                                   pp_group=self.mesh.get_group("pp") if self.mesh is not None and self.pp > 1 else None,
-                                  loss=loss, after_backward=self._sum_tied_grads)
+                                  loss=loss, after_backward=self._after_backward, tp_rank=self.tp_rank)
         self.optimizer = optimizer
         if optimizer is not None:
-            rebind_optimizer(optimizer, ids, stages=stages, wrapper=self.wrapper)
+            rebind_optimizer(optimizer, ids, stages=stages, wrapper=self.wrapper, relays=self._relays)
             set_norm = getattr(optimizer, "set_grad_norm_fn", None)
             if callable(set_norm) and self.world > 1:
                 set_norm(self._optimizer_grad_norm)
         logger.info(f"parallelize: {config.to_moreh_line()}, schedule : {config.schedule if self.pp > 1 else '-'}, "
-                    f"model split : {adapter.name}, data parallel : {self.wrapper.value} over dp {self.dp}")
+                    f"model split : {adapter.name}, data parallel : {self.wrapper.value} over dp {self.dp}"
+                    + (f", tensor parallel over tp {self.layout.tp}" if self.layout.tp > 1 else ""))
 
     # ------------------------------------------------------------------ degrees (from the layout)
     @property
@@ -185,6 +189,11 @@ class ParallelModel(nn.Module):
     def dp(self) -> int:
         """Data-parallel degree."""
         return self.layout.dp
+
+    @property
+    def tp(self) -> int:
+        """Tensor-parallel degree."""
+        return self.layout.tp
 
     # --------------------------------------------------------------- training
     def forward(self, *args, target=None, **kwargs):
@@ -258,7 +267,9 @@ class ParallelModel(nn.Module):
     def _hint(self, exc: BaseException) -> str:
         return block_list_hint(exc, pipelined=self.pp > 1, split_name=self._split_name)
 
-    def _sum_tied_grads(self) -> None:
+    def _after_backward(self) -> None:
+        if self.layout.tp > 1:
+            align_grads(p for _, p in A.named_local_params(self._stages, self.wrapper))
         if self._ties.groups:
             sum_tied_grads(self._ties, {names[0]: p for names, p in A.named_local_params(self._stages, self.wrapper)})
 
@@ -300,7 +311,7 @@ class ParallelModel(nn.Module):
         A collective: call it on every rank.
         """
         return full_state_dict(self._stages, self.wrapper, keys=self._orig_keys, dp_rank=self.dp_rank,
-                               tied=self._tied_keys)
+                               tied=self._tied_keys, relays=self._relays, tp_rank=self.tp_rank)
 
     def load_full_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True):
         """Load a one-device state dict (the model's original names, full tensors): every rank passes the whole
@@ -308,7 +319,8 @@ class ParallelModel(nn.Module):
         ``(missing_keys, unexpected_keys)``; ``strict`` raises ``RuntimeError`` on either, as torch does."""
         from moreh_ap.runtime.state_dict import load_full_state_dict
 
-        return load_full_state_dict(self._stages, self.wrapper, state_dict, keys=self._orig_keys, strict=strict)
+        return load_full_state_dict(self._stages, self.wrapper, state_dict, keys=self._orig_keys, strict=strict,
+                                    relays=self._relays)
 
     def optimizer_state_dict(self) -> dict | None:
         """The optimizer's state as ``optimizer.state_dict()`` gives it on one device (indices in the user's

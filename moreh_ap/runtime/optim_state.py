@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from moreh_ap.models.tp_plan import Relay, from_tp_order, to_tp_order
 from moreh_ap.optim.norms import is_dtensor
 
 __all__ = ["OptimizerMap", "register_map", "map_of", "plain_class", "named_from_one_device", "one_device_from_named",
@@ -35,6 +36,8 @@ class OptimizerMap:
     """Canonical original name of every parameter of every group, in the user's original order."""
     local: dict[str, torch.Tensor] = field(default_factory=dict)
     """Canonical name -> this rank's parameter (possibly a DTensor shard) in the rebound optimizer."""
+    relays: dict[str, Relay] = field(default_factory=dict)
+    """Original name -> re-lay of a parameter held in tensor-parallel order (its state is laid the same way)."""
 
     def index_names(self) -> list[str]:
         """The canonical name of each one-device index (``index_names()[i]`` is parameter ``i``)."""
@@ -144,7 +147,10 @@ def lay_named_state(optimizer: torch.optim.Optimizer, named: dict[str, Any], oma
         for n in _in_group_order(g["params"], held, omap):
             p = omap.local[n]
             if n in named["state"]:
-                state[index] = {k: shard_value(p, v) for k, v in named["state"][n].items()}
+                relay = omap.relays.get(n)
+                state[index] = {k: shard_value(p, v if is_dtensor(v) or not isinstance(v, torch.Tensor)
+                                               else to_tp_order(v, relay))
+                                for k, v in named["state"][n].items()}
             ids.append(index)
             index += 1
         local_groups.append({**_hyper(saved), "params": ids})
@@ -165,9 +171,15 @@ def local_named_state(optimizer: torch.optim.Optimizer, omap: OptimizerMap, *, f
         for p in g["params"]:
             st = optimizer.state.get(p)
             if st:
-                state[name_of[id(p)]] = {k: (full_value(p, v) if full else v) for k, v in st.items()}
+                n = name_of[id(p)]
+                relay = omap.relays.get(n)
+                state[n] = {k: (_one_device(full_value(p, v), relay) if full else v) for k, v in st.items()}
     groups = [{**_hyper(g), "params": list(names)} for g, names in zip(optimizer.param_groups, omap.group_names)]
     return {"state": state, "param_groups": groups}
+
+
+def _one_device(value: Any, relay: Relay | None) -> Any:
+    return from_tp_order(value, relay) if isinstance(value, torch.Tensor) else value
 
 
 def skeleton(obj: Any) -> Any:

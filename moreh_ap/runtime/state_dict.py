@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from moreh_ap.models.tp_plan import Relay, from_tp_order, to_tp_order
 from moreh_ap.optim.norms import is_dtensor
 from moreh_ap.runtime.apply import Stage, Wrapper, local_module
 from moreh_ap.runtime.dist import rank, world_size
@@ -14,12 +15,14 @@ __all__ = ["full_state_dict", "load_full_state_dict", "reshard_fsdp"]
 
 @torch.no_grad()
 def full_state_dict(stages: list[Stage], wrapper: Wrapper, *, keys: list[str], dp_rank: int,
-                    tied: list[list[str]] = ()) -> dict[str, torch.Tensor]:
+                    tied: list[list[str]] = (), relays: dict[str, Relay] | None = None,
+                    tp_rank: int = 0) -> dict[str, torch.Tensor]:
     """Full weights of the model on rank 0 (``{}`` elsewhere), in the order of ``keys`` (its original names).
 
     A collective: every rank calls it. Sharded tensors are gathered whole; tied ones appear under each name as
     ONE tensor object, as on one device (so ``save_pretrained``/safetensors see the tie and store it once);
-    the dp-index-0 rank of every pipeline rank sends its stages' tensors (on the CPU) to rank 0.
+    the (dp, tp)-index-0 rank of every pipeline rank sends its stages' tensors (on the CPU) to rank 0; tensors
+    re-laid for tensor parallelism are put back in one-device order.
 
     Args:
         stages: this rank's stages (their ``names`` map stage names to original names).
@@ -27,6 +30,8 @@ def full_state_dict(stages: list[Stage], wrapper: Wrapper, *, keys: list[str], d
         keys: the original model's state-dict keys.
         dp_rank: this rank's data-parallel coordinate.
         tied: groups of original names that share one parameter.
+        relays: original names of parameters re-laid for tensor parallelism -> their re-lay.
+        tp_rank: this rank's tensor-parallel coordinate.
 
     Raises:
         RuntimeError: some key is held by no rank.
@@ -36,13 +41,13 @@ def full_state_dict(stages: list[Stage], wrapper: Wrapper, *, keys: list[str], d
         for n, t in local_module(st, wrapper).state_dict().items():
             full = t.full_tensor() if is_dtensor(t) else t
             for orig in st.names.get(clean_name(n), []):
-                mine.setdefault(orig, full.detach().cpu().clone())
+                mine.setdefault(orig, from_tp_order(full.detach(), (relays or {}).get(orig)).cpu().clone())
     world = world_size()
     if world == 1:
         gathered = [mine]
     else:
         gathered = [None] * world if rank() == 0 else None
-        dist.gather_object(mine if dp_rank == 0 else {}, gathered, dst=0)
+        dist.gather_object(mine if dp_rank == 0 and tp_rank == 0 else {}, gathered, dst=0)
         if rank() != 0:
             return {}
     merged: dict[str, torch.Tensor] = {}
@@ -62,11 +67,12 @@ def full_state_dict(stages: list[Stage], wrapper: Wrapper, *, keys: list[str], d
 
 @torch.no_grad()
 def load_full_state_dict(stages: list[Stage], wrapper: Wrapper, state_dict: dict[str, torch.Tensor], *,
-                         keys: list[str], strict: bool = True):
+                         keys: list[str], strict: bool = True, relays: dict[str, Relay] | None = None):
     """Copy a full one-device state dict (original names) into this rank's stages (no communication).
 
     Every rank passes the whole dict; each copies the tensors its stages hold, a DTensor shard taking its
-    own slice; a tied tensor held on several ranks is filled on each (from whichever of its names is present).
+    own slice (after a re-lay for tensor parallelism, ``relays``); a tied tensor held on several ranks is filled
+    on each (from whichever of its names is present).
 
     Returns:
         torch's ``(missing_keys, unexpected_keys)`` named tuple, as ``nn.Module.load_state_dict``.
@@ -86,9 +92,9 @@ def load_full_state_dict(stages: list[Stage], wrapper: Wrapper, state_dict: dict
         module = local_module(st, wrapper)
         reshard_fsdp(module)
         for n, t in list(module.named_parameters()) + list(module.named_buffers()):
-            src = next((state_dict[o] for o in st.names.get(clean_name(n), []) if o in state_dict), None)
-            if src is not None:
-                _copy_full_into(t, src, name=clean_name(n))
+            orig = next((o for o in st.names.get(clean_name(n), []) if o in state_dict), None)
+            if orig is not None:
+                _copy_full_into(t, to_tp_order(state_dict[orig], (relays or {}).get(orig)), name=clean_name(n))
     return _IncompatibleKeys(missing, unexpected)
 
 

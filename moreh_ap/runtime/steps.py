@@ -11,7 +11,8 @@ choose the micro-batch count, then
 - evaluation with pp > 1: a forward-only schedule; the last stage scores its whole local batch.
 
 After a training step the tied gradients are summed across pipeline ranks; the loss (the mean over the
-global batch) is all-reduced so that every rank returns the same fp32 scalar.
+global batch) is all-reduced so that every rank returns the same fp32 scalar (tensor-parallel ranks share one
+loss: it counts once).
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ class StepRunner:
 
     def __init__(self, stages: list[Stage], *, config: ParallelConfig, layout: ParallelLayout, dp_rank: int,
                  device: torch.device, wrapper: Wrapper, pp_group: Any, loss: LossSource,
-                 after_backward: Callable[[], None]) -> None:
+                 after_backward: Callable[[], None], tp_rank: int = 0) -> None:
         """
         Args:
             stages: this rank's stages, wrapped.
@@ -83,6 +84,8 @@ class StepRunner:
             pp_group: the pipeline process group (None without a pipeline).
             loss: where the loss comes from.
             after_backward: called after the backward of a training step (sums tied gradients).
+            tp_rank: this rank's tensor-parallel coordinate (every tp rank computes the same loss: only
+                tp rank 0's counts in the loss all-reduce).
         """
         self.stages = stages
         self.config = config
@@ -93,6 +96,7 @@ class StepRunner:
         self.pp_group = pp_group
         self.loss = loss
         self.after_backward = after_backward
+        self.tp_rank = tp_rank
         self.autocast = config.mixed_precision and wrapper in (Wrapper.NONE, Wrapper.DDP)
         self.schedules: dict[Any, Any] = {}
         """Pipeline schedules built so far, by (kind, micro-batches, input shapes)."""
@@ -121,6 +125,8 @@ class StepRunner:
         if train:
             self.after_backward()
         loss = torch.as_tensor(value, dtype=torch.float32).reshape(()).to(self.device)
+        if self.tp_rank != 0:  # the tp group computed one loss: it counts once (the mean is over dp)
+            loss = torch.zeros_like(loss)
         if layout.world_size > 1:
             dist.all_reduce(loss)
         return loss

@@ -27,16 +27,17 @@ class TiedParams:
     """This rank's share of the parameters tied across pipeline ranks."""
 
     groups: list[tuple[str, Any]] = field(default_factory=list)
-    """(original name, process group of its holders at this rank's dp index) for every tie this rank holds."""
+    """(original name, process group of its holders at this rank's (dp, tp) index) for every tie this rank holds."""
     dupes: set[str] = field(default_factory=set)
     """Original names whose local copy is not the counted one (another pipeline rank holds that one)."""
 
 
 def find_tied_params(model: nn.Module, adapter: ModelAdapter, ids: dict[int, list[str]], *, layout: ParallelLayout,
-                     ranges: list[tuple[int, int]], pp_rank: int, dp_rank: int) -> TiedParams:
+                     ranges: list[tuple[int, int]], pp_rank: int, dp_rank: int, tp_rank: int = 0) -> TiedParams:
     """The ties of ``model`` that span pipeline ranks, and this rank's groups for them.
 
-    Creates one process group per tie and dp index (a collective: every rank calls it with the same model).
+    Creates one process group per tie and (dp, tp) index (a collective: every rank calls it with the same
+    model). Under tensor parallelism the holders' copies are split alike: the group sums local shards.
 
     Args:
         model: the user's model (before any wrapping).
@@ -44,7 +45,7 @@ def find_tied_params(model: nn.Module, adapter: ModelAdapter, ids: dict[int, lis
         ids: ``id(tensor) -> [original names]`` of the model.
         layout: the run's layout.
         ranges: block range of every virtual stage.
-        pp_rank, dp_rank: this rank's coordinates.
+        pp_rank, dp_rank, tp_rank: this rank's coordinates.
     """
     ties = TiedParams()
     if layout.pp == 1:
@@ -64,11 +65,12 @@ def find_tied_params(model: nn.Module, adapter: ModelAdapter, ids: dict[int, lis
         if len(holders) < 2:
             continue
         for d in range(layout.dp):
-            grp = subgroup(layout.tie_group_ranks(holders, dp=d))
-            if d == dp_rank and pp_rank in holders:
-                ties.groups.append((names[0], grp))
-                if pp_rank != holders[0]:
-                    ties.dupes.add(names[0])
+            for t in range(layout.tp):
+                grp = subgroup(layout.tie_group_ranks(holders, dp=d, tp=t))
+                if d == dp_rank and t == tp_rank and pp_rank in holders:
+                    ties.groups.append((names[0], grp))
+                    if pp_rank != holders[0]:
+                        ties.dupes.add(names[0])
     return ties
 
 

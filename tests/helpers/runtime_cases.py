@@ -191,7 +191,7 @@ def reference_run(case: dict, global_batch: int) -> dict:
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     out = {"losses": losses, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "init": init,
-           "grad_norms": norms}
+           "grad_norms": norms, "opt_state": opt.state_dict()}
     if case.get("eval"):
         out["eval_loss"] = _eval_loss(model, case, global_batch)
     return out
@@ -251,6 +251,11 @@ def parallel_run(case: dict, world: int, rank: int) -> dict:
         extra["frozen_state"] = sum(len(opt.state[p]) for g in opt.param_groups for p in g["params"]
                                     if not p.requires_grad)
     state = pm.full_state_dict()
+    if case.get("probe"):  # "package.module:function"(pm, model=..., opt=...) -> more results (a collective)
+        import importlib
+
+        mod, fn = case["probe"].split(":")
+        extra.update(getattr(importlib.import_module(mod), fn)(pm, model=model, opt=opt))
     return {"losses": losses, "state": state, **extra}
 
 

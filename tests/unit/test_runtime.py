@@ -56,8 +56,8 @@ def test_hf_style_call_returns_loss_and_backward_is_harmless():
 
 def test_bad_input_raises_clear_errors():
     model = build_model("mlp", 0)
-    with pytest.raises(NotImplementedError, match="tp=2"):
-        moreh_ap.parallelize(model, _one(tp=2))
+    with pytest.raises(ValueError, match=r"tp\(2\)"):
+        moreh_ap.parallelize(model, _one(tp=2))  # world 1 cannot hold 2 tensor-parallel ranks
     with pytest.raises(ValueError, match=r"num_stages\(2\)"):
         moreh_ap.parallelize(model, _one(num_stages=2))  # world 1 cannot hold 2 stages
     with pytest.raises(TypeError, match="ParallelConfig"):
