@@ -45,6 +45,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -57,7 +58,10 @@ import torch
 from torch.utils.data import get_worker_info
 
 from moreh_ap import env as _env
+from moreh_ap import signals as _signals
+from moreh_ap.faults import known_failure
 from moreh_ap.files import prune_log_dirs
+from moreh_ap.launch_report import only_interrupts, report
 from moreh_ap.launch_env import rank_env, visible_devices
 from moreh_ap.launch_watch import EXIT_GRACE_S, exit_wait_s, running_ranks, watch_launcher
 from moreh_ap.log import logger
@@ -67,9 +71,8 @@ __all__ = ["LaunchDecision", "decide", "self_command", "maybe_launch", "loopback
 
 _POLL_S = 0.2
 _STOP_GRACE_S = 5
-_TAIL_LINES = 80
-"""Lines of a failed rank's stderr file shown on rank 0's console (its traceback is at the end)."""
-_TAIL_CHARS = 16000
+_FORWARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+"""The signals whose handlers torch's elastic process context replaces in rank 0; put back after the start."""
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -225,25 +228,6 @@ def _rank_files(log_dir: str):
     return RankFiles()
 
 
-def _failure_text(failure, stderr_path: str | None) -> tuple[str, str]:
-    """``(traceback, where from)`` of a failed child: its torch elastic error file (written by ``@record``),
-    else the tail of its stderr file; ``("", "")`` when neither has anything."""
-    data = None
-    if os.path.isfile(failure.error_file) and isinstance(failure.error_file_data, dict):
-        data = failure.error_file_data.get("message")
-    if isinstance(data, dict) and data.get("extraInfo", {}).get("py_callstack"):
-        return str(data["extraInfo"]["py_callstack"]).rstrip() + "\n", failure.error_file
-    if isinstance(data, str) and data:
-        return data.rstrip() + "\n", failure.error_file
-    if not stderr_path or not os.path.isfile(stderr_path):
-        return "", ""
-    with open(stderr_path, errors="replace") as f:
-        text = "".join(f.readlines()[-_TAIL_LINES:])[-_TAIL_CHARS:]
-    if not text.strip():
-        return "", ""
-    return (text if text.endswith("\n") else text + "\n"), f"end of {stderr_path}"
-
-
 class _Launch:
     """The children of rank 0, watched by a thread; stopped on any failure."""
 
@@ -282,49 +266,47 @@ class _Launch:
         envs = {r - 1: {**os.environ, **self._rank_env(r, decision)} for r in children}
         if "OMP_NUM_THREADS" in envs.get(0, {}):
             torch.set_num_threads(int(envs[0]["OMP_NUM_THREADS"]))
-        return start_processes(
-            name="moreh_ap",
-            entrypoint=command[0],
-            args={r - 1: tuple(command[1:]) for r in children},
-            envs=envs,
-            logs_specs=DefaultLogsSpecs() if self.log_dir is None else _rank_files(self.log_dir),
-        )
+        kept = _signal_handlers()
+        try:
+            return start_processes(
+                name="moreh_ap",
+                entrypoint=command[0],
+                args={r - 1: tuple(command[1:]) for r in children},
+                envs=envs,
+                logs_specs=DefaultLogsSpecs() if self.log_dir is None else _rank_files(self.log_dir),
+            )
+        finally:  # the context's handlers turn Ctrl-C into torch's SignalException: the script's own come back
+            for sig, handler in kept.items():
+                signal.signal(sig, handler)
 
     def _poll(self):
         with self._lock:
             return self.context.wait(timeout=0)
 
+    def _children_failed(self) -> bool | None:
+        """True when a child exited non-zero, False when all exited cleanly, None while any runs (the context
+        is not polled: its poll stops every child at the first failure)."""
+        codes = [handler.proc.poll() for handler in (getattr(self.context, "subprocess_handlers", {}) or {}).values()]
+        if any(code not in (None, 0) for code in codes):
+            return True
+        return None if any(code is None for code in codes) else False
+
     def _watch(self) -> None:
         while not self._stopped.is_set():
-            result = self._poll()
-            if result is None:
+            failed = self._children_failed()
+            if failed is None:
                 time.sleep(_POLL_S)
                 continue
-            if result.is_failed():
-                self._report(result)
-                os._exit(1)  # the peers of a failed rank cannot finish: stop rank 0 too
-            return  # all children finished cleanly
+            if failed and _signals.agreed() is None:
+                result = self._poll()
+                if result is not None and result.is_failed():
+                    self._report(result)
+                    os._exit(1)  # the peers of a failed rank cannot finish: stop rank 0 too
+            return  # all children finished cleanly, or they stop on an agreed Ctrl-C / SIGTERM (rank 0 waits)
 
     def _report(self, result) -> None:
         """Name the rank that failed first (the others were stopped because of it)."""
-        failures = sorted(result.failures.items(), key=lambda item: (item[1].exitcode < 0, item[1].timestamp))
-        local, first = failures[0]
-        rank = local + 1
-        if self.log_dir is None:  # MOREH_AP_RANK_OUTPUT=all: the traceback is on the shared console already
-            self._stderr.write(
-                f"moreh_ap: rank {rank} of {self.world} failed (exit code {first.exitcode}); "
-                f"stopping the other ranks. See rank {rank}'s traceback above.\n"
-            )
-        else:
-            path = result.stderrs.get(local) or os.path.join(self.log_dir, f"rank{rank}.stderr.log")
-            text, source = _failure_text(first, path)
-            shown = f"its traceback ({source}):\n{text}" if text else f"it wrote nothing to {path}\n"
-            self._stderr.write(
-                f"moreh_ap: rank {rank} of {self.world} failed (exit code {first.exitcode}); "
-                f"stopping the other ranks; {shown}"
-                f"moreh_ap: rank {rank} of {self.world} failed; every rank's output is in {self.log_dir}\n"
-            )
-        self._stderr.flush()
+        report(result, world=self.world, log_dir=self.log_dir, stream=self._stderr)
 
     def stop(self) -> None:
         self._stopped.set()
@@ -333,6 +315,8 @@ class _Launch:
 
     def _excepthook(self, exc_type, exc, tb) -> None:
         self._previous_hook(exc_type, exc, tb)
+        if _signals.agreed() is not None and issubclass(exc_type, KeyboardInterrupt):
+            return  # every rank stops at the same step boundary: wait for the children's own finally (at exit)
         result = None
         deadline = time.monotonic() + 2.0  # a child that died first is the cause: let its exit be seen
         while result is None and time.monotonic() < deadline:
@@ -349,7 +333,16 @@ class _Launch:
             return
         self._stopped.set()
         self._watcher.join(timeout=2 * _POLL_S + 1)
+        if known_failure() is not None:  # rank 0's step failed and its script went on to exit: nobody can finish
+            self._stderr.write(f"moreh_ap: rank 0 of {self.world} failed earlier ({known_failure().error}); "
+                               "stopping the other ranks.\n")
+            self.context.close(timeout=_STOP_GRACE_S)
+            return
         bound = exit_wait_s()
+        if _signals.agreed() is not None:  # let every child end its own finally before the context is polled
+            deadline = time.monotonic() + bound
+            while running_ranks(self.context) and time.monotonic() < deadline:
+                time.sleep(_POLL_S)
         with self._lock:
             result = self.context.wait(timeout=bound, period=_POLL_S)
         if result is None:  # a child still runs (e.g. it hangs) long after rank 0 finished: stop it
@@ -359,9 +352,22 @@ class _Launch:
             self._stderr.flush()
             self.context.close(timeout=_STOP_GRACE_S)
             os._exit(1)
-        if result.is_failed():
+        if result.is_failed() and _signals.agreed() is not None and only_interrupts(result):
+            self._stderr.write(f"moreh_ap: every rank of {self.world} stopped on "
+                               f"{signal.Signals(_signals.agreed()).name} at the same step.\n")
+        elif result.is_failed():
             self._report(result)
             os._exit(1)
+
+
+def _signal_handlers() -> dict:
+    """This process's current handlers of the signals torch's elastic process context takes over."""
+    found = {}
+    for name in _FORWARDED_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None and signal.getsignal(sig) is not None:
+            found[sig] = signal.getsignal(sig)
+    return found
 
 
 _launch: _Launch | None = None
