@@ -34,8 +34,9 @@ def first_failure(result) -> tuple[int, object]:
 
 
 def only_interrupts(result) -> bool:
-    """Every failed child ended by ``KeyboardInterrupt`` (killed by SIGINT, exit code 130) or SIGTERM."""
-    stops = {-signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGTERM}
+    """Every failed child ended as an interrupted script does: ``KeyboardInterrupt`` (killed by SIGINT, 130),
+    ``moreh_ap.signals.Terminated`` (exit code 1: Python's rule for any other exception) or SIGTERM."""
+    stops = {1, -signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGTERM}
     return all(f.exitcode in stops for f in result.failures.values())
 
 

@@ -31,8 +31,10 @@ under ``MOREH_AP_CACHE_DIR/logs/``, named in one log line at launch (the newest
 ``MOREH_AP_RANK_OUTPUT=all`` keeps every rank on the console. If a child
 fails, the others and rank 0 are stopped and the failing rank is named, with
 its traceback (from its torch elastic error file, or the tail of its stderr
-file; with ``all`` it is already on the console); if rank 0 fails or gets
-Ctrl-C, the children are stopped. The exit code is then non-zero. No child
+file; with ``all`` it is already on the console); if rank 0 fails, the
+children are stopped; Ctrl-C or SIGTERM stops every rank at the same step
+(:mod:`moreh_ap.signals`) and rank 0 waits for the children's own ``finally``.
+The exit code is then non-zero. No child
 outlives rank 0 (:mod:`moreh_ap.launch_watch`): rank 0, leaving, waits for its
 children at most ``MOREH_AP_DIST_TIMEOUT`` + 30 s, then stops them; a child
 whose rank 0 is gone (any exit, ``os._exit`` or a signal included) stops itself.
@@ -61,18 +63,17 @@ from moreh_ap import env as _env
 from moreh_ap import signals as _signals
 from moreh_ap.faults import known_failure
 from moreh_ap.files import prune_log_dirs
-from moreh_ap.launch_report import only_interrupts, report
+from moreh_ap.launch_context import quiet_context, start_children
 from moreh_ap.launch_env import rank_env, visible_devices
+from moreh_ap.launch_report import only_interrupts, report
 from moreh_ap.launch_watch import EXIT_GRACE_S, exit_wait_s, running_ranks, watch_launcher
 from moreh_ap.log import logger
-from moreh_ap.ranks import OWN_VARIABLES, rank_variables_present
+from moreh_ap.ranks import rank_variables_present
 
 __all__ = ["LaunchDecision", "decide", "self_command", "maybe_launch", "loopback_store"]
 
 _POLL_S = 0.2
 _STOP_GRACE_S = 5
-_FORWARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
-"""The signals whose handlers torch's elastic process context replaces in rank 0; put back after the start."""
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -205,29 +206,6 @@ def loopback_store(world: int, *, timeout_s: float = 300.0):
     return store
 
 
-def _rank_files(log_dir: str):
-    """torch elastic ``LogsSpecs``: every child's stdout and stderr redirected to files named by its rank."""
-    from torch.distributed.elastic.multiprocessing import LogsDest, LogsSpecs, Std
-
-    class RankFiles(LogsSpecs):
-        def __init__(self) -> None:
-            super().__init__(log_dir=log_dir, redirects=Std.ALL, tee=Std.NONE)
-
-        @property
-        def root_log_dir(self) -> str:
-            return log_dir
-
-        def reify(self, envs: dict[int, dict[str, str]]) -> LogsDest:
-            dest = LogsDest()
-            for local, environ in envs.items():
-                base = os.path.join(log_dir, f"rank{environ[OWN_VARIABLES['rank']]}")
-                dest.stdouts[local], dest.stderrs[local] = base + ".stdout.log", base + ".stderr.log"
-                dest.error_files[local] = environ["TORCHELASTIC_ERROR_FILE"] = base + ".error.json"
-            return dest
-
-    return RankFiles()
-
-
 class _Launch:
     """The children of rank 0, watched by a thread; stopped on any failure."""
 
@@ -259,28 +237,15 @@ class _Launch:
                         environ=os.environ, cpu_count=os.cpu_count() or 1)
 
     def _start_children(self, decision: LaunchDecision):
-        from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, start_processes
-
         command = self_command()
         children = range(1, self.world)
         envs = {r - 1: {**os.environ, **self._rank_env(r, decision)} for r in children}
         if "OMP_NUM_THREADS" in envs.get(0, {}):
             torch.set_num_threads(int(envs[0]["OMP_NUM_THREADS"]))
-        kept = _signal_handlers()
-        try:
-            return start_processes(
-                name="moreh_ap",
-                entrypoint=command[0],
-                args={r - 1: tuple(command[1:]) for r in children},
-                envs=envs,
-                logs_specs=DefaultLogsSpecs() if self.log_dir is None else _rank_files(self.log_dir),
-            )
-        finally:  # the context's handlers turn Ctrl-C into torch's SignalException: the script's own come back
-            for sig, handler in kept.items():
-                signal.signal(sig, handler)
+        return start_children(command, envs=envs, log_dir=self.log_dir)
 
     def _poll(self):
-        with self._lock:
+        with self._lock, quiet_context():
             return self.context.wait(timeout=0)
 
     def _children_failed(self) -> bool | None:
@@ -343,7 +308,7 @@ class _Launch:
             deadline = time.monotonic() + bound
             while running_ranks(self.context) and time.monotonic() < deadline:
                 time.sleep(_POLL_S)
-        with self._lock:
+        with self._lock, quiet_context():
             result = self.context.wait(timeout=bound, period=_POLL_S)
         if result is None:  # a child still runs (e.g. it hangs) long after rank 0 finished: stop it
             running = ", ".join(map(str, running_ranks(self.context))) or "?"
@@ -353,21 +318,12 @@ class _Launch:
             self.context.close(timeout=_STOP_GRACE_S)
             os._exit(1)
         if result.is_failed() and _signals.agreed() is not None and only_interrupts(result):
+            where = f" (the other ranks' output is in {self.log_dir})" if self.log_dir else ""
             self._stderr.write(f"moreh_ap: every rank of {self.world} stopped on "
-                               f"{signal.Signals(_signals.agreed()).name} at the same step.\n")
+                               f"{signal.Signals(_signals.agreed()).name} at the same step.{where}\n")
         elif result.is_failed():
             self._report(result)
             os._exit(1)
-
-
-def _signal_handlers() -> dict:
-    """This process's current handlers of the signals torch's elastic process context takes over."""
-    found = {}
-    for name in _FORWARDED_SIGNALS:
-        sig = getattr(signal, name, None)
-        if sig is not None and signal.getsignal(sig) is not None:
-            found[sig] = signal.getsignal(sig)
-    return found
 
 
 _launch: _Launch | None = None

@@ -162,5 +162,6 @@ def test_a_signal_to_rank_0_stops_every_rank_at_the_same_step(tmp_path, sig):
     assert (out / "saved0").exists() and (out / "saved1").exists()  # the finally's collective ran everywhere
     assert (out / "finally0").exists() and (out / "finally1").exists()
     assert f"moreh_ap: every rank of 2 stopped on {sig.name} at the same step." in stderr
+    assert "every rank stops at the next step" in stderr  # rank 0 said what it does with the signal
     assert "SignalException" not in stderr and "failed" not in stderr
     assert _all_gone(out)
