@@ -150,16 +150,18 @@ def _agree() -> None:
 
 
 @contextmanager
-def step_boundary(what: str = "this call") -> Iterator[None]:
-    """Around a moreh_ap call that every rank makes (a training or evaluation step): on several ranks, raise
-    at once after an earlier failure of this rank, then agree on held signals (may raise
-    ``KeyboardInterrupt`` / :class:`Terminated` on every rank); does nothing on one process."""
+def step_boundary(what: str = "this call", *, agree: bool = True) -> Iterator[None]:
+    """Around a moreh_ap step (a training or evaluation call of the model): on several ranks, raise at once
+    after an earlier failure of this rank, then, with ``agree`` (a call that every rank makes together),
+    agree on held signals (may raise ``KeyboardInterrupt`` / :class:`Terminated` on every rank). Does
+    nothing on one process."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
         yield
         return
     check_usable(what)
-    _install()
-    _agree()
+    if agree:
+        _install()
+        _agree()
     _State.busy += 1
     try:
         yield

@@ -92,10 +92,12 @@ class Engine:
         """A call of the engaged model: a whole training step in training mode with grad, else evaluation.
 
         A model whose loss the script computes: the training forward of the whole batch (outputs gathered).
-        It starts at a step boundary (:func:`moreh_ap.signals.step_boundary`: Ctrl-C / SIGTERM agreed by every
-        rank, an earlier failure of this rank raised at once).
+        It starts at a step boundary (:func:`moreh_ap.signals.step_boundary`: an earlier failure of this rank
+        raised at once; Ctrl-C / SIGTERM agreed by every rank when every rank makes the call: all but an
+        evaluation at pp = 1 of a model whose loss the script computes, which may run on one rank).
         """
-        with step_boundary("the model's call"):
+        together = (root.training and torch.is_grad_enabled()) or not self.mode.outside or self.pm.pp > 1
+        with step_boundary("the model's call", agree=together):
             return self._call(root, args, kwargs, broadcast=broadcast)
 
     def _call(self, root: nn.Module, args, kwargs, *, broadcast: bool):
