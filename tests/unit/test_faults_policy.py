@@ -2,10 +2,10 @@
 import json
 import signal
 import time
-from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from moreh_ap import faults, signals
@@ -14,13 +14,16 @@ from moreh_ap.runtime.failure import failure_policy
 
 
 @pytest.fixture
-def group():
-    """A one-rank gloo group (its store is the one the claim uses); no failure or signal state left behind."""
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=20))
+def group(monkeypatch):
+    """A store for the claim and a one-rank all-reduce, without a process group (creating one in this process
+    would change later torch.compile tests); no failure or signal state left behind."""
+    store = dist.HashStore()
+    monkeypatch.setattr(faults, "_store", lambda: store)
+    monkeypatch.setattr(signals, "_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(signals.dist, "all_reduce", lambda tensor, op=None: None)
     try:
-        yield dist.distributed_c10d._get_default_store()
+        yield store
     finally:
-        dist.destroy_process_group()
         faults._local = None
         signals._State.pending = signals._State.agreed = None
 
