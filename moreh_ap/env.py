@@ -60,8 +60,8 @@ class EnvSettings:
     1..G-1 to per-rank files; 'all' = every rank on the console."""
 
     exit_on_error: bool = True
-    """MOREH_AP_EXIT_ON_ERROR: 1 (default) = a rank whose step fails prints its traceback and exits at once;
-    0 = the exception is raised."""
+    """MOREH_AP_EXIT_ON_ERROR (0 or 1): accepted for old settings and ignored. A failed step's exception
+    always reaches the script on the rank where it happened; the other ranks are stopped."""
     log_level: str = "INFO"
     """MOREH_AP_LOG_LEVEL: a loguru level name (upper case)."""
 
@@ -129,7 +129,8 @@ def _flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
 
 
 def exit_on_error(environ: Mapping[str, str] | None = None) -> bool:
-    """MOREH_AP_EXIT_ON_ERROR, validated (default True).
+    """MOREH_AP_EXIT_ON_ERROR, validated (default True). It no longer changes anything: a failed step's exception
+    always reaches the script (:mod:`moreh_ap.faults`); a value is still checked so a typo is named.
 
     Raises:
         ValueError: the value is not 0 or 1; the message names the variable.

@@ -31,8 +31,10 @@ under ``MOREH_AP_CACHE_DIR/logs/``, named in one log line at launch (the newest
 ``MOREH_AP_RANK_OUTPUT=all`` keeps every rank on the console. If a child
 fails, the others and rank 0 are stopped and the failing rank is named, with
 its traceback (from its torch elastic error file, or the tail of its stderr
-file; with ``all`` it is already on the console); if rank 0 fails or gets
-Ctrl-C, the children are stopped. The exit code is then non-zero. No child
+file; with ``all`` it is already on the console); if rank 0 fails, the
+children are stopped; Ctrl-C or SIGTERM stops every rank at the same step
+(:mod:`moreh_ap.signals`) and rank 0 waits for the children's own ``finally``.
+The exit code is then non-zero. No child
 outlives rank 0 (:mod:`moreh_ap.launch_watch`): rank 0, leaving, waits for its
 children at most ``MOREH_AP_DIST_TIMEOUT`` + 30 s, then stops them; a child
 whose rank 0 is gone (any exit, ``os._exit`` or a signal included) stops itself.
@@ -45,6 +47,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -57,19 +60,20 @@ import torch
 from torch.utils.data import get_worker_info
 
 from moreh_ap import env as _env
+from moreh_ap import signals as _signals
+from moreh_ap.faults import known_failure
 from moreh_ap.files import prune_log_dirs
+from moreh_ap.launch_context import quiet_context, start_children
 from moreh_ap.launch_env import rank_env, visible_devices
+from moreh_ap.launch_report import only_interrupts, report
 from moreh_ap.launch_watch import EXIT_GRACE_S, exit_wait_s, running_ranks, watch_launcher
 from moreh_ap.log import logger
-from moreh_ap.ranks import OWN_VARIABLES, rank_variables_present
+from moreh_ap.ranks import rank_variables_present
 
 __all__ = ["LaunchDecision", "decide", "self_command", "maybe_launch", "loopback_store"]
 
 _POLL_S = 0.2
 _STOP_GRACE_S = 5
-_TAIL_LINES = 80
-"""Lines of a failed rank's stderr file shown on rank 0's console (its traceback is at the end)."""
-_TAIL_CHARS = 16000
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -202,48 +206,6 @@ def loopback_store(world: int, *, timeout_s: float = 300.0):
     return store
 
 
-def _rank_files(log_dir: str):
-    """torch elastic ``LogsSpecs``: every child's stdout and stderr redirected to files named by its rank."""
-    from torch.distributed.elastic.multiprocessing import LogsDest, LogsSpecs, Std
-
-    class RankFiles(LogsSpecs):
-        def __init__(self) -> None:
-            super().__init__(log_dir=log_dir, redirects=Std.ALL, tee=Std.NONE)
-
-        @property
-        def root_log_dir(self) -> str:
-            return log_dir
-
-        def reify(self, envs: dict[int, dict[str, str]]) -> LogsDest:
-            dest = LogsDest()
-            for local, environ in envs.items():
-                base = os.path.join(log_dir, f"rank{environ[OWN_VARIABLES['rank']]}")
-                dest.stdouts[local], dest.stderrs[local] = base + ".stdout.log", base + ".stderr.log"
-                dest.error_files[local] = environ["TORCHELASTIC_ERROR_FILE"] = base + ".error.json"
-            return dest
-
-    return RankFiles()
-
-
-def _failure_text(failure, stderr_path: str | None) -> tuple[str, str]:
-    """``(traceback, where from)`` of a failed child: its torch elastic error file (written by ``@record``),
-    else the tail of its stderr file; ``("", "")`` when neither has anything."""
-    data = None
-    if os.path.isfile(failure.error_file) and isinstance(failure.error_file_data, dict):
-        data = failure.error_file_data.get("message")
-    if isinstance(data, dict) and data.get("extraInfo", {}).get("py_callstack"):
-        return str(data["extraInfo"]["py_callstack"]).rstrip() + "\n", failure.error_file
-    if isinstance(data, str) and data:
-        return data.rstrip() + "\n", failure.error_file
-    if not stderr_path or not os.path.isfile(stderr_path):
-        return "", ""
-    with open(stderr_path, errors="replace") as f:
-        text = "".join(f.readlines()[-_TAIL_LINES:])[-_TAIL_CHARS:]
-    if not text.strip():
-        return "", ""
-    return (text if text.endswith("\n") else text + "\n"), f"end of {stderr_path}"
-
-
 class _Launch:
     """The children of rank 0, watched by a thread; stopped on any failure."""
 
@@ -275,56 +237,41 @@ class _Launch:
                         environ=os.environ, cpu_count=os.cpu_count() or 1)
 
     def _start_children(self, decision: LaunchDecision):
-        from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, start_processes
-
         command = self_command()
         children = range(1, self.world)
         envs = {r - 1: {**os.environ, **self._rank_env(r, decision)} for r in children}
         if "OMP_NUM_THREADS" in envs.get(0, {}):
             torch.set_num_threads(int(envs[0]["OMP_NUM_THREADS"]))
-        return start_processes(
-            name="moreh_ap",
-            entrypoint=command[0],
-            args={r - 1: tuple(command[1:]) for r in children},
-            envs=envs,
-            logs_specs=DefaultLogsSpecs() if self.log_dir is None else _rank_files(self.log_dir),
-        )
+        return start_children(command, envs=envs, log_dir=self.log_dir)
 
     def _poll(self):
-        with self._lock:
+        with self._lock, quiet_context():
             return self.context.wait(timeout=0)
+
+    def _children_failed(self) -> bool | None:
+        """True when a child exited non-zero, False when all exited cleanly, None while any runs (the context
+        is not polled: its poll stops every child at the first failure)."""
+        codes = [handler.proc.poll() for handler in (getattr(self.context, "subprocess_handlers", {}) or {}).values()]
+        if any(code not in (None, 0) for code in codes):
+            return True
+        return None if any(code is None for code in codes) else False
 
     def _watch(self) -> None:
         while not self._stopped.is_set():
-            result = self._poll()
-            if result is None:
+            failed = self._children_failed()
+            if failed is None:
                 time.sleep(_POLL_S)
                 continue
-            if result.is_failed():
-                self._report(result)
-                os._exit(1)  # the peers of a failed rank cannot finish: stop rank 0 too
-            return  # all children finished cleanly
+            if failed and _signals.agreed() is None:
+                result = self._poll()
+                if result is not None and result.is_failed():
+                    self._report(result)
+                    os._exit(1)  # the peers of a failed rank cannot finish: stop rank 0 too
+            return  # all children finished cleanly, or they stop on an agreed Ctrl-C / SIGTERM (rank 0 waits)
 
     def _report(self, result) -> None:
         """Name the rank that failed first (the others were stopped because of it)."""
-        failures = sorted(result.failures.items(), key=lambda item: (item[1].exitcode < 0, item[1].timestamp))
-        local, first = failures[0]
-        rank = local + 1
-        if self.log_dir is None:  # MOREH_AP_RANK_OUTPUT=all: the traceback is on the shared console already
-            self._stderr.write(
-                f"moreh_ap: rank {rank} of {self.world} failed (exit code {first.exitcode}); "
-                f"stopping the other ranks. See rank {rank}'s traceback above.\n"
-            )
-        else:
-            path = result.stderrs.get(local) or os.path.join(self.log_dir, f"rank{rank}.stderr.log")
-            text, source = _failure_text(first, path)
-            shown = f"its traceback ({source}):\n{text}" if text else f"it wrote nothing to {path}\n"
-            self._stderr.write(
-                f"moreh_ap: rank {rank} of {self.world} failed (exit code {first.exitcode}); "
-                f"stopping the other ranks; {shown}"
-                f"moreh_ap: rank {rank} of {self.world} failed; every rank's output is in {self.log_dir}\n"
-            )
-        self._stderr.flush()
+        report(result, world=self.world, log_dir=self.log_dir, stream=self._stderr)
 
     def stop(self) -> None:
         self._stopped.set()
@@ -333,6 +280,8 @@ class _Launch:
 
     def _excepthook(self, exc_type, exc, tb) -> None:
         self._previous_hook(exc_type, exc, tb)
+        if _signals.agreed() is not None and issubclass(exc_type, KeyboardInterrupt):
+            return  # every rank stops at the same step boundary: wait for the children's own finally (at exit)
         result = None
         deadline = time.monotonic() + 2.0  # a child that died first is the cause: let its exit be seen
         while result is None and time.monotonic() < deadline:
@@ -349,8 +298,17 @@ class _Launch:
             return
         self._stopped.set()
         self._watcher.join(timeout=2 * _POLL_S + 1)
+        if known_failure() is not None:  # rank 0's step failed and its script went on to exit: nobody can finish
+            self._stderr.write(f"moreh_ap: rank 0 of {self.world} failed earlier ({known_failure().error}); "
+                               "stopping the other ranks.\n")
+            self.context.close(timeout=_STOP_GRACE_S)
+            return
         bound = exit_wait_s()
-        with self._lock:
+        if _signals.agreed() is not None:  # let every child end its own finally before the context is polled
+            deadline = time.monotonic() + bound
+            while running_ranks(self.context) and time.monotonic() < deadline:
+                time.sleep(_POLL_S)
+        with self._lock, quiet_context():
             result = self.context.wait(timeout=bound, period=_POLL_S)
         if result is None:  # a child still runs (e.g. it hangs) long after rank 0 finished: stop it
             running = ", ".join(map(str, running_ranks(self.context))) or "?"
@@ -359,7 +317,11 @@ class _Launch:
             self._stderr.flush()
             self.context.close(timeout=_STOP_GRACE_S)
             os._exit(1)
-        if result.is_failed():
+        if result.is_failed() and _signals.agreed() is not None and only_interrupts(result):
+            where = f" (the other ranks' output is in {self.log_dir})" if self.log_dir else ""
+            self._stderr.write(f"moreh_ap: every rank of {self.world} stopped on "
+                               f"{signal.Signals(_signals.agreed()).name} at the same step.{where}\n")
+        elif result.is_failed():
             self._report(result)
             os._exit(1)
 

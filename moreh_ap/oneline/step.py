@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_map
 from moreh_ap.oneline.loss_mode import LossMode, check_same_inputs
 from moreh_ap.oneline.state import Internal
 from moreh_ap.runtime.dist import device_for_rank, rank, world_size
+from moreh_ap.signals import step_boundary
 
 __all__ = ["Engine", "broadcast_inputs", "inputs_on_device"]
 
@@ -91,7 +92,15 @@ class Engine:
         """A call of the engaged model: a whole training step in training mode with grad, else evaluation.
 
         A model whose loss the script computes: the training forward of the whole batch (outputs gathered).
+        It starts at a step boundary (:func:`moreh_ap.signals.step_boundary`: an earlier failure of this rank
+        raised at once; Ctrl-C / SIGTERM agreed by every rank when every rank makes the call: all but an
+        evaluation at pp = 1 of a model whose loss the script computes, which may run on one rank).
         """
+        together = (root.training and torch.is_grad_enabled()) or not self.mode.outside or self.pm.pp > 1
+        with step_boundary("the model's call", agree=together):
+            return self._call(root, args, kwargs, broadcast=broadcast)
+
+    def _call(self, root: nn.Module, args, kwargs, *, broadcast: bool):
         training = root.training and torch.is_grad_enabled()
         if self.pending_inputs is not None:
             args, kwargs = self.pending_inputs

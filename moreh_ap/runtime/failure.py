@@ -1,41 +1,40 @@
-# The failure policy: a rank that fails shows its traceback and leaves at once; the user's own mistakes propagate.
+# The failure policy: a failed step reaches the script on its rank, the run's first failure is named, peers stop.
 """What happens when a rank raises inside ``parallelize`` or a training / evaluation step.
 
-A rank that fails half-way through a collective would leave its peers waiting until the process
-group's timeout. So, on several ranks, an unexpected exception is printed with this rank's
-traceback (and a hint when one is known) and the process exits at once (``os._exit(1)``); the
-peers then fail fast on the closed connection. Errors that describe the user's call
-(:class:`moreh_ap.errors.InputError`, raised the same way on every rank before any collective) are
-raised to the caller. ``MOREH_AP_EXIT_ON_ERROR=0`` keeps the process alive (the exception is raised).
+The exception always goes on to the caller, so the script's own ``except`` / ``finally`` run on the
+rank where it happened. On several ranks, before that, the failure is claimed as the run's first
+(:mod:`moreh_ap.faults`: one line on stderr, the traceback in the torch elastic error file, later
+moreh_ap calls on this rank raise at once); a rank whose error is the consequence of a peer's earlier
+failure (a closed connection, a timeout) is stopped instead (:func:`moreh_ap.signals.after_failure`).
+Errors that describe the user's call (:class:`moreh_ap.errors.InputError`, raised the same way on
+every rank before any collective) are raised as they are. ``MOREH_AP_EXIT_ON_ERROR`` no longer
+changes this (it is accepted and ignored).
 """
 from __future__ import annotations
 
-import os
-import sys
-import traceback
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-import torch.distributed as dist
-
-from moreh_ap.env import exit_on_error
 from moreh_ap.errors import InputError
 from moreh_ap.runtime.dist import world_size
+from moreh_ap.signals import after_failure
 
 __all__ = ["fail", "failure_policy", "block_list_hint"]
 
 
 def fail(exc: BaseException, where: str, hint: str = "") -> None:
-    """Show this rank's traceback, then leave at once so peers see a closed connection instead of hanging.
+    """Handle ``exc``, raised by a step of this rank: note the hint on it, and on several ranks claim the run's
+    failure (return: the caller re-raises) or stop this rank when a peer failed first (no return).
 
-    Does nothing for one process or with ``MOREH_AP_EXIT_ON_ERROR=0`` (the caller re-raises).
+    Args:
+        exc: the exception being handled.
+        where: what ran (e.g. ``"train_step"``).
+        hint: a line that tells how to fix a known cause, or ``""``; added as a note to ``exc``.
     """
-    if world_size() > 1 and exit_on_error():
-        r = dist.get_rank()
-        sys.stderr.write(f"[rank {r}] moreh_ap: {where} failed:\n{''.join(traceback.format_exception(exc))}{hint}")
-        sys.stderr.flush()
-        sys.stdout.flush()
-        os._exit(1)
+    if hint and hint.rstrip() not in getattr(exc, "__notes__", ()):
+        exc.add_note(hint.rstrip())
+    if world_size() > 1:
+        after_failure(exc, where)
 
 
 @contextmanager
