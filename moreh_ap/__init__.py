@@ -20,6 +20,7 @@ from moreh_ap.optim import FusedLAMB
 from moreh_ap.ap_options import APOptions
 from moreh_ap.planner import Cluster, Plan, plan
 from moreh_ap.ranks import launch_rank
+from moreh_ap.signals import Terminated
 from moreh_ap import checkpoint, runtime
 from moreh_ap.runtime import ParallelModel, clip_grad_norm_, parallelize
 
@@ -38,6 +39,7 @@ __all__ = [
     "clip_grad_norm_",
     "env",
     "launch_rank",
+    "Terminated",
     "logger",
     "optim",
     "option",

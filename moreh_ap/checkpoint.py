@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from moreh_ap.faults import check_usable
 from moreh_ap.optim.norms import is_dtensor
 from moreh_ap.runtime.apply import local_module
 from moreh_ap.runtime.dist import world_size
@@ -45,6 +46,7 @@ def _check(model: Any, path: Any, optimizer: Any, *, what: str) -> str:
         map_of(optimizer)
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"moreh_ap.checkpoint.{what}: path must be a directory path, got {type(path).__name__}")
+    check_usable(f"moreh_ap.checkpoint.{what}()")  # a collective: not after this rank's own failure
     return os.fspath(path)
 
 

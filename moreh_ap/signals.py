@@ -154,8 +154,8 @@ def step_boundary(what: str = "this call", *, agree: bool = True) -> Iterator[No
     """Around a moreh_ap step (a training or evaluation call of the model): on several ranks, raise at once
     after an earlier failure of this rank, then, with ``agree`` (a call that every rank makes together),
     agree on held signals (may raise ``KeyboardInterrupt`` / :class:`Terminated` on every rank). Does
-    nothing on one process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+    nothing on one process, nor inside another boundary (the one-line engine's call around ``train_step``)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1 or _State.busy:
         yield
         return
     check_usable(what)

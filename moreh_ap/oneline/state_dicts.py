@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moreh_ap.faults import check_usable
 from moreh_ap.oneline.state import Internal, internal
 from moreh_ap.runtime.dist import rank, world_size
 from moreh_ap.runtime.optim_state import skeleton
@@ -33,6 +34,7 @@ def _rank0_with_placeholders(value: Any) -> Any:
 def model_state_dict(pm) -> dict[str, torch.Tensor]:
     """Full weights (CPU, original names, tied ones under each name as one device gives them) on rank 0;
     meta placeholders of the same keys elsewhere. A collective."""
+    check_usable("model.state_dict()")  # a collective: not after this rank's own failure
     with Internal():
         return _rank0_with_placeholders(pm.full_state_dict())
 
@@ -45,6 +47,7 @@ def load_model_state_dict(pm, state_dict: dict[str, torch.Tensor], strict: bool 
 
 def optimizer_state_dict(pm) -> dict[str, Any]:
     """The optimizer's one-device state dict on rank 0 (meta placeholders elsewhere). A collective."""
+    check_usable("optimizer.state_dict()")  # a collective: not after this rank's own failure
     with Internal():
         return _rank0_with_placeholders(pm.optimizer_state_dict())
 

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moreh_ap.faults import check_usable
 from moreh_ap.oneline.state import STATE, Internal, internal
 from moreh_ap.oneline.state_dicts import load_model_state_dict
 from moreh_ap.runtime.dist import rank, world_size
@@ -78,6 +79,7 @@ def _swapped_save_pretrained(self, save_directory, *args, **kwargs):
     """Full trained weights, written once by rank 0 (a collective: every rank calls it)."""
     if internal():
         return super(type(self), self).save_pretrained(save_directory, *args, **kwargs)
+    check_usable("save_pretrained()")  # a collective: not after this rank's own failure
     state = kwargs.pop("state_dict", None)
     if state is None:
         state = STATE.engines[self].full_state_dict()

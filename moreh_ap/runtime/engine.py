@@ -23,6 +23,7 @@ from moreh_ap.runtime.closed_loop import StepProbe
 from moreh_ap.runtime.build import copy_rank0_weights, rebind_optimizer, wrap_stages
 from moreh_ap.runtime.dist import device_for_rank, rank, world_size
 from moreh_ap.runtime.failure import block_list_hint, failure_policy
+from moreh_ap.signals import step_boundary
 from moreh_ap.runtime.gather import gather_batch_outputs
 from moreh_ap.runtime.norm import NormParams, clip_params_, global_norm
 from moreh_ap.models import ModelAdapter, find_adapter, map_stage_names, param_names
@@ -226,7 +227,13 @@ class ParallelModel(nn.Module):
 
         Raises:
             moreh_ap.errors.InputError: the call cannot be run (no loss, a batch that cannot be split).
+            KeyboardInterrupt: Ctrl-C or SIGTERM (``moreh_ap.signals.Terminated``) on any rank, raised on
+                every rank at the start of the same step.
         """
+        with step_boundary("train_step"):  # a held Ctrl-C / SIGTERM is raised here, on every rank together
+            return self._measured_step(args, target, kwargs)
+
+    def _measured_step(self, args, target, kwargs) -> torch.Tensor:
         probe = self._probe
         if probe is None:
             with failure_policy("train_step", hint=self._hint):

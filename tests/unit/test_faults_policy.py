@@ -98,3 +98,23 @@ def test_a_held_signal_is_agreed_at_the_boundary_and_a_second_one_raises_at_once
         signals._handler(signal.SIGINT, None)
     assert type(info.value) is KeyboardInterrupt and signals.pending() is None
     signals._agree()  # nothing held: no exception
+
+
+def test_collectives_after_this_ranks_own_failure_raise_at_once(tmp_path, monkeypatch):
+    """State-dict gathers, save_pretrained and sharded checkpoints refuse to start after this rank failed: a
+    peer is not in step with it, so the collective would pair with another one or wait for the timeout."""
+    import moreh_ap
+    from moreh_ap.oneline.state_dicts import model_state_dict, optimizer_state_dict
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pm = moreh_ap.parallelize(model, moreh_ap.ParallelConfig(num_stages=1, num_micro_batches=1, batch_per_device=2),
+                              optimizer=opt, loss_fn=torch.nn.functional.mse_loss, measure=False)
+    monkeypatch.setattr(faults, "_local", faults.FaultRecord(rank=1, where="train_step", error="RuntimeError: x",
+                                                             time=time.time()))
+    for call in (lambda: model_state_dict(pm), lambda: optimizer_state_dict(pm),
+                 lambda: moreh_ap.checkpoint.save(tmp_path / "ckpt", pm, opt)):
+        with pytest.raises(faults.StoppedRankError, match="failed on this rank"):
+            call()
+    monkeypatch.setattr(faults, "_local", None)
+    assert set(model_state_dict(pm)) == {"0.weight", "0.bias", "1.weight", "1.bias"}
