@@ -48,7 +48,8 @@ def _check(case: dict, got: dict, world: int) -> None:
         assert got["keys"] == ["logits", "loss"] and got["logits_none"]
 
 
-@pytest.mark.parametrize("world,cases", [(2, CASES_2), (4, CASES_4)], ids=["2-ranks", "4-ranks"])
+@pytest.mark.parametrize("world,cases", [(2, CASES_2), pytest.param(4, CASES_4, marks=pytest.mark.full)],  # 4 ranks: -m full
+                         ids=["2-ranks", "4-ranks"])
 def test_own_loss_models_match_one_process(world, cases):
     cases = [{**c, "runner": RUNNER} for c in cases]
     res = launch(world, cases, timeout=540)

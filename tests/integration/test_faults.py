@@ -118,7 +118,8 @@ def test_a_raising_rank_1_is_named_with_its_traceback(tmp_path, torchrun):
     assert _all_gone(out)
 
 
-@pytest.mark.parametrize("torchrun", [False, True], ids=["self-launch", "torchrun"])
+@pytest.mark.parametrize("torchrun", [False, pytest.param(True, marks=pytest.mark.full)],  # torchrun: -m full
+                         ids=["self-launch", "torchrun"])
 def test_an_exception_in_rank_0s_forward_reaches_its_finally(tmp_path, torchrun):
     proc, out = _start(tmp_path, "raise", 0, 2, torchrun=torchrun)
     started = _wait_failed(proc, out, "step0")
@@ -147,7 +148,8 @@ def test_a_hung_rank_1_ends_within_the_timeout(tmp_path):
     assert _all_gone(out)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.full)],  # same path
+                         ids=["ctrl-c", "sigterm"])
 def test_a_signal_to_rank_0_stops_every_rank_at_the_same_step(tmp_path, sig):
     proc, out = _start(tmp_path, "none", 0, 0, steps=400)
     _wait_failed(proc, out, "step1")

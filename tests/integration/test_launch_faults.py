@@ -70,6 +70,7 @@ def _run(tmp_path, how: str):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads Linux's process table")
+@pytest.mark.full  # CI time; a hung rank inside training is tests/integration/test_faults.py
 def test_a_hanging_child_is_stopped_when_rank_0_leaves(tmp_path):
     proc, elapsed, child = _run(tmp_path, "exit")
     assert "rank 0 done" in proc.stdout

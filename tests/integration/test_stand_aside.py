@@ -77,7 +77,8 @@ def _torchrun(script, out, *args, **extra) -> tuple[list[str], str]:
     return lines, proc.stderr
 
 
-@pytest.mark.parametrize("wrap,enable", [("ddp", "line"), ("allreduce", "env")])
+@pytest.mark.parametrize("wrap,enable", [("ddp", "line"),  # the script's own process group alone: -m full (CI time)
+                                         pytest.param("allreduce", "env", marks=pytest.mark.full)])
 def test_a_script_that_distributes_itself_runs_as_written(tmp_path, wrap, enable):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)

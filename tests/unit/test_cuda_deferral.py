@@ -9,17 +9,22 @@ from moreh_ap.option import disable_advanced_parallelization, enable_advanced_pa
 
 pytestmark = pytest.mark.timeout(60)
 
+ORIGINAL_TO, ORIGINAL_CUDA = nn.Module.to, nn.Module.cuda
+
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
     """CUDA "available" and the real move recorded instead of made (no GPU here)."""
     moved = []
     enable_advanced_parallelization()
-    monkeypatch.setattr(patches, "cuda_available", lambda: True)
-    monkeypatch.setitem(STATE.originals, "module_cuda", lambda m, device=None: moved.append(m) or m)
-    monkeypatch.setitem(STATE.originals, "module_to", lambda m, *a, **k: moved.append(m) or m)
-    yield moved
-    disable_advanced_parallelization()
+    try:
+        with monkeypatch.context() as m:  # undone BEFORE disable, which puts the saved originals back into torch
+            m.setattr(patches, "cuda_available", lambda: True)
+            m.setitem(STATE.originals, "module_cuda", lambda mod, device=None: moved.append(mod) or mod)
+            m.setitem(STATE.originals, "module_to", lambda mod, *a, **k: moved.append(mod) or mod)
+            yield moved
+    finally:
+        disable_advanced_parallelization()
 
 
 def test_cuda_of_a_trainable_model_waits_for_engagement(fake_cuda):
@@ -40,3 +45,7 @@ def test_cuda_moves_at_once_when_the_script_created_its_own_process_group(fake_c
         assert fake_cuda == [model, model] and model not in STATE.deferred  # DDP(model) will wrap a moved model
     finally:
         dist.destroy_process_group()
+
+
+def test_torch_is_restored_after_the_fake():
+    assert nn.Module.to is ORIGINAL_TO and nn.Module.cuda is ORIGINAL_CUDA
