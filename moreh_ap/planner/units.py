@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,20 +41,27 @@ class StageNodes:
     """Its graph nodes in execution order (the embedding on the first stage, the head on the last)."""
 
 
+_STAGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # graph -> {layout key: stages}; planning speed
+
+
 def rank_stages(graph: ModelGraph, config: ParallelConfig, pp_rank: int, *, world_size: int) -> list[StageNodes]:
     """The virtual stages pipeline rank ``pp_rank`` holds, in increasing order, with their nodes.
 
-    Without a pipeline (``num_stages == 1``) the one stage holds every node.
+    Without a pipeline (``num_stages == 1``) the one stage holds every node. Remembered per graph and
+    pipeline shape (the planner asks for the same ranks of thousands of candidates).
     """
     layout = ParallelLayout.from_config(config, world_size)
-    ranges = layout.stage_ranges(graph.num_blocks, config.boundaries)
-    last = layout.total_stages - 1
-    out = []
-    for s in layout.stages_of(pp_rank):
-        lo, hi = ranges[s]
-        out.append(StageNodes(stage=s, lo=lo, hi=hi, is_last=s == last,
-                              nodes=graph.stage_nodes(lo, hi, first=layout.is_first_stage(s), last=s == last)))
-    return out
+    key = (layout.pp, layout.stages_per_rank, layout.placement, config.boundaries, pp_rank)
+    per_graph = _STAGES.setdefault(graph, {})
+    if key not in per_graph:
+        ranges = layout.stage_ranges(graph.num_blocks, config.boundaries)
+        last = layout.total_stages - 1
+        per_graph[key] = tuple(
+            StageNodes(stage=s, lo=ranges[s][0], hi=ranges[s][1], is_last=s == last,
+                       nodes=graph.stage_nodes(ranges[s][0], ranges[s][1], first=layout.is_first_stage(s),
+                                               last=s == last))
+            for s in layout.stages_of(pp_rank))
+    return list(per_graph[key])
 
 
 def rank_nodes(graph: ModelGraph, config: ParallelConfig, pp_rank: int, *, world_size: int) -> list[NodeInfo]:
