@@ -160,7 +160,7 @@ class _Evaluator:
         return self._parts[key]
 
     def _mem(self, cfg: ParallelConfig) -> MemoryBreakdown:
-        return memory_model.estimate(
+        return memory_model.estimate_peak(
             self.graph_for(cfg), cfg, world_size=self.world, optimizer=self.optimizer,
             device_type=self.cluster.device_type,
         )

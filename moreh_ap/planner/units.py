@@ -19,7 +19,7 @@ from moreh_ap.fsdp_units import is_own_unit
 from moreh_ap.graph.model_graph import ModelGraph, NodeInfo
 from moreh_ap.layout import ParallelLayout
 
-__all__ = ["StageNodes", "Units", "fsdp_units", "optimizer_profile", "prev_out", "rank_nodes", "rank_stages"]
+__all__ = ["StageNodes", "Units", "block_nodes", "fsdp_units", "optimizer_profile", "prev_out", "rank_nodes", "rank_stages"]
 
 _OPT_STATES = {"adamw": 2, "adam": 2, "lamb": 2, "sgd": 1}
 _OPT_TEMPS = {"adamw": 1, "adam": 1, "lamb": 2, "sgd": 0}
@@ -71,8 +71,18 @@ def rank_nodes(graph: ModelGraph, config: ParallelConfig, pp_rank: int, *, world
 
 def prev_out(graph: ModelGraph, block: int, prec: str) -> int:
     """Bytes a pipeline cut before block ``block`` sends (the output of the node before it)."""
-    node = graph.blocks[block - 1] if block > 0 else graph.pre
+    node = block_nodes(graph)[block - 1] if block > 0 else graph.pre
     return node.out_bytes.get(prec, 0) if node is not None else 0
+
+
+_BLOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # graph -> its block nodes; planning speed
+
+
+def block_nodes(graph: ModelGraph) -> tuple[NodeInfo, ...]:
+    """``graph.blocks``, remembered per graph (the planner asks for them for every candidate)."""
+    if graph not in _BLOCKS:
+        _BLOCKS[graph] = tuple(graph.blocks)
+    return _BLOCKS[graph]
 
 
 @dataclass(kw_only=True, slots=True)

@@ -202,3 +202,24 @@ def test_cli_tensor_parallel(tmp_path, monkeypatch, capsys):
                                     "recomputation : 0, distribute_param : false, distribute_low_prec_param : false"]) == 0
     one = json.loads(capsys.readouterr().out)
     assert one["config"]["tp"] == 2 and one["time_breakdown"]["tp_comm"] > 0
+
+
+# --------------------------------------------------------------------- the planner's shortcut over pipeline ranks
+@pytest.mark.parametrize("schedule, spr", [("GPipe", 1), ("1F1B", 1), ("Interleaved1F1B", 2)])
+def test_estimate_peak_equals_the_busiest_rank(schedule, spr):
+    model = tiny_gpt2(layers=12)
+    ids = torch.randint(0, 100, (8, 32))
+    graph = trace(model, (ids,), {"labels": ids})
+    f = tp_facts(model)
+    for tp in (1, 2):
+        g = local_graph(graph, f, tp)
+        cases = ((4, None), (4, (2, 7, 9)), (6, (1, 2, 5, 6, 10)), (6, None)) if spr == 1 else (
+            (4, None), (4, (1, 2, 3, 5, 6, 8, 9)), (6, None))
+        for pp, bounds in cases:
+            for rec in (False, True):
+                for nmb in (2, 8):
+                    cfg = ParallelConfig(num_stages=pp, num_micro_batches=nmb, batch_per_device=8 // nmb, tp=tp,
+                                         recomputation=rec, distribute_param=True, schedule=schedule,
+                                         stages_per_rank=spr, boundaries=bounds)
+                    world = pp * tp * 2  # dp 2
+                    assert memory.estimate_peak(g, cfg, world_size=world) == memory.estimate(g, cfg, world_size=world)
