@@ -165,8 +165,31 @@ class _Evaluator:
             device_type=self.cluster.device_type,
         )
 
-    def compile(self, cfg: ParallelConfig) -> Candidate:
-        """Partition the blocks (by time; by memory when the time-balanced split does not fit) and predict memory."""
+    def _floor(self, cfg: ParallelConfig) -> MemoryBreakdown:
+        """A floor under ``cfg``'s peak: the average pipeline rank's parameters, final gradients and optimizer
+        state (the busiest rank holds at least the average; every rank's peak includes its own)."""
+        g = self.graph_for(cfg)
+        key = ("floor", cfg.tp)
+        if key not in self._parts:
+            names = [n.name for n in g.nodes]
+            self._parts[key] = (g.params_of(names), g.params_of(names, trainable_only=True))
+        p_all, p_tr = self._parts[key]
+        _, k, _ = optimizer_profile(self.optimizer, device_type=self.cluster.device_type)
+        w, d = g.param_dtype_bytes, (cfg.dp(self.world) if cfg.distribute_param else 1) * cfg.num_stages
+        return MemoryBreakdown(params=p_all * w // d, grads=p_tr * w // d, optimizer=p_tr * k * w // d,
+                               phase="optimizer")
+
+    def compile(self, cfg: ParallelConfig, *, exact: bool = False) -> Candidate:
+        """Partition the blocks (by time; by memory when the time-balanced split does not fit) and predict memory.
+
+        Unless ``exact``, a configuration whose :meth:`_floor` is over the cap is rejected with that floor
+        (planning speed: the TP search has thousands of candidates)."""
+        if not exact:
+            floor = self._floor(cfg)
+            if floor.total > self.cap:
+                return Candidate(config=cfg, memory=floor, feasible=False, reason=(
+                    f"out of memory: needs at least {floor.total:,} bytes per device (parameters, gradients and "
+                    f"optimizer state alone) > {self.cap:,} available"))
         if cfg.num_stages > 1:
             cfg = cfg.replace(boundaries=self._part(cfg.total_stages, "time", cfg))
         mem = self._mem(cfg)
@@ -265,7 +288,9 @@ def plan_graph(
             corrections.correct_time(c)
     logger.info(f"Elapsed Time to compute cost for survived candidates = {(time.perf_counter() - t1) * 1e3:.0f} [ms]")
     logger.info("SelectBestGraphFromCandidates finished.")
-    if not survivors:
+    if not survivors:  # the message names the smallest exact peak: the floors are evaluated in full
+        cands = [c if c.step_time is not None or not (c.reason or "").startswith("out of memory: needs at least")
+                 else ev.compile(c.config, exact=True) for c in cands]
         best = min(cands, key=lambda c: c.memory.total)
         _detailed_log(env.detailed_log, cands, None)
         raise NoFeasibleConfigError(
@@ -350,4 +375,4 @@ def evaluate_config(graph: ModelGraph, config: ParallelConfig, *, cluster: Clust
     (``tp``: the family's tensor-parallel facts, needed when ``config.tp > 1``)."""
     cap = int(cluster.device_memory * read_env().memory_usage_correction_ratio / 100)
     ev = _Evaluator(graph, cluster, world=cluster.world_size, optimizer=optimizer, cap=cap, tp=tp)
-    return ev.cost(ev.compile(config))
+    return ev.cost(ev.compile(config, exact=True))

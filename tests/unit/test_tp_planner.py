@@ -223,3 +223,27 @@ def test_estimate_peak_equals_the_busiest_rank(schedule, spr):
                                          stages_per_rank=spr, boundaries=bounds)
                     world = pp * tp * 2  # dp 2
                     assert memory.estimate_peak(g, cfg, world_size=world) == memory.estimate(g, cfg, world_size=world)
+
+
+def test_floor_rejections_are_under_the_exact_peak_and_the_no_fit_message_is_exact():
+    import re
+
+    from moreh_ap.planner.planning import evaluate_config
+
+    model = _meta_gpt2()
+    ids = torch.empty(8, 128, dtype=torch.long, device="meta")
+    graph = trace(model, (ids,), {"labels": ids})
+    f = tp_facts(model)
+    c = Cluster.preset("a100-40gb", nodes=1, devices_per_node=8).with_(device_memory=3 * GIB)
+    p = plan_graph(graph, cluster=c, tp=f, use_measurements=False)
+    floored = [x for x in p.candidates if "at least" in (x.reason or "")]
+    assert floored and all(not x.feasible for x in floored)
+    for x in floored[:20]:
+        exact = evaluate_config(graph, x.config, cluster=c, tp=f)
+        assert x.memory.total <= exact.memory.total and not exact.feasible
+    with pytest.raises(NoFeasibleConfigError) as info:
+        plan_graph(graph, cluster=c, tp=f, options=dict(pipeline_parallel=False, distribute_parameter=False,
+                                                         tensor_parallel=1), use_measurements=False)
+    line, need = re.search(r"Best candidate \((.*?)\) requests ([\d,]+) bytes", str(info.value)).groups()
+    exact = evaluate_config(graph, ParallelConfig.from_moreh_line(line), cluster=c, tp=f)
+    assert exact.memory.total == int(need.replace(",", ""))
