@@ -77,11 +77,13 @@ MEMORY_USAGE_CORRECTION_RATIO / 100``.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from moreh_ap.config import ParallelConfig
 from moreh_ap.graph.model_graph import ModelGraph, NodeInfo
+from moreh_ap.layout import ParallelLayout
 from moreh_ap.planner.peaks import Sizes, flat_peak, piped_peak
 from moreh_ap.planner.units import StageNodes, block_nodes, fsdp_units, optimizer_profile, prev_out, rank_stages
 
@@ -275,12 +277,18 @@ def estimate(
     return max(stages, key=lambda m: m.total)
 
 
+_SAME: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # graph -> whether its blocks are identical
+
+
 def _same_blocks(graph: ModelGraph) -> bool:
-    blocks = block_nodes(graph)
-    first = blocks[0] if blocks else None
-    return all((b.num_params, b.trainable_params, b.saved_bytes, b.saved_cast_bytes, b.peak_fwd_bytes, b.out_bytes)
-               == (first.num_params, first.trainable_params, first.saved_bytes, first.saved_cast_bytes,
-                   first.peak_fwd_bytes, first.out_bytes) for b in blocks)
+    if graph not in _SAME:
+        blocks = block_nodes(graph)
+        first = blocks[0] if blocks else None
+        _SAME[graph] = all(
+            (b.num_params, b.trainable_params, b.saved_bytes, b.saved_cast_bytes, b.peak_fwd_bytes, b.out_bytes)
+            == (first.num_params, first.trainable_params, first.saved_bytes, first.saved_cast_bytes,
+                first.peak_fwd_bytes, first.out_bytes) for b in blocks)
+    return _SAME[graph]
 
 
 def estimate_peak(
@@ -299,9 +307,11 @@ def estimate_peak(
     pp = config.num_stages
     if pp <= 3 or config.schedule not in ("GPipe", "1F1B", "Interleaved1F1B") or not _same_blocks(graph):
         return estimate(graph, config, **kw)
+    layout = ParallelLayout.from_config(config, world_size)
+    ranges = layout.stage_ranges(graph.num_blocks, config.boundaries)
     ranks, seen = [0, pp - 1], []
     for r in range(1, pp - 1):
-        sizes = tuple(st.hi - st.lo for st in rank_stages(graph, config, r, world_size=world_size))
+        sizes = tuple(ranges[s][1] - ranges[s][0] for s in layout.stages_of(r))
         if not any(len(s) == len(sizes) and all(a <= b for a, b in zip(sizes, s)) for s in seen):
             ranks.append(r)
             seen.append(sizes)
