@@ -184,7 +184,7 @@ def tp_comm_seconds(nodes: list[NodeInfo], *, cluster: Any, tp: int, prec: str, 
         elif n.kind == "pre":
             total += ar(out)
         else:
-            hidden = n.gemms.get(prec, ((0, 0, 0, 1, 1),))[0]
+            hidden = (n.gemms.get(prec) or ((0, 0, 0, 1, 1),))[0]  # the head's GEMM: (tokens, hidden, vocab)
             total += collective_time(cluster, "all_gather", out, group=tp, inter_node=inter_node)
             total += ar(hidden[0] * hidden[1] * hidden[3] * scale * (2 if prec == "mixed" else 4))
     return total

@@ -247,3 +247,17 @@ def test_floor_rejections_are_under_the_exact_peak_and_the_no_fit_message_is_exa
     line, need = re.search(r"Best candidate \((.*?)\) requests ([\d,]+) bytes", str(info.value)).groups()
     exact = evaluate_config(graph, ParallelConfig.from_moreh_line(line), cluster=c, tp=f)
     assert exact.memory.total == int(need.replace(",", ""))
+
+
+def test_llama_degrees_follow_its_kv_heads():
+    model = tiny_llama(layers=2)
+    c = Cluster.preset("h100-80gb", nodes=1, devices_per_node=4)
+    p = plan(model, (torch.randint(0, 128, (8, 32)),), cluster=c)
+    assert {x.config.tp for x in p.candidates} == {1, 2}  # 4 heads, 2 KV heads
+    g2 = local_graph(p.graph, tp_facts(model), 2)
+    block, block2 = p.graph.blocks[0], g2.blocks[0]
+    attn = model.model.layers[0].self_attn
+    mlp = model.model.layers[0].mlp
+    split = sum(m.weight.numel() for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
+                                          mlp.up_proj, mlp.down_proj))
+    assert block.num_params - block2.num_params == split // 2
