@@ -309,9 +309,12 @@ def estimate_peak(
         return estimate(graph, config, **kw)
     layout = ParallelLayout.from_config(config, world_size)
     ranges = layout.stage_ranges(graph.num_blocks, config.boundaries)
+    held: list[list[int]] = [[] for _ in range(pp)]  # blocks of each rank's stages, in stage order
+    for stage, (lo, hi) in enumerate(ranges):
+        held[layout.stage_rank(stage)].append(hi - lo)
     ranks, seen = [0, pp - 1], []
     for r in range(1, pp - 1):
-        sizes = tuple(ranges[s][1] - ranges[s][0] for s in layout.stages_of(r))
+        sizes = tuple(held[r])
         if not any(len(s) == len(sizes) and all(a <= b for a, b in zip(sizes, s)) for s in seen):
             ranks.append(r)
             seen.append(sizes)

@@ -50,10 +50,12 @@ def rank_stages(graph: ModelGraph, config: ParallelConfig, pp_rank: int, *, worl
     Without a pipeline (``num_stages == 1``) the one stage holds every node. Remembered per graph and
     pipeline shape (the planner asks for the same ranks of thousands of candidates).
     """
-    layout = ParallelLayout.from_config(config, world_size)
-    key = (layout.pp, layout.stages_per_rank, layout.placement, config.boundaries, pp_rank)
+    piped = config.num_stages > 1
+    key = (config.num_stages, config.stages_per_rank if piped else 1, config.schedule if piped else "",
+           config.boundaries, pp_rank)
     per_graph = _STAGES.setdefault(graph, {})
-    if key not in per_graph:
+    if key not in per_graph or world_size % (config.num_stages * config.tp):  # the layout says why not
+        layout = ParallelLayout.from_config(config, world_size)
         ranges = layout.stage_ranges(graph.num_blocks, config.boundaries)
         last = layout.total_stages - 1
         per_graph[key] = tuple(
