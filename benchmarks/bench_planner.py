@@ -1,5 +1,13 @@
-# Benchmark: trace + plan wall time for the seed case, Llama-2-70B on 8x8 H100, and a 145B GPT on 1536 A100-80GB.
-"""Run from the repository root: ``python benchmarks/bench_planner.py``.
+# Benchmark: trace + plan wall time (seed case, Llama-2-70B on 8x8 H100, 145B GPT) and Megatron-LM's Table 1 planned.
+"""Run from the repository root: ``python benchmarks/bench_planner.py`` (``--megatron`` for Table 1 only).
+
+Megatron's Table 1 (Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters
+Using Megatron-LM"): GPT-2-shaped models on the meta device with the paper's hidden size, layers and heads,
+vocabulary 51,200, sequence 2048 and global batch, on a100-80gb nodes of 8. Per row: planning time (target
+<= 10 s), the selected configuration (the paper ran t = 8 from 18B on), and the predicted model-FLOP rate per
+GPU, ``72 B s l h^2 (1 + s / 6h + V / 12lh)`` FLOPs per step (the paper's count without recomputation's
+extra forward) over the predicted step time and the GPUs, next to the paper's measured rate x 3/4 (the
+paper counts the recomputed forward too: 96 instead of 72).
 
 Times are taken after imports and after the model is built on the meta device
 (both reported separately). Targets on a 2-core machine: seed case <= 1 s for
@@ -21,6 +29,7 @@ import transformers  # noqa: E402
 from moreh_ap.errors import NoFeasibleConfigError  # noqa: E402
 from moreh_ap.graph import trace  # noqa: E402
 from moreh_ap.planner import Cluster, plan_graph  # noqa: E402
+from moreh_ap.planner.tp import tp_facts  # noqa: E402
 from moreh_ap.log import logger  # noqa: E402
 
 CASES = [
@@ -34,6 +43,62 @@ CASES = [
 ]
 
 
+MEGATRON = [
+    # params (B), heads, hidden, layers, paper t, paper p, GPUs, global batch, paper TFLOP/s per GPU
+    (1.7, 24, 2304, 24, 1, 1, 32, 512, 137),
+    (3.6, 32, 3072, 30, 2, 1, 64, 512, 138),
+    (7.5, 32, 4096, 36, 4, 1, 128, 512, 142),
+    (18.4, 48, 6144, 40, 8, 1, 256, 1024, 135),
+    (39.1, 64, 8192, 48, 8, 2, 512, 1536, 138),
+    (76.1, 80, 10240, 60, 8, 4, 1024, 1792, 140),
+    (145.6, 96, 12288, 80, 8, 8, 1536, 2304, 148),
+    (310.1, 128, 16384, 96, 8, 16, 1920, 2160, 155),
+    (529.6, 128, 20480, 105, 8, 35, 2520, 2520, 163),
+    (1008.0, 160, 25600, 128, 8, 64, 3072, 3072, 163),
+]
+SEQ, VOCAB = 2048, 51200
+
+
+def megatron_rows() -> list[dict]:
+    """Plan every row of Megatron's Table 1; one dict per row (selected line, timings, predicted rate)."""
+    rows = []
+    for size, heads, hidden, layers, t_paper, p_paper, gpus, batch, tflops in MEGATRON:
+        model = build("gpt2", dict(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=SEQ, vocab_size=VOCAB))
+        ids = torch.empty(batch, SEQ, dtype=torch.long, device="meta")
+        t0 = time.perf_counter()
+        graph = trace(model, (ids,), {"labels": ids})
+        trace_s = time.perf_counter() - t0
+        cluster = Cluster.preset("a100-80gb", nodes=gpus // 8, devices_per_node=8)
+        row = dict(case=f"{size}B / {gpus} GPUs", params=graph.total_params, paper_tp=t_paper, paper_pp=p_paper,
+                   paper_model_tflops=tflops * 3 / 4)
+        try:
+            p = plan_graph(graph, cluster=cluster, tp=tp_facts(model), use_measurements=False)
+            flops = 72 * batch * SEQ * layers * hidden**2 * (1 + SEQ / (6 * hidden) + VOCAB / (12 * layers * hidden))
+            row.update(feasible=True, tp=p.config.tp, pp=p.config.num_stages, selected=p.config.to_moreh_line(),
+                       schedule=p.config.schedule, step_s=p.selected.step_time, candidates=len(p.candidates),
+                       predicted_model_tflops=flops / p.selected.step_time / gpus / 1e12,
+                       breakdown=p.selected.time_breakdown)
+        except NoFeasibleConfigError as exc:
+            row.update(feasible=False, tp=None, pp=None, selected=f"no fit: {str(exc)[:120]}...", step_s=None,
+                       predicted_model_tflops=None)
+        row["plan_s"], row["trace_s"] = time.perf_counter() - t0, trace_s  # plan_s: trace + plan
+        row["met"] = row["plan_s"] <= 10.0 and row["feasible"] and (t_paper < 8 or (row["tp"] or 1) > 1)
+        rows.append(row)
+        print_megatron([row], header=len(rows) == 1)
+    return rows
+
+
+def print_megatron(rows: list[dict], *, header: bool = True) -> None:
+    if header:
+        print(f"{'Megatron Table 1':20} {'plan s':>7} {'trace':>6} {'paper t,p':>9} {'tp':>3} {'pp':>4} {'pred TF/s':>9} "
+              f"{'paper x3/4':>10} {'ok':>5}  selected")
+    for r in rows:
+        pred = f"{r['predicted_model_tflops']:.1f}" if r["predicted_model_tflops"] is not None else "-"
+        print(f"{r['case']:20} {r['plan_s']:>7.2f} {r['trace_s']:>6.2f} {r['paper_tp']:>4},{r['paper_pp']:<4} {str(r['tp']):>3} "
+              f"{str(r['pp']):>4} {pred:>9} {r['paper_model_tflops']:>10.1f} {str(r['met']):>5}  {r['selected']}",
+              flush=True)
+
+
 def build(family: str, kw: dict):
     cfg = transformers.LlamaConfig(**kw, use_cache=False) if family == "llama" else transformers.GPT2Config(
         **kw, use_cache=False)
@@ -43,6 +108,13 @@ def build(family: str, kw: dict):
 
 def main() -> None:
     logger.remove()  # keep the table readable
+    out = ROOT / "benchmarks" / "results" / "bench_planner.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if "--megatron" in sys.argv[1:]:
+        mrows = megatron_rows()
+        (ROOT / "benchmarks" / "results" / "bench_planner_megatron.json").write_text(
+            json.dumps({"torch": torch.__version__, "rows": mrows}, indent=1))
+        return
     rows = []
     for name, (family, kw), batch, seq, preset, nodes, dpn, target in CASES:
         t0 = time.perf_counter()
@@ -54,7 +126,7 @@ def main() -> None:
         t2 = time.perf_counter()
         cluster = Cluster.preset(preset, nodes=nodes, devices_per_node=dpn)
         try:
-            p = plan_graph(graph, cluster=cluster)
+            p = plan_graph(graph, cluster=cluster, tp=tp_facts(model))
             picked, ncand, nfeas = p.config.to_moreh_line() + f", {p.config.schedule}", len(p.candidates), sum(
                 c.feasible for c in p.candidates)
             step = p.selected.step_time
@@ -74,8 +146,6 @@ def main() -> None:
         print(f"{r['case']:34} {r['params']:>16,} {r['build_s']:>8.2f} {r['trace_s']:>8.3f} {r['plan_s']:>8.3f} "
               f"{r['total_s']:>8.3f} {r['target_s']:>7.1f} {str(r['candidates']):>6} {r['feasible']:>5}  "
               f"{r['selected']}")
-    out = ROOT / "benchmarks" / "results" / "bench_planner.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
     print(f"wrote {out}")
 

@@ -1,4 +1,4 @@
-# APOptions: the six search options a user may restrict, validated at construction (pure data).
+# APOptions: the seven search options a user may restrict, validated at construction (pure data).
 """What the user allows the planner to choose; read by the planner and set by :mod:`moreh_ap.option`."""
 from __future__ import annotations
 
@@ -11,6 +11,23 @@ Auto = Literal["auto"]
 
 _BOOL_OR_AUTO = "'auto', True or False"
 _INT_OR_AUTO = "'auto' or an integer >= 1"
+
+
+_TP_VALUES = "'auto' or a power of two >= 1 (the largest tensor-parallel degree; 1 turns it off)"
+
+
+def _check_tp(value: Any) -> None:
+    if isinstance(value, bool):
+        raise TypeError(f"tensor_parallel={value!r} is not valid: expected {_TP_VALUES}; "
+                        f"use tensor_parallel=1 to turn tensor parallelism off")
+    if isinstance(value, str):
+        if value == "auto":
+            return
+        raise ValueError(f"tensor_parallel={value!r} is not valid: expected {_TP_VALUES}")
+    if not isinstance(value, int):
+        raise TypeError(f"tensor_parallel={value!r} is not valid: expected {_TP_VALUES}")
+    if value < 1 or value & (value - 1):
+        raise ValueError(f"tensor_parallel={value!r} is not valid: expected {_TP_VALUES}")
 
 
 def _check_bool(name: str, value: Any) -> None:
@@ -54,6 +71,9 @@ class APOptions:
     """Shard params, grads and optimizer state over data-parallel ranks (FSDP2), or 'auto'."""
     mixed_precision: bool = True
     """bf16 compute with fp32 master weights and reductions."""
+    tensor_parallel: int | Auto = "auto"
+    """MAXIMUM tensor-parallel degree (a power of two; 1 = no tensor parallelism), or 'auto' (up to 8). Only
+    families whose adapter has a TP plan are planned with TP; a degree divides the heads and the devices per node."""
 
     def __post_init__(self) -> None:
         _check_bool("pipeline_parallel", self.pipeline_parallel)
@@ -62,6 +82,7 @@ class APOptions:
         _check_bool_or_auto("activation_recomputation", self.activation_recomputation)
         _check_bool_or_auto("distribute_parameter", self.distribute_parameter)
         _check_bool("mixed_precision", self.mixed_precision)
+        _check_tp(self.tensor_parallel)
 
     @classmethod
     def keywords(cls) -> tuple[str, ...]:

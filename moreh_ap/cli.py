@@ -19,6 +19,7 @@ from moreh_ap.config import ParallelConfig
 from moreh_ap.planner.calibration_file import load_calibration_file
 from moreh_ap.planner.cluster import PRESETS, Cluster
 from moreh_ap.planner.planning import candidate_table, evaluate_config, plan_graph
+from moreh_ap.planner.tp import tp_facts
 
 # name -> (family, config keywords); built on the meta device, never downloaded.
 MODELS = {
@@ -62,6 +63,15 @@ def _positive(text: str) -> int:
     return v
 
 
+def _tp_arg(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid: expected 'auto' or a power of two >= 1") from None
+
+
 def _add_plan_parser(sub) -> None:
     p = sub.add_parser(
         "plan",
@@ -88,6 +98,8 @@ def _add_plan_parser(sub) -> None:
     p.add_argument("--distribute-parameter", type=_tri, default="auto", metavar="{auto,true,false}")
     p.add_argument("--no-pipeline", action="store_true", help="one stage (no pipeline parallelism)")
     p.add_argument("--no-mixed-precision", action="store_true", help="fp32 compute")
+    p.add_argument("--tensor-parallel", type=_tp_arg, default="auto", metavar="{auto,1,2,4,8,...}",
+                   help="maximum tensor-parallel degree (a power of two; 1 = no tensor parallelism), default auto")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--calibration", metavar="PATH", help="timings from this file instead of this machine: a "
                    "calibration DB written by moreh_ap or a hardware profile (docs/calibration.md); device memory "
@@ -198,6 +210,7 @@ def run_plan(args) -> int:
             activation_recomputation=args.activation_recomputation,
             distribute_parameter=args.distribute_parameter,
             mixed_precision=not args.no_mixed_precision,
+            tensor_parallel=args.tensor_parallel,
         )
         hf = _hf_config_dict(args.hf_config) if args.hf_config else None
         model = build_meta_model(args.model, seq_len=args.seq_len, hf_config=hf)
@@ -210,10 +223,12 @@ def run_plan(args) -> int:
     started = time.perf_counter()
     ids = torch.empty(args.batch_size, args.seq_len, dtype=torch.long, device="meta")
     graph = trace(model, (ids,), {"labels": ids})
+    facts = tp_facts(model)
     if config is not None:
-        return _evaluate(graph, config, cluster=cluster, args=args)
+        return _evaluate(graph, config, cluster=cluster, args=args, tp=facts)
     try:
-        result = plan_graph(graph, cluster=cluster, options=options, optimizer=args.optimizer, dump=True, started=started)
+        result = plan_graph(graph, cluster=cluster, options=options, optimizer=args.optimizer, dump=True,
+                            started=started, tp=facts)
     except NoFeasibleConfigError as exc:
         print(f"moreh-ap plan: {exc}", file=sys.stderr)
         return 2
@@ -230,7 +245,7 @@ def run_plan(args) -> int:
     return 0
 
 
-def _evaluate(graph, config, *, cluster, args) -> int:
+def _evaluate(graph, config, *, cluster, args, tp=None) -> int:
     """``--config LINE``: print that configuration's prediction as one JSON object (exit 0; 1 when invalid)."""
     world = cluster.world_size
     try:
@@ -239,7 +254,7 @@ def _evaluate(graph, config, *, cluster, args) -> int:
         print(f"moreh-ap plan: error: --config is not valid for world size {world}, global batch "
               f"{args.batch_size}: {exc}", file=sys.stderr)
         return 1
-    cand = evaluate_config(graph, config, cluster=cluster, optimizer=args.optimizer)
+    cand = evaluate_config(graph, config, cluster=cluster, optimizer=args.optimizer, tp=tp)
     out = cand.to_dict()
     out.update(memory_cap=int(cluster.device_memory * read_env().memory_usage_correction_ratio / 100),
                peak_bytes=cand.memory.total, calibration=cluster.calibration.source if cluster.calibration else None,

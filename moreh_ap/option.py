@@ -1,4 +1,4 @@
-# The user's switch: enable/disable advanced parallelization and the six search options.
+# The user's switch: enable/disable advanced parallelization and the seven search options.
 """``moreh_ap.option`` (also ``torch.moreh.option``).
 
 Three equivalent ways to turn advanced parallelization (AP) on:
@@ -46,10 +46,12 @@ def enable_advanced_parallelization(**overrides: Any) -> None:
         **overrides: any of ``pipeline_parallel`` (bool), ``num_stages``
             ('auto' or int >= 1, the maximum), ``num_micro_batches`` ('auto'
             or int >= 1), ``activation_recomputation`` ('auto' or bool),
-            ``distribute_parameter`` ('auto' or bool), ``mixed_precision`` (bool).
+            ``distribute_parameter`` ('auto' or bool), ``mixed_precision`` (bool),
+            ``tensor_parallel`` ('auto' or a power of two >= 1, the maximum degree; 1 = no tensor
+            parallelism).
 
     Raises:
-        TypeError: an unknown keyword, or a value of the wrong type.
+        TypeError: an unknown keyword, or a value of the wrong type (``tensor_parallel=True/False``: use 1).
         ValueError: a value out of range (e.g. ``num_stages=0``, ``'Auto'``),
             or a MOREH_* environment variable that does not parse (``MOREH_AP_CONFIG`` included);
             the message names the variable.

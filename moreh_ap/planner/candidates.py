@@ -34,7 +34,7 @@ def _dist_modes(option, dp: int) -> list[tuple[bool, bool]]:
 
 def enumerate_candidates(
     *, world_size: int, global_batch: int, num_blocks: int, options: APOptions | None = None,
-    supports_pipeline: bool = True,
+    supports_pipeline: bool = True, tp_degrees: list[int] | tuple[int, ...] = (1,),
 ) -> list[ParallelConfig]:
     """All configurations worth evaluating, each accepted by ``ParallelConfig.validate``.
 
@@ -45,7 +45,8 @@ def enumerate_candidates(
     recomputation on/off, the three data-parallel modes (none, ZeRO-2-like,
     ZeRO-3-like), and for pipelines every registered schedule with the
     virtual stages per rank it lists (:data:`SCHEDULE_CHOICES`; today GPipe,
-    1F1B, Interleaved1F1B with 2 and 4). Tensor parallelism is not searched (tp = 1).
+    1F1B, Interleaved1F1B with 2 and 4), and the tensor-parallel degrees ``tp_degrees`` (``world_size`` a
+    multiple of ``num_stages * tp``; :func:`moreh_ap.planner.tp.tp_degrees` picks them).
 
     Args:
         world_size: ranks.
@@ -54,6 +55,7 @@ def enumerate_candidates(
         options: the user's restrictions (default: all 'auto').
         supports_pipeline: whether the runtime can cut the model into stages (``ModelGraph.supports_pipeline``);
             False: no candidate with ``num_stages > 1`` (the planner never plans what the runtime cannot run).
+        tp_degrees: tensor-parallel degrees to try (default: 1 only).
     """
     options = options if options is not None else APOptions()
     if global_batch < 1:
@@ -63,10 +65,10 @@ def enumerate_candidates(
         max_pp = min(max_pp, options.num_stages)
     recomputes = [False, True] if options.activation_recomputation == "auto" else [options.activation_recomputation]
     out: list[ParallelConfig] = []
-    for pp in divisors(world_size):
-        if pp > max_pp or (num_blocks and pp > num_blocks):
+    for tp, pp in [(t, p) for t in tp_degrees for p in divisors(world_size)]:
+        if pp > max_pp or (num_blocks and pp > num_blocks) or world_size % (pp * tp):
             continue
-        dp = world_size // pp
+        dp = world_size // (pp * tp)
         if global_batch % dp:
             continue
         per_dp = global_batch // dp
@@ -88,6 +90,7 @@ def enumerate_candidates(
                             mixed_precision=options.mixed_precision,
                             schedule=schedule,
                             stages_per_rank=spr,
+                            tp=tp,
                         )
                         try:
                             cfg.validate(world_size, global_batch, num_blocks or None)

@@ -22,6 +22,9 @@
   reduce-scatter after every micro-batch. Whether a dp group or a pipeline
   hop crosses nodes is ``ParallelLayout.spans_nodes``.
   Collectives are not assumed to overlap compute (an upper bound);
+* tp collectives (``tp > 1``; ``graph`` is then one TP rank's view, :func:`moreh_ap.planner.tp.local_graph`):
+  :func:`moreh_ap.planner.tp.tp_comm_seconds` per micro-batch slot of the slowest rank, times the
+  micro-batches plus the bubble's slots;
 * optimizer step: memory-bound, ~(4 + 3k) x 4 bytes touched per local element
   over the memory bandwidth.
 
@@ -53,6 +56,7 @@ from moreh_ap.planner.time_model import (
     matmul_flops,
     memory_bandwidth,
 )
+from moreh_ap.planner.tp import tp_comm_seconds
 from moreh_ap.planner.units import fsdp_units, optimizer_profile, rank_stages
 from moreh_ap.schedules import get_schedule
 
@@ -69,13 +73,16 @@ class TimeBreakdown:
     """Stage-to-stage activation and gradient sends."""
     dp_comm: float = 0.0
     """Data-parallel collectives (all-reduce / all-gather / reduce-scatter)."""
+    tp_comm: float = 0.0
+    """Tensor-parallel collectives on the intra-node link (per block 2 all-reduces forward, 2 backward), on the
+    critical path of every micro-batch slot, the bubble's included."""
     optimizer: float = 0.0
     """Optimizer step (memory-bound)."""
 
     @property
     def total(self) -> float:
         """Sum of the categories, seconds."""
-        return self.compute + self.bubble + self.p2p + self.dp_comm + self.optimizer
+        return self.compute + self.bubble + self.p2p + self.dp_comm + self.tp_comm + self.optimizer
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -161,9 +168,10 @@ def estimate(
     dtype = "bf16" if mp else "fp32"
     scale = config.batch_per_device / max(1, graph.batch_size)
     pp, nmb, spr = config.num_stages, config.num_micro_batches, config.stages_per_rank
-    per_mb, params_rank, trainable_rank, units_rank = [], [], [], []
+    per_mb, params_rank, trainable_rank, units_rank, tp_mb = [], [], [], [], []
     prec = "mixed" if mp else "full"
     census = _uses_census(graph, cluster, prec)
+    dp_inter, pp_inter, tp_inter = ParallelLayout.from_config(config, world).spans_nodes(cluster.devices_per_node)
     for r in range(pp):
         stages = rank_stages(graph, config, r, world_size=world)
         nodes = [n for st in stages for n in st.nodes]
@@ -173,15 +181,18 @@ def estimate(
         else:
             per_mb.append(sum(_node_seconds(n, cluster, dtype=dtype, scale=scale, recompute=config.recomputation)
                               for n in nodes))
+        tp_mb.append(tp_comm_seconds(nodes, cluster=cluster, tp=config.tp, prec=prec, scale=scale,
+                                     recompute=config.recomputation, inter_node=tp_inter))
         names = [n.name for n in nodes]
         params_rank.append(graph.params_of(names))
         trainable_rank.append(graph.params_of(names, trainable_only=True))
         units_rank.append(fsdp_units(graph, [st.nodes for st in stages]).sizes())
     slot = max(per_mb)
     t = TimeBreakdown(compute=slot * nmb)
-    dp_inter, pp_inter, _ = ParallelLayout.from_config(config, world).spans_nodes(cluster.devices_per_node)
+    bubble_slots = get_schedule(config.schedule).bubble(pp, nmb, spr) if pp > 1 else 0.0
+    t.tp_comm = max(tp_mb) * (nmb + bubble_slots)
     if pp > 1:
-        t.bubble = get_schedule(config.schedule).bubble(pp, nmb, spr) * slot
+        t.bubble = bubble_slots * slot
         boundary = max((b.out_bytes.get(prec, 0) for b in graph.blocks), default=0) * scale
         send = collective_time(cluster, "send_recv", boundary, group=2, inter_node=pp_inter)
         t.p2p = (nmb * spr + pp - 1) * 2 * send

@@ -180,7 +180,7 @@ class Factors:
     compute: float = 1.0
     """compute + bubble."""
     comm: float = 1.0
-    """p2p + dp_comm."""
+    """p2p + dp_comm + tp_comm."""
     optimizer: float = 1.0
     """The optimizer step."""
     static: float = 1.0
@@ -194,8 +194,8 @@ class Factors:
 
 
 def _time_parts(tb: dict[str, float]) -> tuple[float, float, float]:
-    return (tb.get("compute", 0.0) + tb.get("bubble", 0.0), tb.get("p2p", 0.0) + tb.get("dp_comm", 0.0),
-            tb.get("optimizer", 0.0))
+    return (tb.get("compute", 0.0) + tb.get("bubble", 0.0), tb.get("p2p", 0.0) + tb.get("dp_comm", 0.0)
+            + tb.get("tp_comm", 0.0), tb.get("optimizer", 0.0))
 
 
 def _mem_parts(mem) -> tuple[int, int]:
@@ -263,13 +263,13 @@ class Corrections:
             f"out of memory (corrected by measurements): needs {mem.total:,} bytes per device > {cap:,} available")
 
     def correct_time(self, cand) -> None:
-        """Scale ``cand``'s time parts (compute + bubble, p2p + dp_comm, optimizer)."""
+        """Scale ``cand``'s time parts (compute + bubble, p2p + dp_comm + tp_comm, optimizer)."""
         if not cand.time_breakdown or not self.own:
             return
         f = self._factors(cand)
         tb = dict(cand.time_breakdown)
         for name, k in (("compute", f.compute), ("bubble", f.compute), ("p2p", f.comm), ("dp_comm", f.comm),
-                        ("optimizer", f.optimizer)):
+                        ("tp_comm", f.comm), ("optimizer", f.optimizer)):
             if name in tb:
                 tb[name] *= k
         tb["total"] = sum(v for k, v in tb.items() if k != "total")

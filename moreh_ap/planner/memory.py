@@ -77,15 +77,17 @@ MEMORY_USAGE_CORRECTION_RATIO / 100``.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from moreh_ap.config import ParallelConfig
 from moreh_ap.graph.model_graph import ModelGraph, NodeInfo
+from moreh_ap.layout import ParallelLayout
 from moreh_ap.planner.peaks import Sizes, flat_peak, piped_peak
-from moreh_ap.planner.units import StageNodes, fsdp_units, optimizer_profile, prev_out, rank_stages
+from moreh_ap.planner.units import StageNodes, block_nodes, fsdp_units, optimizer_profile, prev_out, rank_stages
 
-__all__ = ["MemoryBreakdown", "activation_precision", "estimate", "estimate_rank", "estimate_stages"]
+__all__ = ["MemoryBreakdown", "activation_precision", "estimate", "estimate_peak", "estimate_rank", "estimate_stages"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -273,3 +275,47 @@ def estimate(
     """
     stages = estimate_stages(graph, config, world_size=world_size, optimizer=optimizer, device_type=device_type)
     return max(stages, key=lambda m: m.total)
+
+
+_SAME: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # graph -> whether its blocks are identical
+
+
+def _same_blocks(graph: ModelGraph) -> bool:
+    if graph not in _SAME:
+        blocks = block_nodes(graph)
+        first = blocks[0] if blocks else None
+        _SAME[graph] = all(
+            (b.num_params, b.trainable_params, b.saved_bytes, b.saved_cast_bytes, b.peak_fwd_bytes, b.out_bytes)
+            == (first.num_params, first.trainable_params, first.saved_bytes, first.saved_cast_bytes,
+                first.peak_fwd_bytes, first.out_bytes) for b in blocks)
+    return _SAME[graph]
+
+
+def estimate_peak(
+    graph: ModelGraph, config: ParallelConfig, *, world_size: int, optimizer: Any = "adamw", device_type: str = "cuda"
+) -> MemoryBreakdown:
+    """:func:`estimate` for the planner, without the pipeline ranks that cannot be the busiest.
+
+    With identical blocks, a middle rank (neither the first nor the last) of GPipe, 1F1B or Interleaved1F1B
+    holds no more micro-batches in flight than an earlier middle rank (GPipe: all of them; 1F1B:
+    ``num_stages - rank``; Interleaved1F1B: torch's warm-up count, falling with the rank), so one whose
+    stages hold no more blocks each than an earlier middle rank's cannot peak higher: only the first rank,
+    the last and the middle ranks not so dominated are evaluated (checked against :func:`estimate` in the
+    tests). Anything else: :func:`estimate`.
+    """
+    kw = dict(world_size=world_size, optimizer=optimizer, device_type=device_type)
+    pp = config.num_stages
+    if pp <= 3 or config.schedule not in ("GPipe", "1F1B", "Interleaved1F1B") or not _same_blocks(graph):
+        return estimate(graph, config, **kw)
+    layout = ParallelLayout.from_config(config, world_size)
+    ranges = layout.stage_ranges(graph.num_blocks, config.boundaries)
+    held: list[list[int]] = [[] for _ in range(pp)]  # blocks of each rank's stages, in stage order
+    for stage, (lo, hi) in enumerate(ranges):
+        held[layout.stage_rank(stage)].append(hi - lo)
+    ranks, seen = [0, pp - 1], []
+    for r in range(1, pp - 1):
+        sizes = tuple(held[r])
+        if not any(len(s) == len(sizes) and all(a <= b for a, b in zip(sizes, s)) for s in seen):
+            ranks.append(r)
+            seen.append(sizes)
+    return max((estimate_rank(graph, config, r, **kw) for r in ranks), key=lambda m: m.total)

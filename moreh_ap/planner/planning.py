@@ -21,6 +21,8 @@ from moreh_ap.planner.cluster import Cluster
 from moreh_ap.planner.measurements import Corrections, device_fingerprint, learn_and_correct, model_signature
 from moreh_ap.planner.memory import MemoryBreakdown
 from moreh_ap.planner.partition import partition
+from moreh_ap.planner.report import candidate_table, no_fit_message
+from moreh_ap.planner.tp import TPFacts, local_graph, tp_degrees, tp_facts
 from moreh_ap.planner.units import optimizer_profile
 
 SELECTED_DUMP = "advanced_parallelization_selected_config.dump"
@@ -133,24 +135,61 @@ def _normalize_options(options: Any) -> APOptions:
 class _Evaluator:
     """Partition + memory ("compile") and cost of candidates; partitions cached per stage count."""
 
-    def __init__(self, graph: ModelGraph, cluster: Cluster, *, world: int, optimizer: Any, cap: int) -> None:
+    def __init__(self, graph: ModelGraph, cluster: Cluster, *, world: int, optimizer: Any, cap: int,
+                 tp: TPFacts | None = None) -> None:
         self.graph, self.cluster, self.world, self.optimizer, self.cap = graph, cluster, world, optimizer, cap
+        self.tp = tp
         self._parts: dict[tuple, tuple[int, ...]] = {}
+        self._graphs: dict[int, ModelGraph] = {1: graph}
+
+    def graph_for(self, cfg: ParallelConfig) -> ModelGraph:
+        """The graph one rank of ``cfg``'s tensor-parallel group holds (the traced one for ``tp == 1``)."""
+        if cfg.tp not in self._graphs:
+            if self.tp is None:
+                raise ValueError(f"tp={cfg.tp} cannot be planned for {self.graph.model_name}: its family "
+                                 f"({self.graph.adapter_name}) has no tensor-parallel plan")
+            self._graphs[cfg.tp] = local_graph(self.graph, self.tp, cfg.tp)
+        return self._graphs[cfg.tp]
 
     def _part(self, total: int, kind: str, cfg: ParallelConfig) -> tuple[int, ...]:
-        key = (total, kind, cfg.recomputation, cfg.mixed_precision)
+        key = (total, kind, cfg.recomputation, cfg.mixed_precision, cfg.tp)
         if key not in self._parts:
             prec = "mixed" if cfg.mixed_precision else "full"
-            self._parts[key] = partition(self.graph, total, kind=kind, recompute=cfg.recomputation, precision=prec)
+            self._parts[key] = partition(self.graph_for(cfg), total, kind=kind, recompute=cfg.recomputation,
+                                         precision=prec)
         return self._parts[key]
 
     def _mem(self, cfg: ParallelConfig) -> MemoryBreakdown:
-        return memory_model.estimate(
-            self.graph, cfg, world_size=self.world, optimizer=self.optimizer, device_type=self.cluster.device_type
+        return memory_model.estimate_peak(
+            self.graph_for(cfg), cfg, world_size=self.world, optimizer=self.optimizer,
+            device_type=self.cluster.device_type,
         )
 
-    def compile(self, cfg: ParallelConfig) -> Candidate:
-        """Partition the blocks (by time; by memory when the time-balanced split does not fit) and predict memory."""
+    def _floor(self, cfg: ParallelConfig) -> MemoryBreakdown:
+        """A floor under ``cfg``'s peak: the average pipeline rank's parameters, final gradients and optimizer
+        state (the busiest rank holds at least the average; every rank's peak includes its own)."""
+        g = self.graph_for(cfg)
+        key = ("floor", cfg.tp)
+        if key not in self._parts:
+            names = [n.name for n in g.nodes]
+            self._parts[key] = (g.params_of(names), g.params_of(names, trainable_only=True))
+        p_all, p_tr = self._parts[key]
+        _, k, _ = optimizer_profile(self.optimizer, device_type=self.cluster.device_type)
+        w, d = g.param_dtype_bytes, (cfg.dp(self.world) if cfg.distribute_param else 1) * cfg.num_stages
+        return MemoryBreakdown(params=p_all * w // d, grads=p_tr * w // d, optimizer=p_tr * k * w // d,
+                               phase="optimizer")
+
+    def compile(self, cfg: ParallelConfig, *, exact: bool = False) -> Candidate:
+        """Partition the blocks (by time; by memory when the time-balanced split does not fit) and predict memory.
+
+        Unless ``exact``, a configuration whose :meth:`_floor` is over the cap is rejected with that floor
+        (planning speed: the TP search has thousands of candidates)."""
+        if not exact:
+            floor = self._floor(cfg)
+            if floor.total > self.cap:
+                return Candidate(config=cfg, memory=floor, feasible=False, reason=(
+                    f"out of memory: needs at least {floor.total:,} bytes per device (parameters, gradients and "
+                    f"optimizer state alone) > {self.cap:,} available"))
         if cfg.num_stages > 1:
             cfg = cfg.replace(boundaries=self._part(cfg.total_stages, "time", cfg))
         mem = self._mem(cfg)
@@ -168,71 +207,11 @@ class _Evaluator:
         return cand
 
     def cost(self, cand: Candidate) -> Candidate:
-        t = cost_model.estimate(self.graph, cand.config, self.cluster, world_size=self.world, optimizer=self.optimizer)
+        t = cost_model.estimate(self.graph_for(cand.config), cand.config, self.cluster, world_size=self.world,
+                                optimizer=self.optimizer)
         cand.step_time = t.total
         cand.time_breakdown = t.to_dict()
         return cand
-
-
-def _table(cands: list[Candidate]) -> list[str]:
-    gib = 1024**3
-    head = (
-        f"{'#':>4} {'pp':>3} {'nmb':>4} {'bpd':>4} {'rec':>3} {'dist':>4} {'low':>3} {'schedule':>17} "
-        f"{'params':>8} {'grads':>8} {'optim':>8} {'acts':>8} {'trans':>8} {'total GiB':>9} {'step s':>10}  verdict"
-    )
-    rows = [head]
-    for i, c in enumerate(cands):
-        cfg, m = c.config, c.memory
-        sched = cfg.schedule + (f"x{cfg.stages_per_rank}" if cfg.stages_per_rank > 1 else "") if cfg.num_stages > 1 else "-"
-        verdict = "ok" if c.feasible else "OOM"
-        rows.append(
-            f"{i:>4} {cfg.num_stages:>3} {cfg.num_micro_batches:>4} {cfg.batch_per_device:>4} "
-            f"{int(cfg.recomputation):>3} {int(cfg.distribute_param):>4} {int(cfg.distribute_low_prec_param):>3} "
-            f"{sched:>17} {m.params / gib:>8.2f} {m.grads / gib:>8.2f} {m.optimizer / gib:>8.2f} "
-            f"{m.activations / gib:>8.2f} {m.transient / gib:>8.2f} {m.total / gib:>9.2f} "
-            f"{(f'{c.step_time:.4g}' if c.step_time is not None else '-'):>10}  {verdict}"
-        )
-    return rows
-
-
-def candidate_table(cands: list[Candidate], selected: ParallelConfig | None = None) -> str:
-    """The per-candidate table (memory breakdown in GiB per device, step time, verdict)."""
-    rows = _table(cands)
-    if selected is not None:
-        for i, c in enumerate(cands):
-            if c.config == selected:
-                rows[i + 1] = rows[i + 1].replace("  ok", "  selected")
-    return "\n".join(rows)
-
-
-def _no_fit_message(best: Candidate, *, cap: int, cluster: Cluster, options: APOptions, ratio: int,
-                    global_batch: int) -> str:
-    m = best.memory
-    ways = [
-        f"more devices (now {cluster.nodes} node(s) x {cluster.devices_per_node})",
-        f"a smaller global batch (now {global_batch})",
-    ]
-    if options.activation_recomputation is False:
-        ways.append("allow activation_recomputation ('auto' or True)")
-    if options.distribute_parameter is False:
-        ways.append("allow distribute_parameter ('auto' or True)")
-    if not options.pipeline_parallel:
-        ways.append("allow pipeline_parallel")
-    elif isinstance(options.num_stages, int):
-        ways.append(f"allow more pipeline stages (num_stages <= {options.num_stages} now)")
-    if options.mixed_precision is False:
-        ways.append("mixed_precision=True")
-    if ratio < 100:
-        ways.append(f"a higher MOREH_ADVANCED_PARALLELIZATION_MEMORY_USAGE_CORRECTION_RATIO (now {ratio})")
-    ways.append("an optimizer with less state (e.g. SGD) or fused kernels (AdamW(fused=True))")
-    return (
-        "OUT_OF_MEMORY: no parallel configuration fits in device memory. "
-        f"Best candidate ({best.config.to_moreh_line()}) requests {m.total:,} bytes per device "
-        f"but {cap:,} bytes are available ({cluster.device_memory:,} x {ratio}%). "
-        f"Breakdown: params {m.params:,}, grads {m.grads:,}, optimizer {m.optimizer:,}, "
-        f"activations {m.activations:,}, transient {m.transient:,}. "
-        "Ways out: " + "; ".join(ways) + "."
-    )
 
 
 def _pool_map(fn, items: list, workers: int) -> list:
@@ -252,6 +231,7 @@ def plan_graph(
     global_batch: int | None = None,
     started: float | None = None,
     use_measurements: bool = True,
+    tp: TPFacts | None = None,
 ) -> Plan:
     """Plan for an already traced model (what :func:`plan` does after tracing).
 
@@ -279,15 +259,17 @@ def plan_graph(
     world = cluster.world_size
     batch = global_batch or graph.batch_size
     cap = int(cluster.device_memory * env.memory_usage_correction_ratio / 100)
+    degrees = tp_degrees(tp, devices_per_node=cluster.devices_per_node, world_size=world,
+                         option=opts.tensor_parallel)
     configs = enumerate_candidates(world_size=world, global_batch=batch, num_blocks=graph.num_blocks, options=opts,
-                                   supports_pipeline=graph.supports_pipeline)
+                                   supports_pipeline=graph.supports_pipeline, tp_degrees=degrees)
     if not configs:
         raise ValueError(
             f"no parallel configuration is valid for global batch {batch} on world size {world} with options "
             f"{opts.to_dict()}: the batch must be a multiple of the data-parallel degree "
             f"(world_size / num_stages for some allowed num_stages)"
         )
-    ev = _Evaluator(graph, cluster, world=world, optimizer=optimizer, cap=cap)
+    ev = _Evaluator(graph, cluster, world=world, optimizer=optimizer, cap=cap, tp=tp)
     logger.info(f"The number of candidates is {len(configs)}.")
     logger.info("Parallel Graph Compile start...")
     t0 = time.perf_counter()
@@ -306,11 +288,13 @@ def plan_graph(
             corrections.correct_time(c)
     logger.info(f"Elapsed Time to compute cost for survived candidates = {(time.perf_counter() - t1) * 1e3:.0f} [ms]")
     logger.info("SelectBestGraphFromCandidates finished.")
-    if not survivors:
+    if not survivors:  # the message names the smallest exact peak: the floors are evaluated in full
+        cands = [c if c.step_time is not None or not (c.reason or "").startswith("out of memory: needs at least")
+                 else ev.compile(c.config, exact=True) for c in cands]
         best = min(cands, key=lambda c: c.memory.total)
         _detailed_log(env.detailed_log, cands, None)
         raise NoFeasibleConfigError(
-            _no_fit_message(best, cap=cap, cluster=cluster, options=opts, ratio=env.memory_usage_correction_ratio,
+            no_fit_message(best, cap=cap, cluster=cluster, options=opts, ratio=env.memory_usage_correction_ratio,
                             global_batch=batch)
         )
     chosen = min(survivors, key=lambda c: (c.step_time, c.memory.total, c.config.num_stages, c.config.num_micro_batches))
@@ -381,11 +365,14 @@ def plan(
         raise TypeError(f"plan(cluster={cluster!r}) is not valid: expected a moreh_ap.Cluster or None")
     cluster = cluster if cluster is not None else Cluster.detect(calibrate=True)
     graph = model if isinstance(model, ModelGraph) else trace(model, args, kwargs)
-    return plan_graph(graph, cluster=cluster, options=opts, optimizer=optimizer, dump=dump, started=started)
+    return plan_graph(graph, cluster=cluster, options=opts, optimizer=optimizer, dump=dump, started=started,
+                      tp=tp_facts(model))
 
 
-def evaluate_config(graph: ModelGraph, config: ParallelConfig, *, cluster: Cluster, optimizer: Any = "adamw") -> Candidate:
-    """One configuration's predicted memory and step time, as :func:`plan_graph` computes a candidate's."""
+def evaluate_config(graph: ModelGraph, config: ParallelConfig, *, cluster: Cluster, optimizer: Any = "adamw",
+                    tp: TPFacts | None = None) -> Candidate:
+    """One configuration's predicted memory and step time, as :func:`plan_graph` computes a candidate's
+    (``tp``: the family's tensor-parallel facts, needed when ``config.tp > 1``)."""
     cap = int(cluster.device_memory * read_env().memory_usage_correction_ratio / 100)
-    ev = _Evaluator(graph, cluster, world=cluster.world_size, optimizer=optimizer, cap=cap)
-    return ev.cost(ev.compile(config))
+    ev = _Evaluator(graph, cluster, world=cluster.world_size, optimizer=optimizer, cap=cap, tp=tp)
+    return ev.cost(ev.compile(config, exact=True))

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from moreh_ap.fsdp_units import is_own_unit
 from moreh_ap.graph.model_graph import ModelGraph, NodeInfo
 from moreh_ap.layout import ParallelLayout
 
-__all__ = ["StageNodes", "Units", "fsdp_units", "optimizer_profile", "prev_out", "rank_nodes", "rank_stages"]
+__all__ = ["StageNodes", "Units", "block_nodes", "fsdp_units", "optimizer_profile", "prev_out", "rank_nodes", "rank_stages"]
 
 _OPT_STATES = {"adamw": 2, "adam": 2, "lamb": 2, "sgd": 1}
 _OPT_TEMPS = {"adamw": 1, "adam": 1, "lamb": 2, "sgd": 0}
@@ -40,20 +41,29 @@ class StageNodes:
     """Its graph nodes in execution order (the embedding on the first stage, the head on the last)."""
 
 
+_STAGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # graph -> {layout key: stages}; planning speed
+
+
 def rank_stages(graph: ModelGraph, config: ParallelConfig, pp_rank: int, *, world_size: int) -> list[StageNodes]:
     """The virtual stages pipeline rank ``pp_rank`` holds, in increasing order, with their nodes.
 
-    Without a pipeline (``num_stages == 1``) the one stage holds every node.
+    Without a pipeline (``num_stages == 1``) the one stage holds every node. Remembered per graph and
+    pipeline shape (the planner asks for the same ranks of thousands of candidates).
     """
-    layout = ParallelLayout.from_config(config, world_size)
-    ranges = layout.stage_ranges(graph.num_blocks, config.boundaries)
-    last = layout.total_stages - 1
-    out = []
-    for s in layout.stages_of(pp_rank):
-        lo, hi = ranges[s]
-        out.append(StageNodes(stage=s, lo=lo, hi=hi, is_last=s == last,
-                              nodes=graph.stage_nodes(lo, hi, first=layout.is_first_stage(s), last=s == last)))
-    return out
+    piped = config.num_stages > 1
+    key = (config.num_stages, config.stages_per_rank if piped else 1, config.schedule if piped else "",
+           config.boundaries, pp_rank)
+    per_graph = _STAGES.setdefault(graph, {})
+    if key not in per_graph or world_size % (config.num_stages * config.tp):  # the layout says why not
+        layout = ParallelLayout.from_config(config, world_size)
+        ranges = layout.stage_ranges(graph.num_blocks, config.boundaries)
+        last = layout.total_stages - 1
+        per_graph[key] = tuple(
+            StageNodes(stage=s, lo=ranges[s][0], hi=ranges[s][1], is_last=s == last,
+                       nodes=graph.stage_nodes(ranges[s][0], ranges[s][1], first=layout.is_first_stage(s),
+                                               last=s == last))
+            for s in layout.stages_of(pp_rank))
+    return list(per_graph[key])
 
 
 def rank_nodes(graph: ModelGraph, config: ParallelConfig, pp_rank: int, *, world_size: int) -> list[NodeInfo]:
@@ -63,8 +73,18 @@ def rank_nodes(graph: ModelGraph, config: ParallelConfig, pp_rank: int, *, world
 
 def prev_out(graph: ModelGraph, block: int, prec: str) -> int:
     """Bytes a pipeline cut before block ``block`` sends (the output of the node before it)."""
-    node = graph.blocks[block - 1] if block > 0 else graph.pre
+    node = block_nodes(graph)[block - 1] if block > 0 else graph.pre
     return node.out_bytes.get(prec, 0) if node is not None else 0
+
+
+_BLOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # graph -> its block nodes; planning speed
+
+
+def block_nodes(graph: ModelGraph) -> tuple[NodeInfo, ...]:
+    """``graph.blocks``, remembered per graph (the planner asks for them for every candidate)."""
+    if graph not in _BLOCKS:
+        _BLOCKS[graph] = tuple(graph.blocks)
+    return _BLOCKS[graph]
 
 
 @dataclass(kw_only=True, slots=True)

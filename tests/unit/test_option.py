@@ -1,4 +1,4 @@
-# Tests of moreh_ap.option: enable/disable, the six keywords, and their errors.
+# Tests of moreh_ap.option: enable/disable, the seven keywords, and their errors.
 import pytest
 
 import moreh_ap
@@ -18,6 +18,7 @@ def test_defaults_and_enable():
         "activation_recomputation": "auto",
         "distribute_parameter": "auto",
         "mixed_precision": True,
+        "tensor_parallel": "auto",
     }
 
 

@@ -1,0 +1,190 @@
+# Tensor parallelism in the planner: the family's TP facts, the degrees to search, one TP rank's view of the graph.
+"""What the planner knows about tensor parallelism (TP), read from the family's
+:meth:`~moreh_ap.models.base.ModelAdapter.tp_plan` (the plan the runtime applies):
+
+* :func:`tp_facts`: which parameters of each graph node the plan splits, and the counts a degree must
+  divide (attention heads, key/value heads); None for a family without a TP plan (never planned with TP);
+* :func:`tp_degrees`: the degrees searched, ``{1, 2, 4, 8}`` dividing those counts, the devices per node
+  (a TP group stays inside a node) and the world, at most the ``tensor_parallel`` option;
+* :func:`local_graph`: the graph as one TP rank holds and runs it, so the memory and cost models apply
+  unchanged: a split module's parameters (and so gradients, optimizer state, FSDP units) ``/ tp``, norms
+  and position embeddings whole; a block's FLOPs and GEMM widths ``/ tp``; its saved activations as
+  Megatron counts them without sequence parallelism (``10 + 24 / tp`` of ``34`` per token and hidden unit,
+  attention as the flash kernel: nothing quadratic saved), its largest temporary ``/ tp``; the logits whole
+  (the head's output is gathered for the loss);
+* :func:`tp_comm_seconds`: the collectives per micro-batch on the intra-node link: per block 2 all-reduces
+  of its output in the forward and 2 in the backward (Megatron's count; 2 more when the block is
+  recomputed), the vocabulary-parallel embedding's all-reduce, the head's logits all-gather and its input
+  gradient's all-reduce.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from moreh_ap.graph.model_graph import ModelGraph, NodeInfo, TiedParam
+
+__all__ = ["TP_DEGREES", "TPFacts", "local_graph", "tp_comm_seconds", "tp_degrees", "tp_facts"]
+
+TP_DEGREES = (1, 2, 4, 8)
+"""The tensor-parallel degrees the planner searches."""
+
+_KEPT_FULL, _KEPT_SPLIT = 10.0, 24.0  # Megatron's saved activations per token x hidden unit of a block (no SP)
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class TPFacts:
+    """What the family's TP plan splits, per graph node."""
+
+    divisible: dict[str, int] = field(default_factory=dict)
+    """``{what: count}`` a degree must divide (attention heads, key/value heads)."""
+    split_params: dict[str, int] = field(default_factory=dict)
+    """``{node name: parameter elements the plan splits}`` (tied ones counted in every node using them)."""
+    split_fqns: frozenset[str] = frozenset()
+    """Parameter FQNs the plan splits (a tied parameter is split when any of its names is)."""
+
+
+def _params(module) -> list[tuple[str, int]]:
+    return [(name, p.numel()) for name, p in module.named_parameters()]
+
+
+def _split_modules(model, plan, blocks: list[str]) -> dict[str, Any]:
+    out = {}
+    for block in blocks:
+        for key in plan.block:
+            out[f"{block}.{key}" if block else key] = None
+    for fqn, style in plan.outer.items():
+        if type(style).__name__ != "ReplicateParams":  # a replicated embedding / head is not split
+            out[fqn] = None
+    for fqn in list(out):
+        try:
+            out[fqn] = model.get_submodule(fqn)
+        except AttributeError:
+            del out[fqn]
+    return out
+
+
+def tp_facts(model: Any) -> TPFacts | None:
+    """The TP facts of ``model`` (an ``nn.Module``, any device, meta included), or None when its family's
+    adapter has no TP plan (``adapter.tp_plan() is None``) or the model is not a module."""
+    from torch import nn
+
+    from moreh_ap.models import find_adapter
+
+    if not isinstance(model, nn.Module):
+        return None
+    adapter = find_adapter(model)
+    plan = adapter.tp_plan()
+    if plan is None:
+        return None
+    blocks = adapter.block_fqns()
+    split: dict[str, int] = {}
+    fqns: set[str] = set()
+    block_set = set(blocks)
+    for mfqn, module in _split_modules(model, plan, blocks).items():
+        owner = next((b for b in blocks if mfqn.startswith(b + ".")), None) if block_set else None
+        for pname, numel in _params(module):
+            fqns.add(f"{mfqn}.{pname}")
+            key = owner if owner is not None else mfqn
+            split[key] = split.get(key, 0) + numel
+    return TPFacts(divisible={k: int(v) for k, v in plan.divisible.items()}, split_params=split,
+                   split_fqns=frozenset(fqns))
+
+
+def _node_split(node: NodeInfo, facts: TPFacts) -> int:
+    """Parameter elements of ``node`` the plan splits (its modules' FQNs matched against the plan's)."""
+    total = 0
+    for key, numel in facts.split_params.items():
+        if any(key == f or key.startswith(f + ".") for f in node.fqns):
+            total += numel
+    return min(total, node.num_params)
+
+
+def tp_degrees(facts: TPFacts | None, *, devices_per_node: int, world_size: int, option: Any = "auto") -> list[int]:
+    """The degrees to search: :data:`TP_DEGREES` dividing every count in ``facts.divisible``, the devices
+    per node and the world size, at most ``option`` when it is an int (1 = no TP); ``[1]`` without facts."""
+    if facts is None:
+        return [1]
+    limit = option if isinstance(option, int) and not isinstance(option, bool) else max(TP_DEGREES)
+    return [t for t in TP_DEGREES if t <= limit and devices_per_node % t == 0 and world_size % t == 0
+            and all(c % t == 0 for c in facts.divisible.values())]
+
+
+def _scale_dict(d: dict, f: float) -> dict:
+    return {k: int(v * f) for k, v in d.items()}
+
+
+def _local_gemms(gemms: dict, tp: int) -> dict:
+    out = {}
+    for prec, items in gemms.items():
+        # column splits narrow n, row splits narrow k: the same FLOPs; batched ones (heads) narrow the batch
+        out[prec] = tuple((m, k, max(1, n // tp), b, c) if b == 1 else (m, k, n, max(1, b // tp), c)
+                          for m, k, n, b, c in items)
+    return out
+
+
+def _local_node(node: NodeInfo, facts: TPFacts, tp: int) -> NodeInfo:
+    split = _node_split(node, facts)
+    if split == 0:
+        return node
+    gone = split - split // tp
+    num = node.num_params - gone
+    ratio = num / node.num_params if node.num_params else 1.0
+    changes: dict[str, Any] = dict(
+        num_params=num, trainable_params=max(0, node.trainable_params - gone),
+        param_bytes=int(node.param_bytes * ratio), largest_param=max(1, node.largest_param // tp),
+        saved_cast_bytes=_scale_dict(node.saved_cast_bytes, ratio),
+    )
+    if node.kind == "block":
+        acts = (_KEPT_FULL + _KEPT_SPLIT / tp) / (_KEPT_FULL + _KEPT_SPLIT)
+        casts = node.saved_cast_bytes
+        changes.update(
+            fwd_flops=node.fwd_flops // tp,
+            saved_bytes={k: int((v - casts.get(k, 0)) * acts + casts.get(k, 0) * ratio)
+                         for k, v in node.saved_bytes.items()},
+            peak_fwd_bytes=_scale_dict(node.peak_fwd_bytes, 1 / tp),
+            moved_bytes=_scale_dict(node.moved_bytes, acts),
+            gemms=_local_gemms(node.gemms, tp),
+        )
+    elif node.kind == "post":  # the head's GEMM is split; its logits are gathered whole for the loss
+        changes.update(fwd_flops=node.fwd_flops // tp, gemms=_local_gemms(node.gemms, tp))
+    return dataclasses.replace(node, **changes)
+
+
+def local_graph(graph: ModelGraph, facts: TPFacts | None, tp: int) -> ModelGraph:
+    """``graph`` as one rank of a ``tp``-way group holds and runs it (``graph`` itself for ``tp == 1``)."""
+    if tp == 1 or facts is None:
+        return graph
+    nodes = [_local_node(n, facts, tp) for n in graph.nodes]
+    tied = [dataclasses.replace(t, numel=t.numel // tp) if any(f in facts.split_fqns for f in t.fqns) else t
+            for t in graph.tied]
+    return ModelGraph(nodes, block_container=graph.block_container, batch_size=graph.batch_size, tied=tied,
+                      param_dtype_bytes=graph.param_dtype_bytes, trace_ms=graph.trace_ms,
+                      model_name=graph.model_name, adapter_name=graph.adapter_name,
+                      supports_pipeline=graph.supports_pipeline)
+
+
+def tp_comm_seconds(nodes: list[NodeInfo], *, cluster: Any, tp: int, prec: str, scale: float, recompute: bool,
+                    inter_node: bool = False) -> float:
+    """Seconds of one micro-batch's TP collectives over a rank's ``nodes`` (see the module docstring)."""
+    from moreh_ap.planner.time_model import collective_time
+
+    if tp <= 1:
+        return 0.0
+
+    def ar(nbytes: float) -> float:
+        return collective_time(cluster, "all_reduce", nbytes, group=tp, inter_node=inter_node)
+
+    total = 0.0
+    for n in nodes:
+        out = n.out_bytes.get(prec, 0) * scale
+        if n.kind == "block":
+            total += (6 if recompute else 4) * ar(out)
+        elif n.kind == "pre":
+            total += ar(out)
+        else:
+            hidden = (n.gemms.get(prec) or ((0, 0, 0, 1, 1),))[0]  # the head's GEMM: (tokens, hidden, vocab)
+            total += collective_time(cluster, "all_gather", out, group=tp, inter_node=inter_node)
+            total += ar(hidden[0] * hidden[1] * hidden[3] * scale * (2 if prec == "mixed" else 4))
+    return total
