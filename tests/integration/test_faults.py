@@ -118,8 +118,7 @@ def test_a_raising_rank_1_is_named_with_its_traceback(tmp_path, torchrun):
     assert _all_gone(out)
 
 
-@pytest.mark.parametrize("torchrun", [False, pytest.param(True, marks=pytest.mark.full)],  # torchrun: -m full
-                         ids=["self-launch", "torchrun"])
+@pytest.mark.parametrize("torchrun", [False, True], ids=["self-launch", "torchrun"])
 def test_an_exception_in_rank_0s_forward_reaches_its_finally(tmp_path, torchrun):
     proc, out = _start(tmp_path, "raise", 0, 2, torchrun=torchrun)
     started = _wait_failed(proc, out, "step0")
