@@ -55,8 +55,9 @@ def parallelize(model: nn.Module, config: ParallelConfig, *, optimizer: torch.op
         model: the full model (same class and shapes on every rank; rank 0's weights win).
         config: the parallel configuration (``tp > 1`` needs a family with a tensor-parallel plan:
             Hugging Face Llama-family and GPT-2, with attention heads and KV heads divisible by ``tp``).
-        optimizer: the user's optimizer over ``model.parameters()``, with empty state; it is rebound to
-            this rank's (possibly sharded) parameters, keeping param groups and hyper-parameters. An
+        optimizer: the user's optimizer over ``model.parameters()``; it is rebound to this rank's (possibly
+            sharded) parameters, keeping param groups and hyper-parameters, and state it already holds
+            (loaded, or from earlier steps) is taken from rank 0 and laid onto this rank's part. An
             optimizer with a ``set_grad_norm_fn`` method (FusedLAMB) is given the model's global
             gradient norm on several ranks.
         loss_fn: ``loss_fn(output, target)`` (a mean over samples) for models that do not compute their
