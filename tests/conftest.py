@@ -18,6 +18,10 @@ def _clean_moreh_env(monkeypatch, tmp_path):
     # the suite runs on CPU unless a test says otherwise (it compares with CPU references): on a CUDA
     # machine parallelize() would otherwise put the model on cuda:LOCAL_RANK
     monkeypatch.setenv("MOREH_AP_DEVICE", "cpu")
+    # scripts' ranks share one console pipe in several tests: unbuffered (-u), print() writes the text and
+    # its newline in two writes and lines of different ranks interleave mid-line; buffered, each flushed
+    # print is one write
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
     _option.disable_advanced_parallelization()
     yield
     _option.disable_advanced_parallelization()
