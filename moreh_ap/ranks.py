@@ -15,9 +15,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
-__all__ = ["OWN_VARIABLES", "TORCHRUN_VARIABLES", "LAUNCHED_MARK", "LaunchIdentity", "identity", "launch_rank",
+__all__ = ["DEVICE_ENV", "DEVICE_CHOICES", "device_for_rank", "OWN_VARIABLES", "TORCHRUN_VARIABLES", "LAUNCHED_MARK", "LaunchIdentity", "identity", "launch_rank",
            "local_rank", "world_sizes", "rank_variables_present"]
 
 OWN_VARIABLES = {
@@ -139,3 +140,32 @@ def rank_variables_present(environ: Mapping[str, str] | None = None) -> list[str
     ``environ`` (default ``os.environ``)."""
     environ = os.environ if environ is None else environ
     return [name for name in (*_TORCHRUN_MARKS, *_OWN_MARKS) if environ.get(name)]
+
+
+DEVICE_ENV = "MOREH_AP_DEVICE"
+"""This rank's device kind: "cpu" or "cuda" (set by the self-launcher in the ranks it starts); unset = auto."""
+DEVICE_CHOICES = ("cpu", "cuda")
+
+
+def device_for_rank() -> torch.device:
+    """This rank's device: ``MOREH_AP_DEVICE`` when set, else ``cuda:<local rank>`` when CUDA is available, else ``cpu``.
+
+    ``MOREH_AP_DEVICE=cpu`` keeps the rank on CPU on a CUDA machine (e.g. several gloo ranks on a one-GPU
+    machine); ``cuda`` requires CUDA. On CUDA the device index is the local rank (:func:`local_rank`:
+    the self-launcher's ``MOREH_AP_LOCAL_RANK`` or torchrun's ``LOCAL_RANK``) modulo the visible devices; a
+    self-launched rank sees one device (its ``CUDA_VISIBLE_DEVICES``), rank 0 uses the first it sees.
+
+    Raises:
+        ValueError: ``MOREH_AP_DEVICE`` is not one of "cpu", "cuda", or is "cuda" without a CUDA device.
+    """
+    kind = os.environ.get(DEVICE_ENV, "").strip().lower()
+    if kind and kind not in DEVICE_CHOICES:
+        raise ValueError(f"{DEVICE_ENV}={os.environ[DEVICE_ENV]!r} is not valid: expected one of {DEVICE_CHOICES} "
+                         "or unset (auto)")
+    if kind == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
+    if kind == "cuda":
+        raise ValueError(f"{DEVICE_ENV}=cuda but no CUDA device is available: set it to 'cpu' or unset it")
+    return torch.device("cpu")

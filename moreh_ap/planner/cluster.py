@@ -7,7 +7,7 @@ from typing import Any
 
 from moreh_ap.env import NPROC
 from moreh_ap.planner.calibration import load_or_measure
-from moreh_ap.ranks import world_sizes
+from moreh_ap.ranks import device_for_rank, world_sizes
 
 GiB = 1024**3
 
@@ -132,22 +132,20 @@ class Cluster:
         World size comes from the process group when one is up, else from the
         launch (:func:`moreh_ap.ranks.world_sizes`: the self-launcher's variables or
         torchrun's ``WORLD_SIZE``) or ``MOREH_AP_NPROC``; devices per node from the
-        launch's local world size, ``MOREH_AP_NPROC`` or the CUDA device count. CUDA devices are matched
-        to a preset by name and their real memory is used; without CUDA the
-        ``cpu`` preset. With ``calibrate=True`` the calibration DB is loaded
-        from the cache (or measured once) and attached.
+        launch's local world size, ``MOREH_AP_NPROC`` or the CUDA device count. On CUDA (this rank's
+        device, :func:`moreh_ap.ranks.device_for_rank`: ``MOREH_AP_DEVICE=cpu`` keeps a CUDA machine's ranks on
+        CPU) the device is matched to a preset by name and its real memory is used; else the ``cpu``
+        preset. With ``calibrate=True`` the calibration DB is loaded from the cache (or measured once) and
+        attached.
         """
-        world, local = _detect_world()
+        device = device_for_rank()  # MOREH_AP_DEVICE=cpu plans CPU ranks on a CUDA machine
+        world, local = _detect_world(cuda=device.type == "cuda")
         nodes = max(1, world // local) if world % local == 0 else 1
         local = local if world % local == 0 else world
-        try:
+        if device.type == "cuda":
             import torch
 
-            has_cuda = torch.cuda.is_available()
-        except Exception:
-            has_cuda = False
-        if has_cuda:
-            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            props = torch.cuda.get_device_properties(device)
             cluster = cls.preset(_match_cuda(props.name, props.total_memory), nodes=nodes, devices_per_node=local)
             cluster.device_memory = int(props.total_memory)
             cluster.name = props.name
@@ -178,7 +176,7 @@ def _match_cuda(name: str, total: int) -> str:
     return "h100-80gb"
 
 
-def _detect_world() -> tuple[int, int]:
+def _detect_world(*, cuda: bool) -> tuple[int, int]:
     world = local = None
     try:
         import torch.distributed as dist
@@ -193,7 +191,7 @@ def _detect_world() -> tuple[int, int]:
     if world is None:
         world = launch_world or nproc
     local = launch_local or nproc
-    if local is None:
+    if local is None and cuda:
         try:
             import torch
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moreh_ap.ranks import OWN_VARIABLES, identity, local_rank
+from moreh_ap.ranks import DEVICE_ENV, OWN_VARIABLES, device_for_rank, identity
 
 __all__ = ["DEVICE_ENV", "init_distributed", "created_by_ap", "world_size", "rank", "device_for_rank", "subgroup",
            "broadcast_from_rank0",
@@ -28,35 +28,6 @@ def world_size() -> int:
 def rank() -> int:
     """This process's global rank (0 when torch.distributed is not initialized)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-DEVICE_ENV = "MOREH_AP_DEVICE"
-"""This rank's device kind: "cpu" or "cuda" (set by the self-launcher in the ranks it starts); unset = auto."""
-DEVICE_CHOICES = ("cpu", "cuda")
-
-
-def device_for_rank() -> torch.device:
-    """This rank's device: ``MOREH_AP_DEVICE`` when set, else ``cuda:<local rank>`` when CUDA is available, else ``cpu``.
-
-    ``MOREH_AP_DEVICE=cpu`` keeps the rank on CPU on a CUDA machine (e.g. several gloo ranks on a one-GPU
-    machine); ``cuda`` requires CUDA. On CUDA the device index is the local rank (:func:`moreh_ap.ranks.local_rank`:
-    the self-launcher's ``MOREH_AP_LOCAL_RANK`` or torchrun's ``LOCAL_RANK``) modulo the visible devices; a
-    self-launched rank sees one device (its ``CUDA_VISIBLE_DEVICES``), rank 0 uses the first it sees.
-
-    Raises:
-        ValueError: ``MOREH_AP_DEVICE`` is not one of "cpu", "cuda", or is "cuda" without a CUDA device.
-    """
-    kind = os.environ.get(DEVICE_ENV, "").strip().lower()
-    if kind and kind not in DEVICE_CHOICES:
-        raise ValueError(f"{DEVICE_ENV}={os.environ[DEVICE_ENV]!r} is not valid: expected one of {DEVICE_CHOICES} "
-                         "or unset (auto)")
-    if kind == "cpu":
-        return torch.device("cpu")
-    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-        return torch.device("cuda", local_rank() % torch.cuda.device_count())
-    if kind == "cuda":
-        raise ValueError(f"{DEVICE_ENV}=cuda but no CUDA device is available: set it to 'cpu' or unset it")
-    return torch.device("cpu")
 
 
 _ap_group = None

@@ -40,6 +40,24 @@ def test_detect_on_cpu(monkeypatch):
     assert Cluster.detect().world_size == 1
 
 
+def test_detect_follows_the_rank_device_on_a_cuda_machine(monkeypatch):
+    """On a (faked) 2-GPU machine: the CUDA device's preset and memory, devices per node from the GPUs; with
+    MOREH_AP_DEVICE=cpu (CPU ranks on a GPU machine, as the suite runs) the cpu preset and no GPU count."""
+    props = type("Props", (), {"name": "NVIDIA H100 80GB HBM3", "total_memory": 80 * 2**30})()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "MOREH_AP_NPROC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("MOREH_AP_DEVICE")
+    c = Cluster.detect()
+    assert (c.device_type, c.world_size, c.devices_per_node, c.device_memory) == ("cuda", 2, 2, 80 * 2**30)
+    assert c.name == props.name
+    monkeypatch.setenv("MOREH_AP_DEVICE", "cpu")
+    c = Cluster.detect()
+    assert (c.device_type, c.world_size) == ("cpu", 1)
+
+
 def _log_lines(capsys):
     return capsys.readouterr().err
 
