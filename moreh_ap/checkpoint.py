@@ -7,7 +7,9 @@ the model's ORIGINAL names, not the pipeline stages' module names, so a checkpoi
 ``ParallelConfig`` or world size (DCP reshards), also in one process:
 
 - ``model/<name>``: every parameter and persistent buffer, a tied one once under its canonical name
-  (its first name in ``named_parameters(remove_duplicate=False)``), filled into every copy at load;
+  (its first name in ``named_parameters(remove_duplicate=False)``), filled into every copy at load; a
+  parameter re-laid for tensor parallelism (GPT-2's fused q/k/v ``c_attn``) is stored whole in one-device
+  order (it and its optimizer state), not as shards;
 - ``optim/<name>/<key>``: the optimizer's per-parameter state (``exp_avg``, ``step``, ...), sharded like
   the parameter under FSDP2; ``optim_groups``: the param groups' hyper-parameters (``lr``, FusedLAMB's
   ``step``, ...) with the parameters' names.
@@ -27,7 +29,8 @@ from moreh_ap.runtime.apply import local_module
 from moreh_ap.runtime.dist import world_size
 from moreh_ap.runtime.engine import ParallelModel
 from moreh_ap.runtime.optim_state import lay_named_state, local_named_state, map_of
-from moreh_ap.runtime.state_dict import reshard_fsdp
+from moreh_ap.runtime.state_dict import copy_full_into, reshard_fsdp
+from moreh_ap.models.tp_plan import from_tp_order, to_tp_order
 from moreh_ap.models import clean_name
 
 __all__ = ["save", "load"]
@@ -50,8 +53,8 @@ def _check(model: Any, path: Any, optimizer: Any, *, what: str) -> str:
     return os.fspath(path)
 
 
-def _model_entries(model: ParallelModel) -> dict[str, torch.Tensor]:
-    """``model/<canonical name>`` -> this rank's tensor (a DTensor shard under FSDP2), each tensor once."""
+def _held_tensors(model: ParallelModel) -> dict[str, torch.Tensor]:
+    """Canonical original name -> this rank's tensor (a DTensor under FSDP2 or TP), each tensor once."""
     keys = set(model._orig_keys)
     out: dict[str, torch.Tensor] = {}
     for st in model._stages:
@@ -59,14 +62,51 @@ def _model_entries(model: ParallelModel) -> dict[str, torch.Tensor]:
         for n, t in list(module.named_parameters()) + list(module.named_buffers()):
             names = [o for o in st.names.get(clean_name(n), []) if o in keys]
             if names:
-                out.setdefault(f"model/{names[0]}", t.detach())
+                out.setdefault(names[0], t.detach())
     return out
 
 
+def _model_entries(model: ParallelModel) -> dict[str, torch.Tensor]:
+    """``model/<canonical name>`` -> what is saved: this rank's tensor (DCP writes a DTensor's shards), except a
+    tensor re-laid for tensor parallelism (GPT-2's fused q/k/v), saved whole in one-device order (a collective
+    over its mesh) so that the checkpoint loads under any other configuration."""
+    out = {}
+    for name, t in _held_tensors(model).items():
+        relay = model._relays.get(name)
+        if relay is not None:
+            t = from_tp_order(t.full_tensor() if is_dtensor(t) else t, relay)
+        out[f"model/{name}"] = t
+    return out
+
+
+def _model_targets(model: ParallelModel) -> dict[str, torch.Tensor]:
+    """What DCP fills at load: this rank's tensors in place, a whole one-device-order tensor for a re-laid one
+    (copied in by :func:`_lay_relaid` after the load)."""
+    out = {}
+    for name, t in _held_tensors(model).items():
+        local = t.to_local() if is_dtensor(t) else t
+        relaid = name in model._relays
+        out[f"model/{name}"] = torch.empty(t.shape, dtype=t.dtype, device=local.device) if relaid else t
+    return out
+
+
+def _lay_relaid(model: ParallelModel, state: dict[str, Any]) -> None:
+    held = _held_tensors(model)
+    with torch.no_grad():
+        for name, relay in model._relays.items():
+            if name in held:
+                copy_full_into(held[name], to_tp_order(state[f"model/{name}"], relay), name=name)
+
+
 def _optim_entries(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], list[dict]]:
-    named = local_named_state(optimizer, map_of(optimizer), full=False)
-    flat = {f"optim/{n}/{k}": (v.detach() if isinstance(v, torch.Tensor) else v)
-            for n, st in named["state"].items() for k, v in st.items()}
+    omap = map_of(optimizer)
+    named = local_named_state(optimizer, omap, full=False)
+    flat = {}
+    for n, st in named["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and n in omap.relays and v.dim() > 0:
+                v = from_tp_order(v.full_tensor() if is_dtensor(v) else v, omap.relays[n])  # as its parameter
+            flat[f"optim/{n}/{k}"] = v.detach() if isinstance(v, torch.Tensor) else v
     return flat, named["param_groups"]
 
 
@@ -115,7 +155,7 @@ def load(path: str | os.PathLike, model: ParallelModel, optimizer: torch.optim.O
     meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     for st in model._stages:
         reshard_fsdp(local_module(st, model.wrapper))
-    state: dict[str, Any] = _model_entries(model)
+    state: dict[str, Any] = _model_targets(model)
     missing = [k for k in state if k not in meta]
     if missing:
         raise ValueError(f"moreh_ap.checkpoint.load: {path!r} has no {[k[6:] for k in missing[:5]]}: it was saved "
@@ -127,6 +167,7 @@ def load(path: str | os.PathLike, model: ParallelModel, optimizer: torch.optim.O
         state.update(_optim_targets(optimizer, meta))
         state[_GROUPS] = groups
     dcp.load(state, checkpoint_id=path, no_dist=world_size() == 1)
+    _lay_relaid(model, state)
     if optimizer is not None:
         _lay_optimizer(optimizer, state)
 
@@ -155,12 +196,13 @@ def _optim_targets(optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> di
         if not isinstance(md, TensorStorageMetadata):
             out[key] = None
             continue
-        out[key] = _empty_like_saved(p, tuple(md.size), md.properties.dtype)
+        whole = parts[1] in omap.relays  # saved in one-device order: lay_named_state re-lays and shards it
+        out[key] = _empty_like_saved(p, tuple(md.size), md.properties.dtype, whole=whole)
     return out
 
 
-def _empty_like_saved(p: torch.Tensor, size: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    if is_dtensor(p) and size == tuple(p.shape) and len(size) > 0:
+def _empty_like_saved(p: torch.Tensor, size: tuple[int, ...], dtype: torch.dtype, *, whole: bool) -> torch.Tensor:
+    if is_dtensor(p) and size == tuple(p.shape) and len(size) > 0 and not whole:
         from torch.distributed.tensor import DTensor
 
         local = torch.empty(p.to_local().shape, dtype=dtype, device=p.to_local().device)

@@ -10,7 +10,7 @@ from moreh_ap.runtime.apply import Stage, Wrapper, local_module
 from moreh_ap.runtime.dist import rank, world_size
 from moreh_ap.models import clean_name
 
-__all__ = ["full_state_dict", "load_full_state_dict", "reshard_fsdp"]
+__all__ = ["copy_full_into", "full_state_dict", "load_full_state_dict", "reshard_fsdp"]
 
 
 @torch.no_grad()
@@ -94,7 +94,7 @@ def load_full_state_dict(stages: list[Stage], wrapper: Wrapper, state_dict: dict
         for n, t in list(module.named_parameters()) + list(module.named_buffers()):
             orig = next((o for o in st.names.get(clean_name(n), []) if o in state_dict), None)
             if orig is not None:
-                _copy_full_into(t, to_tp_order(state_dict[orig], (relays or {}).get(orig)), name=clean_name(n))
+                copy_full_into(t, to_tp_order(state_dict[orig], (relays or {}).get(orig)), name=clean_name(n))
     return _IncompatibleKeys(missing, unexpected)
 
 
@@ -107,7 +107,12 @@ def reshard_fsdp(module: torch.nn.Module) -> None:
             m.reshard()
 
 
-def _copy_full_into(t: torch.Tensor, full: torch.Tensor, *, name: str) -> None:
+def copy_full_into(t: torch.Tensor, full: torch.Tensor, *, name: str) -> None:
+    """Copy the whole tensor ``full`` into ``t`` (a DTensor takes its own slice; no communication).
+
+    Raises:
+        RuntimeError: the shapes differ (``name`` is the parameter's name in the message).
+    """
     if tuple(full.shape) != tuple(t.shape):
         raise RuntimeError(f"load_state_dict: size mismatch for {name}: the checkpoint has {tuple(full.shape)}, "
                            f"the model {tuple(t.shape)}")

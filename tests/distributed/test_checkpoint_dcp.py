@@ -23,12 +23,16 @@ RUNNER = "tests.helpers.resume_cases:run"
 PP2 = ParallelConfig(num_stages=2, num_micro_batches=2, batch_per_device=2, mixed_precision=False).to_dict()
 FSDP2 = ParallelConfig(num_stages=1, num_micro_batches=1, batch_per_device=2, distribute_param=True,
                        distribute_low_prec_param=True, mixed_precision=False).to_dict()
+TP2 = ParallelConfig(num_stages=1, num_micro_batches=1, batch_per_device=4, tp=2, mixed_precision=False).to_dict()
 ONE = ParallelConfig(num_stages=1, num_micro_batches=1, batch_per_device=4, mixed_precision=False).to_dict()
 # id: (model, optimizer, saved under, loaded under: a 2-rank config or "one process")
 CASES = {
     "llama-adamw-pp2-to-fsdp2": ("llama", "adamw", PP2, FSDP2),
     "gpt2-tied-lamb-fsdp2-to-pp2": ("gpt2", "lamb", FSDP2, PP2),
     "gpt2-tied-sgd-fsdp2-to-one-process": ("gpt2", "sgd", FSDP2, None),
+    # tensor parallelism re-lays GPT-2's fused q/k/v: the checkpoint holds them in one-device order
+    "gpt2-tied-adamw-tp2-to-fsdp2": ("gpt2", "adamw", TP2, FSDP2),
+    "gpt2-tied-adamw-fsdp2-to-tp2": ("gpt2", "adamw", FSDP2, TP2),
 }
 _RUNS: dict = {}
 
