@@ -24,7 +24,7 @@ from moreh_ap.runtime.build import copy_rank0_weights, rebind_optimizer, wrap_st
 from moreh_ap.runtime.dist import device_for_rank, rank, world_size
 from moreh_ap.runtime.failure import block_list_hint, failure_policy
 from moreh_ap.signals import step_boundary
-from moreh_ap.runtime.gather import gather_batch_outputs
+from moreh_ap.runtime.gather import after_backward, gather_batch_outputs
 from moreh_ap.runtime.norm import NormParams, clip_params_, global_norm
 from moreh_ap.models import ModelAdapter, find_adapter, map_stage_names, param_names
 from moreh_ap.runtime.state_dict import full_state_dict
@@ -268,9 +268,11 @@ class ParallelModel(nn.Module):
                                       f"model on every rank; this model is pipelined (num_stages={self.pp})")
         with failure_policy("forward", hint=self._hint):
             out, rows, sizes = self._runner.forward_rows(args, kwargs)
-        if self.dp == 1:
-            return out
-        return gather_batch_outputs(out, rows=rows, sizes=sizes, group=self.mesh.get_group("dp"))
+        if self.dp > 1:
+            out = gather_batch_outputs(out, rows=rows, sizes=sizes, group=self.mesh.get_group("dp"))
+        if self.layout.tp > 1 or self._ties.groups:
+            after_backward(out, self._after_backward)  # the script's backward ends the step
+        return out
 
     def _hint(self, exc: BaseException) -> str:
         return block_list_hint(exc, pipelined=self.pp > 1, split_name=self._split_name)

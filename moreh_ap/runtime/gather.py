@@ -1,4 +1,4 @@
-# The differentiable all-gather of a loss-outside model's outputs: every rank gets the whole global batch's.
+# A loss-outside model's outputs: the differentiable all-gather of the global batch's, and work queued after their backward.
 """A model whose loss is computed by the script (``loss = criterion(model(x), y)``) runs its forward on
 this data-parallel rank's rows; :func:`gather_batch_outputs` all-gathers every output tensor over the dp
 group (``torch.distributed.nn.functional.all_gather``: autograd-aware, on gloo its backward is an
@@ -8,6 +8,10 @@ Gradients: every rank computes the same loss on the same gathered outputs, so th
 hands rank r ``dp`` times the gradient of its rows; DDP / FSDP2 then average over dp: one device's
 gradients, with no extra scaling. Uneven row counts (a short last batch) are padded to the largest
 before the gather and cut after it.
+
+The script's own ``loss.backward()`` ends the step's backward, not the engine: :func:`after_backward` queues the
+engine's after-backward work (tensor-parallel gradients laid like their parameters, tied gradients summed) to
+run when that backward finishes, as ``train_step`` runs it after its own.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import torch
 import torch.distributed.nn.functional as dist_fn
 from torch.utils._pytree import tree_map_only
 
-__all__ = ["gather_batch_outputs"]
+__all__ = ["after_backward", "gather_batch_outputs"]
 
 
 def gather_batch_outputs(out: Any, *, rows: int, sizes: list[int], group) -> Any:
@@ -50,3 +54,25 @@ def gather_batch_outputs(out: Any, *, rows: int, sizes: list[int], group) -> Any
         fields = {k: tree_map_only(torch.Tensor, gather, v) for k, v in out.items()}
         return type(out)(**fields)
     return tree_map_only(torch.Tensor, gather, out)
+
+
+def after_backward(out: Any, fn) -> None:
+    """Run ``fn()`` once at the end of every backward pass that reaches a tensor of ``out`` (autograd's
+    ``queue_callback``, as FSDP and DDP finish their own backward work), whichever outputs the loss used."""
+    tensors = [t for t in tree_flatten_tensors(out) if t.requires_grad]
+    if not tensors:
+        return
+
+    def queue(_grads) -> None:
+        torch.autograd.Variable._execution_engine.queue_callback(fn)
+
+    torch.autograd.graph.register_multi_grad_hook(tensors, queue, mode="any")
+
+
+def tree_flatten_tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors inside ``out`` (tuples, lists, dicts, Hugging Face ``ModelOutput``)."""
+    found: list[torch.Tensor] = []
+    values = out.values() if hasattr(out, "to_tuple") and isinstance(out, dict) else [out]
+    for v in values:
+        tree_map_only(torch.Tensor, found.append, v)
+    return found

@@ -35,6 +35,8 @@ CASES = [
     {"id": "gpt2-tp2-tied-clip", "model": "gpt2", "world": 2, "probe": PROBE, "clip": 0.5, "padding": True,
      "cfg": _cfg(tp=2, num_micro_batches=1)},
     {"id": "llama-tp2-lamb", "model": "llama", "world": 2, "optim": "lamb", "cfg": _cfg(tp=2, num_micro_batches=1)},
+    {"id": "llama-tp2-loss-outside-lamb", "model": "llama", "world": 2, "optim": "lamb", "loss_outside": True,
+     "cfg": _cfg(tp=2, num_micro_batches=1)},
     {"id": "gpt2-tp2-bf16-rc", "model": "gpt2", "world": 2,
      "cfg": _cfg(tp=2, num_micro_batches=2, mixed_precision=True, recomputation=True)},
     {"id": "llama-dp2tp2-fsdp-zero3", "model": "llama", "world": 4, "probe": PROBE,

@@ -96,6 +96,19 @@ def build_model(kind: str, seed: int, *, dropout: float = 0.0) -> nn.Module:
     raise ValueError(kind)
 
 
+def shifted_lm_loss(logits, labels):
+    """A causal LM's loss computed by the script from the model's logits (HF's own shift and ignore index)."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=-100)
+
+
+def outside_loss(forward, batch: dict):
+    """``loss_outside`` cases: an HF model called without labels, the loss computed from its logits outside."""
+    kwargs = dict(batch["kwargs"])
+    labels = kwargs.pop("labels")
+    return shifted_lm_loss(forward(*batch["args"], **kwargs).logits, labels)
+
+
 def loss_fn_for(kind: str):
     return {"mlp": mse_loss, "gpt": gpt_loss}.get(kind)
 
@@ -178,7 +191,9 @@ def reference_run(case: dict, global_batch: int) -> dict:
     loss_fn = loss_fn_for(case["model"])
     losses, norms = [], []
     for batch in case_batches(case, global_batch):
-        if loss_fn is not None:
+        if case.get("loss_outside"):
+            loss = outside_loss(model, batch)
+        elif loss_fn is not None:
             loss = loss_fn(model(*batch["args"], **batch["kwargs"]), batch["target"])
         else:
             loss = model(*batch["args"], **batch["kwargs"]).loss
@@ -232,7 +247,10 @@ def parallel_run(case: dict, world: int, rank: int) -> dict:
     for step, batch in enumerate(case_batches(case, cfg.global_batch(world))):
         if case.get("crash") and rank == case["crash"] and step == 1:
             _arm_crash(pm)
-        if case.get("hf_style") and batch["target"] is None:
+        if case.get("loss_outside"):  # the script's loss on the global batch's outputs (forward_global)
+            loss = outside_loss(pm.forward_global, batch)
+            loss.backward()
+        elif case.get("hf_style") and batch["target"] is None:
             loss = pm(*batch["args"], **batch["kwargs"]).loss
             loss.backward()
         else:
