@@ -230,6 +230,31 @@ def test_optimizer_created_before_enable_is_found(in_tmp):
     STATE.engines.pop(model)  # the engine holds the model: later tests expect no engaged model
 
 
+def test_an_engaged_model_is_freed_when_the_script_drops_it(in_tmp, monkeypatch):
+    """The engine lives on its root (not in a table that keeps roots alive): once the script drops the model
+    and its optimizer, both are freed; a deep copy of an engaged model carries no engine."""
+    import copy
+    import gc
+    import weakref
+
+    monkeypatch.setenv("MOREH_AP_CONFIG", json.dumps({"num_stages": 1, "num_micro_batches": 1, "batch_per_device": 4,
+                                                      "mixed_precision": False}))
+    STATE.engines.clear()  # earlier tests' models
+    model = _tiny_llama()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    enable_advanced_parallelization(mixed_precision=False)
+    ids, labels = _batch(0)
+    model(ids, labels=labels).loss.backward()
+    opt.step()
+    assert model in STATE.engines and oneline.engaged_model() is model
+    twin = copy.deepcopy(model)
+    assert twin not in STATE.engines and model in STATE.engines
+    gone = weakref.ref(model)
+    del model, opt, twin
+    gc.collect()
+    assert gone() is None and oneline.engaged_model() is None
+
+
 @pytest.mark.parametrize("prefix", ["", "MOREH_AP_"])  # torchrun's RANK/WORLD_SIZE or the self-launcher's
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_step_before_engagement_stops_every_rank_but_0(rank, prefix, monkeypatch, in_tmp, capfd):
