@@ -56,6 +56,22 @@ class BlockSlice(nn.Module):
         return self._modules.values()
 
 
+class GPTLayoutStage(nn.Module):
+    """A pipeline stage of a GPT laid out as ``transformer.{wte, wpe, drop, h, ln_f}`` + ``lm_head`` (Hugging
+    Face GPT-2, nanoGPT): the embeddings on the first stage, the head on the last; families add ``forward``."""
+
+    def __init__(self, model: nn.Module, blocks: list[tuple[str, nn.Module]], first: bool, last: bool) -> None:
+        super().__init__()
+        tr = model.transformer
+        self.first, self.last = first, last
+        self.wte = tr.wte if first else None
+        self.wpe = tr.wpe if first else None
+        self.drop = tr.drop if first else None
+        self.h = BlockSlice(blocks)
+        self.ln_f = tr.ln_f if last else None
+        self.lm_head = model.lm_head if last else None
+
+
 def shallow_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module`` sharing its children/params but with its own registries."""
     new = copy.copy(module)

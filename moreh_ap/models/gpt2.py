@@ -4,25 +4,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moreh_ap.models.base import BlockSlice, ModelAdapter, is_hf_model
+from moreh_ap.models.base import GPTLayoutStage, ModelAdapter, is_hf_model
 
 __all__ = ["GPT2Adapter"]
 
 
-class _GPT2Stage(nn.Module):
+class _GPT2Stage(GPTLayoutStage):
     """Stage of a Hugging Face GPT-2 LM: [wte + wpe, drop] -> blocks -> [ln_f -> lm_head]."""
 
     def __init__(self, model: nn.Module, blocks: list[tuple[str, nn.Module]], first: bool, last: bool) -> None:
-        super().__init__()
-        tr = model.transformer
+        super().__init__(model, blocks, first, last)
         self.config = model.config
-        self.first, self.last = first, last
-        self.wte = tr.wte if first else None
-        self.wpe = tr.wpe if first else None
-        self.drop = tr.drop if first else None
-        self.h = BlockSlice(blocks)
-        self.ln_f = tr.ln_f if last else None
-        self.lm_head = model.lm_head if last else None
 
     def forward(self, x: torch.Tensor, mask_in: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None):
         # the first stage gets the mask as a keyword; later stages get it passed along positionally

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moreh_ap.models.base import BlockSlice, ModelAdapter, is_hf_model
+from moreh_ap.models.base import GPTLayoutStage, ModelAdapter, is_hf_model
 
 __all__ = ["NanoGPTAdapter", "nanogpt_loss"]
 
@@ -26,19 +26,8 @@ def nanogpt_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
-class _NanoGPTStage(nn.Module):
+class _NanoGPTStage(GPTLayoutStage):
     """Stage of a nanoGPT-style GPT: [wte + wpe -> drop] -> blocks -> [ln_f -> lm_head] (logits of every position)."""
-
-    def __init__(self, model: nn.Module, blocks: list[tuple[str, nn.Module]], first: bool, last: bool) -> None:
-        super().__init__()
-        tr = model.transformer
-        self.first, self.last = first, last
-        self.wte = tr.wte if first else None
-        self.wpe = tr.wpe if first else None
-        self.drop = tr.drop if first else None
-        self.h = BlockSlice(blocks)
-        self.ln_f = tr.ln_f if last else None
-        self.lm_head = model.lm_head if last else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.first:
