@@ -102,10 +102,14 @@ def _normalize_options(options: Any) -> APOptions:
 
 
 def _pool_map(fn, items: list, workers: int) -> list:
+    """``[fn(x) for x in items]`` on up to ``workers`` threads, each given one contiguous share of the items
+    (one task per thread, not per item: under the GIL a task per item costs more than it overlaps)."""
     if workers <= 1 or len(items) <= 1:
         return [fn(x) for x in items]
-    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
-        return list(pool.map(fn, items))
+    n = min(workers, len(items))
+    shares = [items[i * len(items) // n:(i + 1) * len(items) // n] for i in range(n)]
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        return [y for part in pool.map(lambda share: [fn(x) for x in share], shares) for y in part]
 
 
 def plan_graph(
