@@ -18,7 +18,7 @@ least"); one that fits, or that was evaluated in full, reports exactly what a fu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from moreh_ap.config import ParallelConfig
@@ -31,10 +31,22 @@ from moreh_ap.planner.partition import partition
 from moreh_ap.planner.tp import TPFacts, local_graph
 from moreh_ap.planner.units import optimizer_profile
 
-__all__ = ["EARLY_REJECTION", "Candidate", "Evaluator"]
+__all__ = ["EARLY_REJECTION", "Candidate", "Evaluator", "with_boundaries"]
 
 EARLY_REJECTION = "out of memory: needs at least"
 """How the ``reason`` of a configuration rejected by a lower bound starts."""
+
+_FIELDS = tuple(f.name for f in fields(ParallelConfig))
+
+
+def with_boundaries(cfg: ParallelConfig, bounds: tuple[int, ...]) -> ParallelConfig:
+    """``cfg.replace(boundaries=bounds)`` without validating every field again (planning speed: ``cfg`` is
+    valid and ``bounds`` is :func:`moreh_ap.planner.partition.partition`'s tuple of ints)."""
+    new = object.__new__(ParallelConfig)
+    for name in _FIELDS:
+        object.__setattr__(new, name, getattr(cfg, name))
+    object.__setattr__(new, "boundaries", bounds)
+    return new
 
 
 @dataclass(kw_only=True, slots=True)
@@ -142,7 +154,7 @@ class Evaluator:
                 return self._rejected(cfg, floor, "parameters, gradients and optimizer state alone")
         if cfg.num_stages == 1:
             return self._checked(cfg, self._mem(cfg))
-        time_cfg = cfg.replace(boundaries=self._part(cfg.total_stages, "time", cfg))
+        time_cfg = with_boundaries(cfg, self._part(cfg.total_stages, "time", cfg))
         bound = self._probe(time_cfg) if early else None
         mem = self._mem(time_cfg) if bound is None else None
         if mem is not None and mem.total <= self.cap:
@@ -151,7 +163,7 @@ class Evaluator:
         if bounds == time_cfg.boundaries:  # the same split: the same peak
             return self._checked(time_cfg, mem) if mem is not None else self._rejected(
                 time_cfg, bound, f"pipeline rank {bound.stage} alone, {bound.phase}")
-        alt = cfg.replace(boundaries=bounds)
+        alt = with_boundaries(cfg, bounds)
         alt_bound = self._probe(alt) if early else None
         alt_mem = self._mem(alt) if alt_bound is None else None
         if mem is not None and alt_mem is not None:  # both in full: the smaller one, as it always was
