@@ -1,5 +1,7 @@
 # Benchmark: trace + plan wall time (seed case, Llama-2-70B on 8x8 H100, 145B GPT) and Megatron-LM's Table 1 planned.
-"""Run from the repository root: ``python benchmarks/bench_planner.py`` (``--megatron`` for Table 1 only).
+"""Run from the repository root: ``python benchmarks/bench_planner.py`` (``--megatron`` for Table 1 only;
+``--megatron --check PREVIOUS.json``: also exit 1 unless every row planned the same as in that results file,
+the pick and every predicted number, e.g. ``git show main:benchmarks/results/bench_planner_megatron.json``).
 
 Megatron's Table 1 (Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters
 Using Megatron-LM"): GPT-2-shaped models on the meta device with the paper's hidden size, layers and heads,
@@ -7,7 +9,10 @@ vocabulary 51,200, sequence 2048 and global batch, on a100-80gb nodes of 8. Per 
 <= 10 s), the selected configuration (the paper ran t = 8 from 18B on), and the predicted model-FLOP rate per
 GPU, ``72 B s l h^2 (1 + s / 6h + V / 12lh)`` FLOPs per step (the paper's count without recomputation's
 extra forward) over the predicted step time and the GPUs, next to the paper's measured rate x 3/4 (the
-paper counts the recomputed forward too: 96 instead of 72).
+paper counts the recomputed forward too: 96 instead of 72). Per row "plan s" is the wall time of trace +
+plan (the model is built on the meta device before the clock starts), "trace" the tracing part of it, and
+"cpu s" this process's CPU seconds for the same work (what the row costs when other processes share the
+cores).
 
 Times are taken after imports and after the model is built on the meta device
 (both reported separately). Targets on a 2-core machine: seed case <= 1 s for
@@ -65,7 +70,7 @@ def megatron_rows() -> list[dict]:
     for size, heads, hidden, layers, t_paper, p_paper, gpus, batch, tflops in MEGATRON:
         model = build("gpt2", dict(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=SEQ, vocab_size=VOCAB))
         ids = torch.empty(batch, SEQ, dtype=torch.long, device="meta")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         graph = trace(model, (ids,), {"labels": ids})
         trace_s = time.perf_counter() - t0
         cluster = Cluster.preset("a100-80gb", nodes=gpus // 8, devices_per_node=8)
@@ -76,27 +81,50 @@ def megatron_rows() -> list[dict]:
             flops = 72 * batch * SEQ * layers * hidden**2 * (1 + SEQ / (6 * hidden) + VOCAB / (12 * layers * hidden))
             row.update(feasible=True, tp=p.config.tp, pp=p.config.num_stages, selected=p.config.to_moreh_line(),
                        schedule=p.config.schedule, step_s=p.selected.step_time, candidates=len(p.candidates),
+                       fitting=sum(c.feasible for c in p.candidates),
                        predicted_model_tflops=flops / p.selected.step_time / gpus / 1e12,
-                       breakdown=p.selected.time_breakdown)
+                       breakdown=p.selected.time_breakdown, memory=p.selected.memory.to_dict())
         except NoFeasibleConfigError as exc:
             row.update(feasible=False, tp=None, pp=None, selected=f"no fit: {str(exc)[:120]}...", step_s=None,
                        predicted_model_tflops=None)
         row["plan_s"], row["trace_s"] = time.perf_counter() - t0, trace_s  # plan_s: trace + plan
+        row["cpu_s"] = time.process_time() - c0  # this process's CPU seconds for trace + plan (others' load aside)
         row["met"] = row["plan_s"] <= 10.0 and row["feasible"] and (t_paper < 8 or (row["tp"] or 1) > 1)
         rows.append(row)
         print_megatron([row], header=len(rows) == 1)
     return rows
 
 
+SAME = ("feasible", "tp", "pp", "selected", "schedule", "step_s", "candidates", "fitting", "predicted_model_tflops",
+        "breakdown", "memory")
+"""What ``--check`` compares: the pick and every predicted number (timings aside)."""
+
+
+def check_same(rows: list[dict], previous: dict, path: Path) -> bool:
+    """Whether every row planned the same as in ``previous`` (the results file ``path`` read before this run):
+    the keys of :data:`SAME` present in both, equal exactly. Prints each difference."""
+    before = {r["case"]: r for r in previous["rows"]}
+    same = True
+    for r in rows:
+        old = before.get(r["case"])
+        diff = [k for k in SAME if old is not None and k in old and k in r and old[k] != r[k]]
+        if old is None or diff:
+            same = False
+            print(f"{r['case']}: " + ("not in " + str(path) if old is None else
+                                      "; ".join(f"{k} {old[k]!r} -> {r[k]!r}" for k in diff)))
+    print(f"same picks and predictions as {path}: {same}")
+    return same
+
+
 def print_megatron(rows: list[dict], *, header: bool = True) -> None:
     if header:
-        print(f"{'Megatron Table 1':20} {'plan s':>7} {'trace':>6} {'paper t,p':>9} {'tp':>3} {'pp':>4} {'pred TF/s':>9} "
-              f"{'paper x3/4':>10} {'ok':>5}  selected")
+        print(f"{'Megatron Table 1':20} {'plan s':>7} {'trace':>6} {'cpu s':>6} {'paper t,p':>9} {'tp':>3} {'pp':>4} "
+              f"{'pred TF/s':>9} {'paper x3/4':>10} {'ok':>5}  selected")
     for r in rows:
         pred = f"{r['predicted_model_tflops']:.1f}" if r["predicted_model_tflops"] is not None else "-"
-        print(f"{r['case']:20} {r['plan_s']:>7.2f} {r['trace_s']:>6.2f} {r['paper_tp']:>4},{r['paper_pp']:<4} {str(r['tp']):>3} "
-              f"{str(r['pp']):>4} {pred:>9} {r['paper_model_tflops']:>10.1f} {str(r['met']):>5}  {r['selected']}",
-              flush=True)
+        print(f"{r['case']:20} {r['plan_s']:>7.2f} {r['trace_s']:>6.2f} {r['cpu_s']:>6.2f} {r['paper_tp']:>4},"
+              f"{r['paper_pp']:<4} {str(r['tp']):>3} {str(r['pp']):>4} {pred:>9} {r['paper_model_tflops']:>10.1f} "
+              f"{str(r['met']):>5}  {r['selected']}", flush=True)
 
 
 def build(family: str, kw: dict):
@@ -111,9 +139,13 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results" / "bench_planner.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     if "--megatron" in sys.argv[1:]:
+        mout = ROOT / "benchmarks" / "results" / "bench_planner_megatron.json"
+        ref = Path(sys.argv[sys.argv.index("--check") + 1]) if "--check" in sys.argv else None
+        previous = json.loads(ref.read_text()) if ref is not None else None  # first: it may be the file written
         mrows = megatron_rows()
-        (ROOT / "benchmarks" / "results" / "bench_planner_megatron.json").write_text(
-            json.dumps({"torch": torch.__version__, "rows": mrows}, indent=1))
+        mout.write_text(json.dumps({"torch": torch.__version__, "rows": mrows}, indent=1))
+        if ref is not None:
+            sys.exit(0 if check_same(mrows, previous, ref) else 1)
         return
     rows = []
     for name, (family, kw), batch, seq, preset, nodes, dpn, target in CASES:

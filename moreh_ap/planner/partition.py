@@ -1,30 +1,63 @@
 # Partition: split the block list into pipeline stages, balanced by time (or by memory when time-balance does not fit).
 from __future__ import annotations
 
+from bisect import bisect_right
+from functools import lru_cache
+
 from moreh_ap.config import balanced_boundaries
 from moreh_ap.graph.model_graph import ModelGraph
 
 
 def _fits(weights: list[float], k: int, limit: float) -> list[int] | None:
     """Greedy split into exactly ``k`` non-empty stages with every stage sum <= limit, or None."""
-    n = len(weights)
+    n, tol = len(weights), limit * (1 + 1e-12)
     bounds: list[int] = []
-    acc = 0.0
+    acc, left = 0.0, k - 1  # left: stages still to open after the current one
     for i, w in enumerate(weights):
-        stages_left = k - len(bounds) - 1  # stages still to open after the current one
-        if i > 0 and stages_left > 0 and (acc + w > limit or n - i == stages_left):
+        if i > 0 and left > 0 and (acc + w > limit or n - i == left):
             bounds.append(i)
-            acc = 0.0
+            acc, left = 0.0, left - 1
         acc += w
-        if acc > limit * (1 + 1e-12):
+        if acc > tol:
             return None
-    return bounds if len(bounds) == k - 1 else None
+    return bounds if left == 0 else None
+
+
+@lru_cache(maxsize=64)
+def _runs(weights: tuple[float, ...]) -> tuple[tuple[float, ...], ...]:
+    """Per start ``s``: the running sums ``_fits`` accumulates from ``s`` on (``0.0, w[s], w[s] + w[s+1], ...``,
+    added in the same order, so the same floats)."""
+    out = []
+    for s in range(len(weights)):
+        acc, run = 0.0, [0.0]
+        for w in weights[s:]:
+            acc += w
+            run.append(acc)
+        out.append(tuple(run))
+    return tuple(out)
+
+
+def _fits_fast(runs: tuple[tuple[float, ...], ...], k: int, limit: float) -> bool:
+    """``_fits(weights, k, limit) is not None`` for non-negative weights and ``limit >= 0``, a stage
+    at a time: a stage ends at its first block whose running sum is over ``limit`` (found by bisection: the
+    sums do not decrease) or where the blocks left are as many as the stages still to open."""
+    n, tol = len(runs), limit * (1 + 1e-12)
+    s, left = 0, k - 1  # the current stage's first block; stages still to open after it
+    while True:
+        run = runs[s]
+        if run[1] > tol:
+            return False
+        if left == 0:
+            return run[n - s] <= tol
+        s, left = min(n - left, s + max(bisect_right(run, limit), 2) - 1), left - 1
 
 
 def linear_partition(weights: list[float], k: int, *, iters: int = 60) -> tuple[int, ...]:
     """Boundaries splitting ``weights`` into ``k`` contiguous non-empty parts minimising the largest sum.
 
-    Binary search on the bottleneck with a greedy packer (O(n log) per call).
+    Binary search on the bottleneck with a greedy packer; for stages of 4+ blocks on average the packer's
+    yes/no is taken a stage at a time by bisecting running sums (:func:`_fits_fast`, the same answer as
+    :func:`_fits`), and the boundaries of the smallest bottleneck that fits are packed once at the end.
     """
     n = len(weights)
     if k < 1 or k > n:
@@ -32,17 +65,21 @@ def linear_partition(weights: list[float], k: int, *, iters: int = 60) -> tuple[
     if k == 1:
         return ()
     lo, hi = max(weights), sum(weights)
-    best = _fits(weights, k, hi)
+    if min(weights) < 0 or 4 * k > n:  # running sums that may decrease, or short stages: block by block
+        fits = lambda limit: _fits(weights, k, limit) is not None  # noqa: E731
+    else:
+        runs = _runs(tuple(weights))
+        fits = lambda limit: _fits_fast(runs, k, limit)  # noqa: E731
+    best = hi if fits(hi) else None  # the smallest limit that fitted
     for _ in range(iters):
         if hi - lo <= 1e-9 * max(hi, 1e-30):
             break
         mid = (lo + hi) / 2
-        cand = _fits(weights, k, mid)
-        if cand is not None:
-            best, hi = cand, mid
+        if fits(mid):
+            best, hi = mid, mid
         else:
             lo = mid
-    bounds = tuple(best if best is not None else _fits(weights, k, float("inf")))
+    bounds = tuple(_fits(weights, k, best if best is not None else float("inf")))
     even = balanced_boundaries(n, k)  # the same bottleneck with an even split: prefer it
     if _bottleneck(weights, even) <= _bottleneck(weights, bounds) * (1 + 1e-9):
         return even

@@ -14,48 +14,17 @@ from moreh_ap.graph.model_graph import ModelGraph
 from moreh_ap.graph.tracing import trace
 from moreh_ap.files import write_text
 from moreh_ap.log import logger
-from moreh_ap.planner import cost as cost_model
-from moreh_ap.planner import memory as memory_model
 from moreh_ap.planner.candidates import enumerate_candidates
 from moreh_ap.planner.cluster import Cluster
-from moreh_ap.planner.measurements import Corrections, device_fingerprint, learn_and_correct, model_signature
-from moreh_ap.planner.memory import MemoryBreakdown
-from moreh_ap.planner.partition import partition
+from moreh_ap.planner.evaluator import EARLY_REJECTION, Candidate, Evaluator
+from moreh_ap.planner.measurements import (Corrections, device_fingerprint, learn_and_correct, load_measurements,
+                                           model_signature)
 from moreh_ap.planner.report import candidate_table, no_fit_message
-from moreh_ap.planner.tp import TPFacts, local_graph, tp_degrees, tp_facts
+from moreh_ap.planner.tp import TPFacts, tp_degrees, tp_facts
 from moreh_ap.planner.units import optimizer_profile
 
 SELECTED_DUMP = "advanced_parallelization_selected_config.dump"
 DETAILED_DUMP = "autoconfig_log.dump"
-
-
-@dataclass(kw_only=True, slots=True)
-class Candidate:
-    """One evaluated configuration."""
-
-    config: ParallelConfig
-    """The configuration (with the partition's ``boundaries`` when it has 2+ stages)."""
-    feasible: bool = False
-    """Whether its predicted peak fits under the memory cap."""
-    memory: MemoryBreakdown | None = None
-    """Predicted per-rank peak, by category."""
-    step_time: float | None = None
-    """Predicted seconds per step, or None when rejected before costing."""
-    time_breakdown: dict[str, float] = field(default_factory=dict)
-    """Seconds by category (compute, bubble, p2p, dp_comm, optimizer, total)."""
-    reason: str | None = None
-    """Why it was rejected (None when feasible)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "config": self.config.to_dict(),
-            "line": self.config.to_moreh_line(),
-            "feasible": self.feasible,
-            "memory": self.memory.to_dict() if self.memory is not None else None,
-            "step_time": self.step_time,
-            "time_breakdown": dict(self.time_breakdown),
-            "reason": self.reason,
-        }
 
 
 @dataclass(kw_only=True, slots=True)
@@ -132,93 +101,15 @@ def _normalize_options(options: Any) -> APOptions:
     raise TypeError(f"plan(options={options!r}) is not valid: expected an APOptions, a dict of its keywords, or None")
 
 
-class _Evaluator:
-    """Partition + memory ("compile") and cost of candidates; partitions cached per stage count."""
-
-    def __init__(self, graph: ModelGraph, cluster: Cluster, *, world: int, optimizer: Any, cap: int,
-                 tp: TPFacts | None = None) -> None:
-        self.graph, self.cluster, self.world, self.optimizer, self.cap = graph, cluster, world, optimizer, cap
-        self.tp = tp
-        self._parts: dict[tuple, tuple[int, ...]] = {}
-        self._graphs: dict[int, ModelGraph] = {1: graph}
-
-    def graph_for(self, cfg: ParallelConfig) -> ModelGraph:
-        """The graph one rank of ``cfg``'s tensor-parallel group holds (the traced one for ``tp == 1``)."""
-        if cfg.tp not in self._graphs:
-            if self.tp is None:
-                raise ValueError(f"tp={cfg.tp} cannot be planned for {self.graph.model_name}: its family "
-                                 f"({self.graph.adapter_name}) has no tensor-parallel plan")
-            self._graphs[cfg.tp] = local_graph(self.graph, self.tp, cfg.tp)
-        return self._graphs[cfg.tp]
-
-    def _part(self, total: int, kind: str, cfg: ParallelConfig) -> tuple[int, ...]:
-        key = (total, kind, cfg.recomputation, cfg.mixed_precision, cfg.tp)
-        if key not in self._parts:
-            prec = "mixed" if cfg.mixed_precision else "full"
-            self._parts[key] = partition(self.graph_for(cfg), total, kind=kind, recompute=cfg.recomputation,
-                                         precision=prec)
-        return self._parts[key]
-
-    def _mem(self, cfg: ParallelConfig) -> MemoryBreakdown:
-        return memory_model.estimate_peak(
-            self.graph_for(cfg), cfg, world_size=self.world, optimizer=self.optimizer,
-            device_type=self.cluster.device_type,
-        )
-
-    def _floor(self, cfg: ParallelConfig) -> MemoryBreakdown:
-        """A floor under ``cfg``'s peak: the average pipeline rank's parameters, final gradients and optimizer
-        state (the busiest rank holds at least the average; every rank's peak includes its own)."""
-        g = self.graph_for(cfg)
-        key = ("floor", cfg.tp)
-        if key not in self._parts:
-            names = [n.name for n in g.nodes]
-            self._parts[key] = (g.params_of(names), g.params_of(names, trainable_only=True))
-        p_all, p_tr = self._parts[key]
-        _, k, _ = optimizer_profile(self.optimizer, device_type=self.cluster.device_type)
-        w, d = g.param_dtype_bytes, (cfg.dp(self.world) if cfg.distribute_param else 1) * cfg.num_stages
-        return MemoryBreakdown(params=p_all * w // d, grads=p_tr * w // d, optimizer=p_tr * k * w // d,
-                               phase="optimizer")
-
-    def compile(self, cfg: ParallelConfig, *, exact: bool = False) -> Candidate:
-        """Partition the blocks (by time; by memory when the time-balanced split does not fit) and predict memory.
-
-        Unless ``exact``, a configuration whose :meth:`_floor` is over the cap is rejected with that floor
-        (planning speed: the TP search has thousands of candidates)."""
-        if not exact:
-            floor = self._floor(cfg)
-            if floor.total > self.cap:
-                return Candidate(config=cfg, memory=floor, feasible=False, reason=(
-                    f"out of memory: needs at least {floor.total:,} bytes per device (parameters, gradients and "
-                    f"optimizer state alone) > {self.cap:,} available"))
-        if cfg.num_stages > 1:
-            cfg = cfg.replace(boundaries=self._part(cfg.total_stages, "time", cfg))
-        mem = self._mem(cfg)
-        if mem.total > self.cap and cfg.num_stages > 1:
-            alt = cfg.replace(boundaries=self._part(cfg.total_stages, "memory", cfg))
-            alt_mem = self._mem(alt)
-            if alt_mem.total < mem.total:
-                cfg, mem = alt, alt_mem
-        cand = Candidate(config=cfg, memory=mem, feasible=mem.total <= self.cap)
-        if not cand.feasible:
-            cand.reason = (
-                f"out of memory: needs {mem.total:,} bytes per device (pipeline rank {mem.stage}, {mem.phase}) "
-                f"> {self.cap:,} available"
-            )
-        return cand
-
-    def cost(self, cand: Candidate) -> Candidate:
-        t = cost_model.estimate(self.graph_for(cand.config), cand.config, self.cluster, world_size=self.world,
-                                optimizer=self.optimizer)
-        cand.step_time = t.total
-        cand.time_breakdown = t.to_dict()
-        return cand
-
-
 def _pool_map(fn, items: list, workers: int) -> list:
+    """``[fn(x) for x in items]`` on up to ``workers`` threads, each given one contiguous share of the items
+    (one task per thread, not per item: under the GIL a task per item costs more than it overlaps)."""
     if workers <= 1 or len(items) <= 1:
         return [fn(x) for x in items]
-    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
-        return list(pool.map(fn, items))
+    n = min(workers, len(items))
+    shares = [items[i * len(items) // n:(i + 1) * len(items) // n] for i in range(n)]
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        return [y for part in pool.map(lambda share: [fn(x) for x in share], shares) for y in part]
 
 
 def plan_graph(
@@ -269,15 +160,18 @@ def plan_graph(
             f"{opts.to_dict()}: the batch must be a multiple of the data-parallel degree "
             f"(world_size / num_stages for some allowed num_stages)"
         )
-    ev = _Evaluator(graph, cluster, world=world, optimizer=optimizer, cap=cap, tp=tp)
+    device, signature = device_fingerprint(cluster.device_type, world), model_signature(graph)
+    # measurements rescale every candidate's predicted memory and re-check it against the cap: no lower bounds then
+    early = not (use_measurements and load_measurements(device, signature))
+    ev = Evaluator(graph, cluster, world=world, optimizer=optimizer, cap=cap, tp=tp, early=early)
     logger.info(f"The number of candidates is {len(configs)}.")
     logger.info("Parallel Graph Compile start...")
     t0 = time.perf_counter()
     cands = _pool_map(ev.compile, configs, env.max_parallel_compile_threads)
     logger.info(f"Elapsed Time to compile all candidates = {(time.perf_counter() - t0) * 1e3:.0f} [ms]")
     logger.info("Parallel Graph Compile finished.")
-    corrections = learn_and_correct(cands, device=device_fingerprint(cluster.device_type, world),
-                                    model=model_signature(graph), cost=ev.cost, cap=cap) if use_measurements else None
+    corrections = learn_and_correct(cands, device=device, model=signature, cost=ev.cost,
+                                    cap=cap) if use_measurements else None
     survivors = [c for c in cands if c.feasible]
     logger.info(f"The number of possible candidates is {len(survivors)}.")
     logger.info("SelectBestGraphFromCandidates start...")
@@ -288,8 +182,8 @@ def plan_graph(
             corrections.correct_time(c)
     logger.info(f"Elapsed Time to compute cost for survived candidates = {(time.perf_counter() - t1) * 1e3:.0f} [ms]")
     logger.info("SelectBestGraphFromCandidates finished.")
-    if not survivors:  # the message names the smallest exact peak: the floors are evaluated in full
-        cands = [c if c.step_time is not None or not (c.reason or "").startswith("out of memory: needs at least")
+    if not survivors:  # the message names the smallest exact peak: the lower bounds are evaluated in full
+        cands = [c if c.step_time is not None or not (c.reason or "").startswith(EARLY_REJECTION)
                  else ev.compile(c.config, exact=True) for c in cands]
         best = min(cands, key=lambda c: c.memory.total)
         _detailed_log(env.detailed_log, cands, None)
@@ -374,5 +268,5 @@ def evaluate_config(graph: ModelGraph, config: ParallelConfig, *, cluster: Clust
     """One configuration's predicted memory and step time, as :func:`plan_graph` computes a candidate's
     (``tp``: the family's tensor-parallel facts, needed when ``config.tp > 1``)."""
     cap = int(cluster.device_memory * read_env().memory_usage_correction_ratio / 100)
-    ev = _Evaluator(graph, cluster, world=cluster.world_size, optimizer=optimizer, cap=cap, tp=tp)
+    ev = Evaluator(graph, cluster, world=cluster.world_size, optimizer=optimizer, cap=cap, tp=tp)
     return ev.cost(ev.compile(config, exact=True))

@@ -107,8 +107,14 @@ class Units:
         return [x for x in self.p if x] + ([self.root_p] if self.root_p else [])
 
 
+_UNITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # graph -> {key: (stages, units)}; planning speed
+
+
 def fsdp_units(graph: ModelGraph, stages: list[list[NodeInfo]], *, fsdp: bool = True) -> Units:
     """Split the parameters of a rank's nodes into FSDP units as the runtime wraps each stage.
+
+    Remembered per graph for the same node lists (the same list objects, as :func:`rank_stages` gives them
+    to every candidate); each call returns its own copy.
 
     Args:
         graph: the traced model (its tied parameters go to the root).
@@ -120,6 +126,20 @@ def fsdp_units(graph: ModelGraph, stages: list[list[NodeInfo]], *, fsdp: bool = 
             long autocast's weight copies live: that follows the nodes, so every node keeps its
             untied parameters and only the tied ones go to the root.
     """
+    per_graph = _UNITS.setdefault(graph, {})
+    key = (fsdp, *map(id, stages))
+    hit = per_graph.get(key)
+    if hit is None or len(hit[0]) != len(stages) or any(a is not b for a, b in zip(hit[0], stages)):
+        if len(per_graph) > 4096:
+            per_graph.clear()
+        # the lists are kept with the result, so no other list can take their ids while it is remembered
+        hit = per_graph[key] = (list(stages), _split_units(graph, stages, fsdp=fsdp))
+    u = hit[1]
+    return Units(p=list(u.p), t=list(u.t), root_p=u.root_p, root_t=u.root_t)
+
+
+def _split_units(graph: ModelGraph, stages: list[list[NodeInfo]], *, fsdp: bool) -> Units:
+    """:func:`fsdp_units`, computed."""
     nodes = [n for chunk in stages for n in chunk]
     p = [n.num_params for n in nodes]
     t = [n.trainable_params for n in nodes]
