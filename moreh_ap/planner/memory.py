@@ -56,6 +56,11 @@ none for frozen parameters):
   with recomputation only each
   block's input is kept, and one block's working set is re-created during
   its backward; non-last pipeline stages also keep their outputs;
+* tensor parallelism (``tp > 1``): ``graph`` is one TP rank's (:func:`moreh_ap.planner.tp.local_graph`);
+  without FSDP2 or a pipeline, one more moment: DTensor computes the vocabulary-parallel embedding's
+  weight gradient whole (``Replicate``, ``V*h*w``) and lays it like the weight with a chunk copy
+  (``V*h*w/tp``), after every other gradient is made; a head tied to it adds the sum with its sharded
+  gradient (``V*h*w/tp``) (:func:`moreh_ap.planner.tp.vocab_grad`);
 * the peak is the largest of: the end of the forward (loss being computed:
   every saved tensor plus the logits), each node's backward (its saved tensors,
   the gradient of its largest tensor and of that op's input, e.g. the logits'
@@ -84,7 +89,8 @@ from typing import Any
 from moreh_ap.config import ParallelConfig
 from moreh_ap.graph.model_graph import ModelGraph, NodeInfo
 from moreh_ap.layout import ParallelLayout
-from moreh_ap.planner.peaks import Sizes, flat_peak, piped_peak
+from moreh_ap.planner.peaks import Peak, Sizes, flat_peak, piped_peak
+from moreh_ap.planner.tp import vocab_grad
 from moreh_ap.planner.units import StageNodes, block_nodes, fsdp_units, optimizer_profile, prev_out, rank_stages
 
 __all__ = ["MemoryBreakdown", "activation_precision", "estimate", "estimate_peak", "estimate_rank", "estimate_stages"]
@@ -230,6 +236,12 @@ def estimate_rank(
         temps = 0.0
     largest = max((n.largest_param for n in nodes if n.trainable_params), default=0)
     g_final = p_tr * w / sz.d
+    vocab = vocab_grad(graph) if not dist and not piped else None
+    if vocab is not None:  # TP: the embedding's whole gradient (+ its chunk copy and, tied, the sum), grads all made
+        extra = vocab.numel * w * (1 + (2 / vocab.tp if vocab.tied else 0))
+        if master + opt + g_final + extra > bwd_total:
+            peak = Peak(total=g_final + extra, grads=g_final, transient=extra, phase="backward")
+            bwd_total, bwd_acts = master + opt + peak.total, 0.0
     step_trans = temps * p_tr * w / sz.d + 2 * largest * w / sz.d + (p_tr * w if ddp else 0.0)
     if master + opt + g_final + step_trans > bwd_total:
         return MemoryBreakdown(

@@ -15,6 +15,8 @@
   casts of them, against those it does); without that trace (no example batch) as Megatron counts them
   without sequence parallelism (``10 + 24 / tp`` of ``34`` per token and hidden unit); autocast's weight
   copies as the parameters; the logits whole (the head's output is gathered for the loss);
+* :func:`vocab_grad`: the vocabulary-parallel embedding of a local graph, for the memory model's moment of its
+  backward (DTensor makes its weight gradient whole before laying it like the weight);
 * :func:`tp_comm_seconds`: the collectives per micro-batch on the intra-node link: per block 2 all-reduces
   of its output in the forward and 2 in the backward (Megatron's count; 2 more when the block is
   recomputed), the vocabulary-parallel embedding's all-reduce, the head's logits all-gather and its input
@@ -23,13 +25,15 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 from moreh_ap.graph.model_graph import ModelGraph, NodeInfo, TiedParam
 from moreh_ap.planner.tp_trace import TRACED_TP, LocalTrace
 
-__all__ = ["TP_DEGREES", "TPFacts", "local_graph", "tp_comm_seconds", "tp_degrees", "tp_facts"]
+__all__ = ["TP_DEGREES", "TPFacts", "VocabGrad", "local_graph", "tp_comm_seconds", "tp_degrees", "tp_facts",
+           "vocab_grad"]
 
 TP_DEGREES = (1, 2, 4, 8)
 """The tensor-parallel degrees the planner searches."""
@@ -187,6 +191,41 @@ def _local_node(node: NodeInfo, facts: TPFacts, tp: int, traced: dict[str, NodeI
     return dataclasses.replace(node, **changes)
 
 
+@dataclass(kw_only=True, slots=True, frozen=True)
+class VocabGrad:
+    """The vocabulary-parallel embedding of one TP rank's graph (see :func:`vocab_grad`)."""
+
+    numel: int
+    """Elements of the whole embedding weight (vocabulary x hidden)."""
+    tied: bool
+    """Whether the weight is tied to the head (its sharded gradient exists when the embedding's is added)."""
+    tp: int
+    """The tensor-parallel degree."""
+
+
+_VOCAB: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # local graph -> VocabGrad
+
+
+def vocab_grad(graph: ModelGraph) -> VocabGrad | None:
+    """The split embedding of a graph made by :func:`local_graph` with ``tp > 1``, else None.
+
+    The memory model's term for its backward: DTensor computes a vocabulary-parallel embedding's weight
+    gradient whole (``embedding_dense_backward`` gives a ``Replicate`` gradient of the whole weight) and
+    only then lays it like the weight (a ``Shard(0)`` chunk copy: for a tied weight when it is added to
+    the head's sharded gradient, a new sum; untied, by the runtime's ``align_grads`` after the backward).
+    """
+    return _VOCAB.get(graph)
+
+
+def _vocab_of(graph: ModelGraph, facts: TPFacts, tp: int) -> VocabGrad | None:
+    pre = next((n for n in graph.nodes if n.kind == "pre"), None)
+    numel = _node_split(pre, facts) if pre is not None else 0
+    if not numel:
+        return None
+    tied = any(pre.name in t.nodes and any(f in facts.split_fqns for f in t.fqns) for t in graph.tied)
+    return VocabGrad(numel=numel, tied=tied, tp=tp)
+
+
 def local_graph(graph: ModelGraph, facts: TPFacts | None, tp: int) -> ModelGraph:
     """``graph`` as one rank of a ``tp``-way group holds and runs it (``graph`` itself for ``tp == 1``)."""
     if tp == 1 or facts is None:
@@ -195,10 +234,14 @@ def local_graph(graph: ModelGraph, facts: TPFacts | None, tp: int) -> ModelGraph
     nodes = [_local_node(n, facts, tp, traced) for n in graph.nodes]
     tied = [dataclasses.replace(t, numel=t.numel // tp) if any(f in facts.split_fqns for f in t.fqns) else t
             for t in graph.tied]
-    return ModelGraph(nodes, block_container=graph.block_container, batch_size=graph.batch_size, tied=tied,
-                      param_dtype_bytes=graph.param_dtype_bytes, trace_ms=graph.trace_ms,
-                      model_name=graph.model_name, adapter_name=graph.adapter_name,
-                      supports_pipeline=graph.supports_pipeline)
+    local = ModelGraph(nodes, block_container=graph.block_container, batch_size=graph.batch_size, tied=tied,
+                       param_dtype_bytes=graph.param_dtype_bytes, trace_ms=graph.trace_ms,
+                       model_name=graph.model_name, adapter_name=graph.adapter_name,
+                       supports_pipeline=graph.supports_pipeline)
+    vocab = _vocab_of(graph, facts, tp)
+    if vocab is not None:
+        _VOCAB[local] = vocab
+    return local
 
 
 def tp_comm_seconds(nodes: list[NodeInfo], *, cluster: Any, tp: int, prec: str, scale: float, recompute: bool,

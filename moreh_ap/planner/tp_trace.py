@@ -102,7 +102,13 @@ class LocalTrace:
     falls back to Megatron's activation counts)."""
 
     def __init__(self, model: nn.Module, args: Any, kwargs: dict | None) -> None:
-        self._model, self._args, self._kwargs = model, args, kwargs
+        from torch.utils._pytree import tree_map_only
+
+        def meta(t: torch.Tensor) -> torch.Tensor:  # shapes only: no batch kept alive on its device
+            return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+        self._model = model
+        self._args, self._kwargs = tree_map_only(torch.Tensor, meta, (args, kwargs))
         self._lock = threading.Lock()
         self._done = False
         self._blocks: dict[str, NodeInfo] | None = None

@@ -119,14 +119,16 @@ def _measure(config: ParallelConfig, ids: torch.Tensor, *, kind: str, seq: int):
 Z2, Z3 = dict(distribute_param=True), dict(distribute_param=True, distribute_low_prec_param=True)
 CASES = [
     # (model, world, config keywords, the wrapper parallelize picks)
-    pytest.param("llama-v256", 2, dict(), "none", id="tp2-fp32"),
+    # (tp 2 fp32 without recomputation: as the dp2 x tp2 fp32 cases below, one rank's blocks alike)
     pytest.param("llama-v256", 2, dict(mixed_precision=True), "none", id="tp2-bf16-autocast"),
     pytest.param("llama-v256", 2, dict(recomputation=True), "none", id="tp2-recompute-fp32"),
-    # GPT-2's tied wte / lm_head (one DTensor), 512 tokens: at 128 tokens the planner's head is over-predicted
-    # (the trace counts a transposed view of the 8192 x 256 head weight as an 8 MiB temporary, bigger than the
-    # 4 MiB logits) and the peak moves to wte's backward, where DTensor makes the tied weight's gradient whole
-    # (20 MiB of temporaries, 2.5 x the whole weight), which the planner does not model (see the report)
+    # GPT-2's tied wte / lm_head (one DTensor), 512 tokens (with fewer tokens than hidden units the trace takes a
+    # transposed view of the 8192 x 256 head weight for the head's largest temporary, over the logits)
     pytest.param("gpt2", 2, dict(batch_per_device=4), "none", 128, id="gpt2-tied-tp2-fp32-seq128"),
+    # recomputed blocks, 128 tokens: the peak is wte's backward (the whole 8 MiB gradient DTensor makes, its
+    # chunk copy and the sum with lm_head's sharded gradient: memory.py's vocabulary-gradient moment; -9% without)
+    pytest.param("gpt2", 2, dict(batch_per_device=4, recomputation=True), "none", 32,
+                 id="gpt2-tied-tp2-recompute-seq32-wte-backward-peak"),
     pytest.param("llama-v256", 4, dict(Z3), "fsdp", id="dp2tp2-zero3-fp32"),
     pytest.param("llama-v256", 4, dict(Z2, mixed_precision=True), "fsdp", id="dp2tp2-zero2-bf16"),
     pytest.param("llama-v256", 4, dict(), "replicate", id="dp2tp2-replicate-fp32"),
@@ -208,3 +210,26 @@ def test_narrowed_copy_holds_one_ranks_shards():
     assert tuple(g.transformer.h[0].mlp.c_proj.weight.shape) == (512, 256)
     assert g.transformer.h[0].attn.num_heads == 4 and gpt2.transformer.h[0].attn.num_heads == 8
     assert g.lm_head.weight is g.transformer.wte.weight  # the tie kept
+
+
+def test_vocab_grad_names_the_split_embedding_and_its_tie():
+    """The memory model's vocabulary-parallel embedding: its whole weight's elements, whether it is tied to the
+    head; none at tp 1 or without a split embedding."""
+    from moreh_ap.planner.tp import vocab_grad
+
+    graph, facts = _traced("llama-v256", SEQ, BATCH)
+    assert vocab_grad(local_graph(graph, facts, 1)) is None
+    v = vocab_grad(local_graph(graph, facts, 4))
+    assert (v.numel, v.tied, v.tp) == (256 * 256, False, 4)
+    with torch.device("meta"):
+        gpt2 = build("gpt2", seq=SEQ)
+    meta = torch.empty(BATCH, SEQ, dtype=torch.long, device="meta")
+    g = moreh_ap.trace(gpt2, (meta,), {"labels": meta})
+    v = vocab_grad(local_graph(g, tp_facts(gpt2), 2))
+    assert (v.numel, v.tied) == (8192 * 256, True)
+    cfg = ParallelConfig(num_stages=1, num_micro_batches=1, batch_per_device=BATCH, tp=2, recomputation=True,
+                         mixed_precision=False)
+    one = estimate(local_graph(g, tp_facts(gpt2), 2), cfg, world_size=2, optimizer="adamw", device_type="cpu")
+    # the peak is that moment: every gradient made, the whole one, its chunk copy and the sum with the head's
+    assert one.phase == "backward" and one.activations == 0 and one.grads == one.params
+    assert one.transient == 8192 * 256 * 4 * (1 + 2 / 2)
