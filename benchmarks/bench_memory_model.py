@@ -9,7 +9,9 @@ as on rank 0 of a real job, collectives move no data); world-1 pairs run
 before any process group exists. The second step is tracked by torch's
 ``FSDPMemTracker`` (FSDP2) or ``MemTracker`` (anything else) through
 ``moreh_ap.runtime.memtrack.tracked_step_peak``; its peak is compared with
-``moreh_ap.planner.memory.estimate(trace(meta model), config)``. Target:
+``moreh_ap.planner.memory.estimate(trace(meta model), config)`` (tensor-parallel rows, dp 2 x tp 2: of
+``local_graph(trace, tp_facts(meta model, batch), tp)``, the graph one TP rank holds; the runtime splits the
+model with DTensor before FSDP2 / replicate, and both trackers count the local shards). Target:
 within +-5 %. Pipelines need one process per rank: see
 ``benchmarks/bench_memory_model_pipeline.py``; several micro-batches without a
 pipeline are not covered (torch 2.13's trackers reject a module called twice in
@@ -36,6 +38,7 @@ import torch.distributed as dist  # noqa: E402
 import moreh_ap  # noqa: E402
 from moreh_ap.config import ParallelConfig  # noqa: E402
 from moreh_ap.planner.memory import estimate  # noqa: E402
+from moreh_ap.planner.tp import local_graph, tp_facts  # noqa: E402
 from moreh_ap.runtime.memtrack import tracked_step_peak  # noqa: E402
 
 WORLD = 4
@@ -78,18 +81,23 @@ CASES = [
     ("GPT-2 tied, ZeRO-3 bf16", "gpt2", WORLD, 2, 512, dict(Z3)),
     ("GPT-2 tied, ZeRO-2 fp32 + recompute", "gpt2", WORLD, 2, 512, dict(Z2, mixed_precision=False,
                                                                        recomputation=True)),
+    ("dp2 x tp2 ZeRO-3 fp32", "llama", WORLD, 2, 512, dict(Z3, tp=2, mixed_precision=False)),
+    ("dp2 x tp2 ZeRO-2 bf16 + recompute", "llama", WORLD, 2, 512, dict(Z2, tp=2, recomputation=True)),
+    ("dp2 x tp2 replicate bf16", "llama", WORLD, 2, 512, dict(tp=2)),
+    ("GPT-2 tied, dp2 x tp2 ZeRO-3 bf16", "gpt2", WORLD, 2, 512, dict(Z3, tp=2)),
 ]
 
 
 def run_case(kind: str, world: int, batch: int, seq: int, options: dict) -> dict:
     cfg = ParallelConfig(num_stages=1, num_micro_batches=1, batch_per_device=batch, **options)
     cfg.validate(world)
-    ids = torch.randint(0, 16384, (world * batch, seq), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 16384, (cfg.global_batch(world), seq), generator=torch.Generator().manual_seed(0))
     with torch.device("meta"):
         meta_model = build(kind)
     meta = ids.to("meta")
-    pred = estimate(moreh_ap.trace(meta_model, (meta,), {"labels": meta}), cfg, world_size=world,
-                    optimizer="adamw", device_type="cpu")
+    graph = local_graph(moreh_ap.trace(meta_model, (meta,), {"labels": meta}),
+                        tp_facts(meta_model, (meta,), {"labels": meta}), cfg.tp)
+    pred = estimate(graph, cfg, world_size=world, optimizer="adamw", device_type="cpu")
     model = build(kind)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     pm = moreh_ap.parallelize(model, cfg, optimizer=optimizer)
@@ -106,12 +114,12 @@ def run_case(kind: str, world: int, batch: int, seq: int, options: dict) -> dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="the first case of each wrapper only")
+    ap.add_argument("--quick", action="store_true", help="the first case of each wrapper (and of TP) only")
     args = ap.parse_args()
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    cases = CASES if not args.quick else [c for i, c in enumerate(CASES) if i in (0, 2, 4, 6)]
+    cases = CASES if not args.quick else [c for i, c in enumerate(CASES) if i in (0, 2, 4, 6, 12)]
     rows = []
     for label, kind, world, batch, seq, options in sorted(cases, key=lambda c: c[2]):  # world 1 first
         if world > 1 and not dist.is_initialized():

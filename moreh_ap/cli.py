@@ -223,7 +223,7 @@ def run_plan(args) -> int:
     started = time.perf_counter()
     ids = torch.empty(args.batch_size, args.seq_len, dtype=torch.long, device="meta")
     graph = trace(model, (ids,), {"labels": ids})
-    facts = tp_facts(model)
+    facts = tp_facts(model, (ids,), {"labels": ids})
     if config is not None:
         return _evaluate(graph, config, cluster=cluster, args=args, tp=facts)
     try:

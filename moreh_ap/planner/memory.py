@@ -56,6 +56,13 @@ none for frozen parameters):
   with recomputation only each
   block's input is kept, and one block's working set is re-created during
   its backward; non-last pipeline stages also keep their outputs;
+* tensor parallelism (``tp > 1``): ``graph`` is one TP rank's (:func:`moreh_ap.planner.tp.local_graph`);
+  without FSDP2 or a pipeline, one more moment: DTensor computes the vocabulary-parallel embedding's
+  weight gradient whole (``Replicate``, ``V*h*w``) and lays it like the weight with a chunk copy
+  (``V*h*w/tp``), after every other gradient is made; a head tied to it adds the sum with its sharded
+  gradient (``V*h*w/tp``) (:func:`moreh_ap.planner.tp.vocab_grad`); dp > 1 without distribute_param is
+  FSDP-based replicate (DDP cannot hold DTensor parameters): modelled as FSDP2 (ZeRO-2 units) over one shard,
+  with its ``MixedPrecisionPolicy`` ("mixed" activations, each unit's compute copy, its reduction buffers);
 * the peak is the largest of: the end of the forward (loss being computed:
   every saved tensor plus the logits), each node's backward (its saved tensors,
   the gradient of its largest tensor and of that op's input, e.g. the logits'
@@ -84,7 +91,8 @@ from typing import Any
 from moreh_ap.config import ParallelConfig
 from moreh_ap.graph.model_graph import ModelGraph, NodeInfo
 from moreh_ap.layout import ParallelLayout
-from moreh_ap.planner.peaks import Sizes, flat_peak, piped_peak
+from moreh_ap.planner.peaks import Peak, Sizes, flat_peak, piped_peak
+from moreh_ap.planner.tp import vocab_grad
 from moreh_ap.planner.units import StageNodes, block_nodes, fsdp_units, optimizer_profile, prev_out, rank_stages
 
 __all__ = ["MemoryBreakdown", "activation_precision", "estimate", "estimate_peak", "estimate_rank", "estimate_stages"]
@@ -119,17 +127,19 @@ class MemoryBreakdown:
         d["total"] = self.total
         return d
 
-def activation_precision(graph: ModelGraph, config: ParallelConfig, *, device_type: str) -> str:
+def activation_precision(graph: ModelGraph, config: ParallelConfig, *, device_type: str,
+                         replicated: bool = False) -> str:
     """The traced precision whose saved tensors a rank of ``config`` keeps.
 
     "full" without mixed precision; "mixed" (bf16 parameters, no autocast) when FSDP2's
-    ``MixedPrecisionPolicy`` casts the parameters (distribute_param, or a pipeline: every stage is
-    wrapped); else the runtime runs bf16 autocast over the fp32 parameters: "autocast_<device_type>"
+    ``MixedPrecisionPolicy`` casts the parameters (distribute_param, a pipeline: every stage is
+    wrapped, or ``replicated``: FSDP-based replicate, dp x tp without distribute_param); else the
+    runtime runs bf16 autocast over the fp32 parameters: "autocast_<device_type>"
     (autocast's op policy is the device's), or "mixed" for a graph traced without it.
     """
     if not config.mixed_precision:
         return "full"
-    if config.distribute_param or config.num_stages > 1:
+    if config.distribute_param or config.num_stages > 1 or replicated:
         return "mixed"
     prec = f"autocast_{device_type}"
     return prec if any(prec in n.saved_bytes for n in graph.nodes) else "mixed"
@@ -211,13 +221,17 @@ def estimate_rank(
     mp, dp = config.mixed_precision, max(1, config.dp(world_size))
     w = graph.param_dtype_bytes
     dist, piped = config.distribute_param, config.num_stages > 1
+    # dp x tp without distribute_param: FSDP-based replicate, modelled as FSDP2 units sharded over 1 rank
+    replicated = not piped and not dist and dp > 1 and config.tp > 1
     sz = Sizes(w=w, c=2 if mp else w, r=4 if mp else w, d=dp if dist else 1, dp=dp)
     master, opt = p_all * w / sz.d, p_tr * k * w / sz.d
     scale = config.batch_per_device / max(1, graph.batch_size)
-    prec = activation_precision(graph, config, device_type=device_type)
+    prec = activation_precision(graph, config, device_type=device_type, replicated=replicated)
     acts = _rank_activations(graph, stages, config, prec=prec, scale=scale)
-    units = fsdp_units(graph, [st.nodes for st in stages], fsdp=dist)
-    ddp = not piped and not dist and dp > 1
+    units = fsdp_units(graph, [st.nodes for st in stages], fsdp=dist or replicated)
+    ddp = not piped and not dist and dp > 1 and not replicated
+    if replicated:
+        config = config.replace(distribute_param=True, distribute_low_prec_param=False)
     if piped:
         peak = piped_peak(nodes, acts.kept, acts.trans, acts.chunks, units, config=config, rank=rank, sz=sz)
         bwd_total, bwd_acts = master + opt + acts.recv + peak.total, peak.acts + acts.recv  # recv with activations
@@ -226,10 +240,16 @@ def estimate_rank(
         peak = flat_peak(nodes, acts.kept, acts.trans, units, config=config, sz=sz, ddp_buckets=buckets,
                          casts=acts.casts if prec.startswith("autocast") else None)
         bwd_total, bwd_acts = master + opt + peak.total, peak.acts
-    if dist or piped:  # FSDP2-managed parameters are DTensors: torch steps them with the per-tensor loop
+    if dist or piped or replicated:  # FSDP2-managed parameters are DTensors: stepped by the per-tensor loop
         temps = 0.0
     largest = max((n.largest_param for n in nodes if n.trainable_params), default=0)
     g_final = p_tr * w / sz.d
+    vocab = vocab_grad(graph) if not dist and not piped and not replicated else None
+    if vocab is not None:  # TP: the embedding's whole gradient (+ its chunk copy and, tied, the sum), grads all made
+        extra = vocab.numel * w * (1 + (2 / vocab.tp if vocab.tied else 0))
+        if master + opt + g_final + extra > bwd_total:
+            peak = Peak(total=g_final + extra, grads=g_final, transient=extra, phase="backward")
+            bwd_total, bwd_acts = master + opt + peak.total, 0.0
     step_trans = temps * p_tr * w / sz.d + 2 * largest * w / sz.d + (p_tr * w if ddp else 0.0)
     if master + opt + g_final + step_trans > bwd_total:
         return MemoryBreakdown(

@@ -260,7 +260,7 @@ def plan(
     cluster = cluster if cluster is not None else Cluster.detect(calibrate=True)
     graph = model if isinstance(model, ModelGraph) else trace(model, args, kwargs)
     return plan_graph(graph, cluster=cluster, options=opts, optimizer=optimizer, dump=dump, started=started,
-                      tp=tp_facts(model))
+                      tp=tp_facts(model, args, kwargs))
 
 
 def evaluate_config(graph: ModelGraph, config: ParallelConfig, *, cluster: Cluster, optimizer: Any = "adamw",

@@ -8,10 +8,15 @@
   (a TP group stays inside a node) and the world, at most the ``tensor_parallel`` option;
 * :func:`local_graph`: the graph as one TP rank holds and runs it, so the memory and cost models apply
   unchanged: a split module's parameters (and so gradients, optimizer state, FSDP units) ``/ tp``, norms
-  and position embeddings whole; a block's FLOPs and GEMM widths ``/ tp``; its saved activations as
-  Megatron counts them without sequence parallelism (``10 + 24 / tp`` of ``34`` per token and hidden unit,
-  attention as the flash kernel: nothing quadratic saved), its largest temporary ``/ tp``; the logits whole
-  (the head's output is gathered for the loss);
+  and position embeddings whole; a block's FLOPs and GEMM widths ``/ tp``; its saved activations, largest
+  temporary and moved bytes, per precision, ``whole + split / tp``, both parts fitted through the whole
+  model's trace and a trace of one rank of a ``tp = 2`` group (:mod:`moreh_ap.planner.tp_trace`: the tensors
+  a split does not narrow, e.g. the norms, the column-split projections' inputs and autocast's per-GEMM bf16
+  casts of them, against those it does); without that trace (no example batch) as Megatron counts them
+  without sequence parallelism (``10 + 24 / tp`` of ``34`` per token and hidden unit); autocast's weight
+  copies as the parameters; the logits whole (the head's output is gathered for the loss);
+* :func:`vocab_grad`: the vocabulary-parallel embedding of a local graph, for the memory model's moment of its
+  backward (DTensor makes its weight gradient whole before laying it like the weight);
 * :func:`tp_comm_seconds`: the collectives per micro-batch on the intra-node link: per block 2 all-reduces
   of its output in the forward and 2 in the backward (Megatron's count; 2 more when the block is
   recomputed), the vocabulary-parallel embedding's all-reduce, the head's logits all-gather and its input
@@ -20,12 +25,15 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 from moreh_ap.graph.model_graph import ModelGraph, NodeInfo, TiedParam
+from moreh_ap.planner.tp_trace import TRACED_TP, LocalTrace
 
-__all__ = ["TP_DEGREES", "TPFacts", "local_graph", "tp_comm_seconds", "tp_degrees", "tp_facts"]
+__all__ = ["TP_DEGREES", "TPFacts", "VocabGrad", "local_graph", "tp_comm_seconds", "tp_degrees", "tp_facts",
+           "vocab_grad"]
 
 TP_DEGREES = (1, 2, 4, 8)
 """The tensor-parallel degrees the planner searches."""
@@ -43,6 +51,9 @@ class TPFacts:
     """``{node name: parameter elements the plan splits}`` (tied ones counted in every node using them)."""
     split_fqns: frozenset[str] = frozenset()
     """Parameter FQNs the plan splits (a tied parameter is split when any of its names is)."""
+    local: Any = field(default=None, compare=False)
+    """A :class:`~moreh_ap.planner.tp_trace.LocalTrace` (the blocks traced as one rank of a ``tp = 2`` group,
+    on first use), or None: Megatron's activation counts."""
 
 
 def _params(module) -> list[tuple[str, int]]:
@@ -65,9 +76,13 @@ def _split_modules(model, plan, blocks: list[str]) -> dict[str, Any]:
     return out
 
 
-def tp_facts(model: Any) -> TPFacts | None:
+def tp_facts(model: Any, args: Any = None, kwargs: dict | None = None) -> TPFacts | None:
     """The TP facts of ``model`` (an ``nn.Module``, any device, meta included), or None when its family's
-    adapter has no TP plan (``adapter.tp_plan() is None``) or the model is not a module."""
+    adapter has no TP plan (``adapter.tp_plan() is None``) or the model is not a module.
+
+    ``args`` / ``kwargs``: the example batch the model was traced on; given, the blocks are traced again as
+    one TP rank holds them when a ``tp > 1`` graph is first needed (:class:`~moreh_ap.planner.tp_trace.LocalTrace`).
+    """
     from torch import nn
 
     from moreh_ap.models import find_adapter
@@ -88,8 +103,11 @@ def tp_facts(model: Any) -> TPFacts | None:
             fqns.add(f"{mfqn}.{pname}")
             key = owner if owner is not None else mfqn
             split[key] = split.get(key, 0) + numel
+    local = None
+    if args is not None and all(c % TRACED_TP == 0 for c in plan.divisible.values()):
+        local = LocalTrace(model, args, kwargs)
     return TPFacts(divisible={k: int(v) for k, v in plan.divisible.items()}, split_params=split,
-                   split_fqns=frozenset(fqns))
+                   split_fqns=frozenset(fqns), local=local)
 
 
 def _node_split(node: NodeInfo, facts: TPFacts) -> int:
@@ -124,7 +142,36 @@ def _local_gemms(gemms: dict, tp: int) -> dict:
     return out
 
 
-def _local_node(node: NodeInfo, facts: TPFacts, tp: int) -> NodeInfo:
+def _fit(whole_model: dict, traced: dict, tp: int) -> dict:
+    """Per precision, bytes of one rank of a ``tp`` group from the whole model's (``tp = 1``) and the
+    :data:`TRACED_TP` trace's: ``whole + split / tp`` through both points, each part at least 0."""
+    out = {}
+    for k, one in whole_model.items():
+        two = traced.get(k, one)
+        split = max(0.0, (one - two) * TRACED_TP / (TRACED_TP - 1))
+        whole = max(0.0, one - split)
+        out[k] = int(whole + split / tp)
+    return out
+
+
+def _block_acts(node: NodeInfo, traced: NodeInfo | None, *, tp: int, ratio: float) -> dict[str, Any]:
+    """A block's saved tensors, autocast's weight copies among them, largest temporary and moved bytes on one
+    rank of a ``tp`` group: fitted through the traced rank (``traced``), else Megatron's counts."""
+    casts = node.saved_cast_bytes
+    if traced is not None:
+        return dict(saved_bytes=_fit(node.saved_bytes, traced.saved_bytes, tp),
+                    saved_cast_bytes=_fit(casts, traced.saved_cast_bytes, tp),
+                    peak_fwd_bytes=_fit(node.peak_fwd_bytes, traced.peak_fwd_bytes, tp),
+                    moved_bytes=_fit(node.moved_bytes, traced.moved_bytes, tp))
+    acts = (_KEPT_FULL + _KEPT_SPLIT / tp) / (_KEPT_FULL + _KEPT_SPLIT)
+    return dict(saved_bytes={k: int((v - casts.get(k, 0)) * acts + casts.get(k, 0) * ratio)
+                             for k, v in node.saved_bytes.items()},
+                saved_cast_bytes=_scale_dict(casts, ratio),
+                peak_fwd_bytes=_scale_dict(node.peak_fwd_bytes, 1 / tp),
+                moved_bytes=_scale_dict(node.moved_bytes, acts))
+
+
+def _local_node(node: NodeInfo, facts: TPFacts, tp: int, traced: dict[str, NodeInfo] | None) -> NodeInfo:
     split = _node_split(node, facts)
     if split == 0:
         return node
@@ -137,32 +184,64 @@ def _local_node(node: NodeInfo, facts: TPFacts, tp: int) -> NodeInfo:
         saved_cast_bytes=_scale_dict(node.saved_cast_bytes, ratio),
     )
     if node.kind == "block":
-        acts = (_KEPT_FULL + _KEPT_SPLIT / tp) / (_KEPT_FULL + _KEPT_SPLIT)
-        casts = node.saved_cast_bytes
-        changes.update(
-            fwd_flops=node.fwd_flops // tp,
-            saved_bytes={k: int((v - casts.get(k, 0)) * acts + casts.get(k, 0) * ratio)
-                         for k, v in node.saved_bytes.items()},
-            peak_fwd_bytes=_scale_dict(node.peak_fwd_bytes, 1 / tp),
-            moved_bytes=_scale_dict(node.moved_bytes, acts),
-            gemms=_local_gemms(node.gemms, tp),
-        )
+        changes.update(fwd_flops=node.fwd_flops // tp, gemms=_local_gemms(node.gemms, tp),
+                       **_block_acts(node, (traced or {}).get(node.name), tp=tp, ratio=ratio))
     elif node.kind == "post":  # the head's GEMM is split; its logits are gathered whole for the loss
         changes.update(fwd_flops=node.fwd_flops // tp, gemms=_local_gemms(node.gemms, tp))
     return dataclasses.replace(node, **changes)
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class VocabGrad:
+    """The vocabulary-parallel embedding of one TP rank's graph (see :func:`vocab_grad`)."""
+
+    numel: int
+    """Elements of the whole embedding weight (vocabulary x hidden)."""
+    tied: bool
+    """Whether the weight is tied to the head (its sharded gradient exists when the embedding's is added)."""
+    tp: int
+    """The tensor-parallel degree."""
+
+
+_VOCAB: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # local graph -> VocabGrad
+
+
+def vocab_grad(graph: ModelGraph) -> VocabGrad | None:
+    """The split embedding of a graph made by :func:`local_graph` with ``tp > 1``, else None.
+
+    The memory model's term for its backward: DTensor computes a vocabulary-parallel embedding's weight
+    gradient whole (``embedding_dense_backward`` gives a ``Replicate`` gradient of the whole weight) and
+    only then lays it like the weight (a ``Shard(0)`` chunk copy: for a tied weight when it is added to
+    the head's sharded gradient, a new sum; untied, by the runtime's ``align_grads`` after the backward).
+    """
+    return _VOCAB.get(graph)
+
+
+def _vocab_of(graph: ModelGraph, facts: TPFacts, tp: int) -> VocabGrad | None:
+    pre = next((n for n in graph.nodes if n.kind == "pre"), None)
+    numel = _node_split(pre, facts) if pre is not None else 0
+    if not numel:
+        return None
+    tied = any(pre.name in t.nodes and any(f in facts.split_fqns for f in t.fqns) for t in graph.tied)
+    return VocabGrad(numel=numel, tied=tied, tp=tp)
 
 
 def local_graph(graph: ModelGraph, facts: TPFacts | None, tp: int) -> ModelGraph:
     """``graph`` as one rank of a ``tp``-way group holds and runs it (``graph`` itself for ``tp == 1``)."""
     if tp == 1 or facts is None:
         return graph
-    nodes = [_local_node(n, facts, tp) for n in graph.nodes]
+    traced = facts.local.blocks() if facts.local is not None else None
+    nodes = [_local_node(n, facts, tp, traced) for n in graph.nodes]
     tied = [dataclasses.replace(t, numel=t.numel // tp) if any(f in facts.split_fqns for f in t.fqns) else t
             for t in graph.tied]
-    return ModelGraph(nodes, block_container=graph.block_container, batch_size=graph.batch_size, tied=tied,
-                      param_dtype_bytes=graph.param_dtype_bytes, trace_ms=graph.trace_ms,
-                      model_name=graph.model_name, adapter_name=graph.adapter_name,
-                      supports_pipeline=graph.supports_pipeline)
+    local = ModelGraph(nodes, block_container=graph.block_container, batch_size=graph.batch_size, tied=tied,
+                       param_dtype_bytes=graph.param_dtype_bytes, trace_ms=graph.trace_ms,
+                       model_name=graph.model_name, adapter_name=graph.adapter_name,
+                       supports_pipeline=graph.supports_pipeline)
+    vocab = _vocab_of(graph, facts, tp)
+    if vocab is not None:
+        _VOCAB[local] = vocab
+    return local
 
 
 def tp_comm_seconds(nodes: list[NodeInfo], *, cluster: Any, tp: int, prec: str, scale: float, recompute: bool,
