@@ -138,8 +138,8 @@ def node_items(db, graph, model, args, kwargs: dict, *, device, dtypes, recomput
                         lambda a, k, blk=blocks[node.index], dt=dtype, r=rec: block_fn(
                             blk, a, k, device=device, bf16=dt == "bf16", recompute=r))
     post = graph.post
-    if post is not None and adapter.supports_pipeline:
-        stage = adapter.build_stage(len(blocks), len(blocks), first=False, last=True)[0]
+    stage = _head_stage(adapter, len(blocks)) if post is not None else None
+    if stage is not None:
         for dtype in dtypes:
             key = node_time_key(post, dtype=dtype, recompute=False)
             for b in sizes:
@@ -148,6 +148,16 @@ def node_items(db, graph, model, args, kwargs: dict, *, device, dtypes, recomput
     out = [it for _, it in sorted(items, key=lambda x: x[0])]
     opt = _optimizer_item(db, model, optimizer, device=device)
     return ([opt] if opt is not None else []) + out
+
+
+def _head_stage(adapter, n: int):
+    """The family's last stage without blocks (final norm, head), or None when the family cannot cut the model."""
+    if not adapter.supports_pipeline:
+        return None
+    try:
+        return adapter.build_stage(n, n, first=False, last=True)[0]
+    except (NotImplementedError, ValueError):  # e.g. parameters on the root module
+        return None
 
 
 def _hidden(args: tuple, kwargs: dict):
@@ -161,7 +171,10 @@ def _hidden(args: tuple, kwargs: dict):
 
 def _optimizer_item(db, model, optimizer, *, device) -> Item | None:
     """One step of the user's optimizer class over parameters of the model's shapes (seconds per element)."""
-    key = optimizer_key(optimizer, device.type)
+    try:
+        key = optimizer_key(optimizer, device.type)
+    except (TypeError, ValueError):  # not an optimizer the planner knows: the formula
+        return None
     if key in db.optimizer_step:
         return None
     params = list({id(p): p for p in model.parameters() if p.requires_grad}.values())

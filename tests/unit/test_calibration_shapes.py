@@ -201,3 +201,18 @@ def test_plan_calibrates_the_live_model(tmp_path, monkeypatch):
     db = p.cluster.calibration
     assert db.node_times and all("|fp32|" in k for k in db.node_times)  # only the dtype the options allow
     assert p.selected.step_time > 0 and (tmp_path / cdb.FILENAME).exists()
+
+
+def test_a_model_whose_parts_cannot_run_alone_falls_back_to_the_formulas(tmp_path, monkeypatch):
+    from moreh_ap.planner import calib_items
+
+    def fail(*a, **k):
+        raise RuntimeError("the forward needs something the planner does not have")
+
+    monkeypatch.setattr(calib_items, "capture_block_inputs", fail)
+    model, args, g = _gpt()
+    c = _cluster()
+    out = sc.calibrate_model(c, g, model=model, args=args, optimizer="adamw", cache_dir=tmp_path,
+                             dtypes=("fp32",), recomputes=(False,))
+    assert out["timed"] < out["total"] and not c.calibration.node_times  # blocks not timed, no error
+    assert c.calibration.model_gemm["fp32"] and c.calibration.optimizer_step["adamw"] > 0
