@@ -1,4 +1,4 @@
-# The items a live model's calibration times: its distinct blocks and its head + loss per micro-batch, its optimizer step.
+# Items a live model's calibration times: its distinct blocks and head + loss per micro-batch, its optimizer step.
 """Items for :func:`moreh_ap.planner.shape_calibration.calibrate_model` (what to time, how long it should take,
 where the result goes in the DB), built from the traced graph and the live model.
 

@@ -50,7 +50,7 @@ def _gemm_fn(shape, *, device, dtype: str):
 
 
 def gemm_items(db, graph, *, device, dtypes, cap_s: float) -> list[Item]:
-    """The GEMM items of ``graph`` not in ``db.model_gemm`` yet, cheapest first (a call over ``cap_s`` is scaled down)."""
+    """The GEMM items of ``graph`` not in ``db.model_gemm`` yet, cheapest first (over ``cap_s``: scaled down)."""
     items: list[tuple[float, Item]] = []
     for dtype in dtypes:
         if not db.matmul.get(dtype):

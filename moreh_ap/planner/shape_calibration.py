@@ -1,4 +1,4 @@
-# calibrate_model: time what the cost model needs at a traced model's own shapes, within a time budget, cached in the DB.
+# calibrate_model: time what the cost model needs at a traced model's own shapes, within a budget, cached in the DB.
 """Calibration at the model's own shapes, added to this machine's calibration DB.
 
 What is timed (each only when missing from the DB, so a re-plan of the same model on the same machine
