@@ -195,7 +195,7 @@ def _launch(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.json")
         env = {k: v for k, v in os.environ.items() if not k.startswith("MOREH_")}
-        env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", MOREH_AP_DIST_TIMEOUT="120",
+        env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", MOREH_AP_DIST_TIMEOUT=str(args.dist_timeout),
                    MOREH_AP_CACHE_DIR=args.cache_dir or os.path.join(tmp, "cache"),
                    PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -222,6 +222,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated label substrings: measure only those configs")
     ap.add_argument("--cache-dir", default=None, help="calibration cache (default: a fresh one, measured now)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole 2-rank launch")
+    ap.add_argument("--dist-timeout", type=int, default=120, help="seconds any collective may wait (a busy machine "
+                    "needs more)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_cost_model.json"))
     args = ap.parse_args()
     t0 = time.time()

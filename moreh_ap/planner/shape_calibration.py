@@ -16,9 +16,9 @@ measures nothing):
   (seconds per parameter). A model planned from the meta device (or a traced graph alone) gets GEMMs only:
   its blocks and optimizer are costed by formulas.
 
-The budget (``BUDGET_S`` per device type, minus what the base measurement took): items are timed in order
-of size and one whose estimate does not fit what is left is not timed (the cost model extrapolates the
-micro-batch linearly from the measured ones, or uses formulas). With a process group up every rank must call
+The budget (``BUDGET_S`` per device type, minus what the base measurement took, at least ``MIN_SHARE`` of
+it): items are timed in order of size and one whose estimate does not fit what is left is not timed (the
+cost model extrapolates the micro-batch linearly from the measured ones, or uses formulas). With a process group up every rank must call
 this: the ranks agree on what to time, time it together, and keep the slowest rank's time of what every rank
 timed. The draws run inside :func:`~moreh_ap.planner.private_rng.private_rng`; the user's modules are not
 touched (copies are timed).
@@ -41,6 +41,9 @@ __all__ = ["BUDGET_S", "calibrate_model", "calibrate_for_plan"]
 
 BUDGET_S = {"cpu": 20.0, "cuda": 60.0}
 """Seconds the whole calibration (the base DB and this) may take per device type."""
+MIN_SHARE = 0.25
+"""The model's part gets at least this share of ``BUDGET_S`` even when the base measurement took more than the rest
+(a busy machine): its own block and head are what the cost model needs most."""
 ITEM_SHARE = 0.25
 """No single item may take more than this share of the budget (warm-up and repeats included)."""
 
@@ -119,7 +122,8 @@ def calibrate_model(cluster, graph, *, model: Any = None, args: Any = (), kwargs
         optimizer: the optimizer spec or instance the plan is for (its class is timed).
         dtypes: "bf16" (mixed precision) and / or "fp32".
         recomputes: the recomputation settings the candidates use.
-        budget_s: seconds for this calibration (default ``BUDGET_S[device type]`` minus the base measurement's).
+        budget_s: seconds for this calibration (default ``BUDGET_S[device type]`` minus the base measurement's,
+            at least ``MIN_SHARE`` of it).
         cache_dir: where ``calibration.json`` is (default ``MOREH_AP_CACHE_DIR``).
 
     Returns:
@@ -132,7 +136,8 @@ def calibrate_model(cluster, graph, *, model: Any = None, args: Any = (), kwargs
     device = _device(cluster)
     base_s = db.measure_s if db.source == "measured" else 0.0  # a cached base DB cost nothing this time
     if budget_s is None:
-        budget_s = max(1.0, BUDGET_S.get(device.type, BUDGET_S["cuda"]) - base_s)
+        total_s = BUDGET_S.get(device.type, BUDGET_S["cuda"])
+        budget_s = max(MIN_SHARE * total_s, total_s - base_s)
     items: list[Item] = []
     if _live(model, device):
         try:
