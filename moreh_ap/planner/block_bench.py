@@ -30,17 +30,22 @@ class _Captured(Exception):
     """Raised by the capture hook to stop the model's forward at its first block."""
 
 
-def median_seconds(fn: Callable[[], Any], device: torch.device, *, repeats: int) -> float:
-    """Median seconds of ``fn`` over ``repeats`` calls after one warm-up (device synchronized)."""
+def median_seconds(fn: Callable[[], Any], device: torch.device, *, repeats: int,
+                   max_s: float = float("inf")) -> float:
+    """Median seconds of ``fn`` over ``repeats`` calls after one warm-up (device synchronized); fewer (at least
+    one) when the next call would take the item past ``max_s`` seconds in all (a long call varies little)."""
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    start = time.perf_counter()
     fn()
     sync()
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < max(1, repeats):
+        if times and time.perf_counter() - start + times[-1] > max_s:
+            break
         t0 = time.perf_counter()
         fn()
         sync()

@@ -63,12 +63,6 @@ def optimizer_key(optimizer: Any, device_type: str) -> str:
     return "adamw" if name in ("adamw", "adam") else name
 
 
-def _slowest_rate(db, dtype: str) -> float:
-    """The lowest measured square-matmul FLOP/s for ``dtype`` (a pessimistic rate for estimates)."""
-    pts = db.matmul.get(dtype) or db.matmul.get("fp32") or [[1.0, 1e9]]
-    return min(p[1] for p in pts)
-
-
 class _Inputs:
     """The first block's inputs, captured once at the largest micro-batch, cut per micro-batch."""
 
@@ -93,8 +87,23 @@ def _point_store(db, key: str, scale: float) -> Callable[[float], None]:
     return store
 
 
-def node_items(db, graph, model, args, kwargs: dict, *, device, dtypes, recomputes, optimizer) -> list[Item]:
-    """The live model's items not in ``db`` yet (blocks, head + loss, optimizer step), ordered by micro-batch."""
+def _formula_seconds(db, node, *, dtype: str, scale: float, passes: int) -> float:
+    """The base DB's estimate of one call: the block floor + FLOPs over the square-matmul rate at the node's GEMM
+    size x the block efficiency (what the cost model predicts without a measurement)."""
+    from moreh_ap.planner.time_model import gemm_size
+
+    flops = node.fwd_flops * scale
+    rate = db.matmul_flops(dtype, gemm_size(flops, node.num_params, node.largest_param)) or 1e9
+    if node.kind != "block":
+        return passes * flops / rate
+    eff = db.block_efficiency.get(dtype, 1.0)
+    return db.block_floor.get(dtype, 0.0) * passes / 3 + passes * flops / (rate * eff)
+
+
+def node_items(db, graph, model, args, kwargs: dict, *, device, dtypes, recomputes, optimizer,
+               item_s: float = float("inf")) -> list[Item]:
+    """The live model's items not in ``db`` yet (blocks, head + loss, optimizer step), ordered by micro-batch;
+    ``item_s``: seconds one item may take (fewer repeats of a long call)."""
     from moreh_ap.models import find_adapter
 
     adapter = find_adapter(model)
@@ -107,7 +116,7 @@ def node_items(db, graph, model, args, kwargs: dict, *, device, dtypes, recomput
     last: dict[str, tuple[int, float]] = {}  # key -> (micro-batch, seconds) of its largest timed point so far
     items: list[tuple[int, Item]] = []
 
-    def add(key: str, b: int, flops: float, dtype: str, make: Callable[[tuple, dict], Callable[[], None]]):
+    def add(key: str, b: int, node, passes: int, dtype: str, make: Callable[[tuple, dict], Callable[[], None]]):
         scale = b / batch
         if any(abs(p[0] - scale) < 1e-12 for p in db.node_times.get(key, [])):
             return
@@ -115,11 +124,11 @@ def node_items(db, graph, model, args, kwargs: dict, *, device, dtypes, recomput
         def estimate() -> float:
             if key in last:
                 return last[key][1] * b / last[key][0]
-            return 3.0 * flops * scale / _slowest_rate(db, dtype)
+            return _formula_seconds(db, node, dtype=dtype, scale=scale, passes=passes)
 
         def run() -> float:
             a, k = inputs.at(b)
-            sec = median_seconds(make(a, k), device, repeats=REPEATS)
+            sec = median_seconds(make(a, k), device, repeats=REPEATS, max_s=item_s)
             last[key] = (b, sec)
             return sec
 
@@ -134,7 +143,7 @@ def node_items(db, graph, model, args, kwargs: dict, *, device, dtypes, recomput
                     continue
                 seen.add(key)
                 for b in sizes:
-                    add(key, b, node.fwd_flops * (4 / 3 if rec else 1), dtype,
+                    add(key, b, node, 4 if rec else 3, dtype,
                         lambda a, k, blk=blocks[node.index], dt=dtype, r=rec: block_fn(
                             blk, a, k, device=device, bf16=dt == "bf16", recompute=r))
     post = graph.post
@@ -143,10 +152,10 @@ def node_items(db, graph, model, args, kwargs: dict, *, device, dtypes, recomput
         for dtype in dtypes:
             key = node_time_key(post, dtype=dtype, recompute=False)
             for b in sizes:
-                add(key, b, post.fwd_flops, dtype, lambda a, k, dt=dtype: head_fn(
+                add(key, b, post, 3, dtype, lambda a, k, dt=dtype: head_fn(
                     stage, _hidden(a, k), device=device, bf16=dt == "bf16", vocab=adapter.vocab_size()))
     out = [it for _, it in sorted(items, key=lambda x: x[0])]
-    opt = _optimizer_item(db, model, optimizer, device=device)
+    opt = _optimizer_item(db, model, optimizer, device=device, item_s=item_s)
     return ([opt] if opt is not None else []) + out
 
 
@@ -169,7 +178,7 @@ def _hidden(args: tuple, kwargs: dict):
     raise RuntimeError("the first block gets no floating tensor")
 
 
-def _optimizer_item(db, model, optimizer, *, device) -> Item | None:
+def _optimizer_item(db, model, optimizer, *, device, item_s: float) -> Item | None:
     """One step of the user's optimizer class over parameters of the model's shapes (seconds per element)."""
     try:
         key = optimizer_key(optimizer, device.type)
@@ -190,7 +199,7 @@ def _optimizer_item(db, model, optimizer, *, device) -> Item | None:
         made = optimizer_fn(optimizer, shapes, device=device, dtype=params[0].dtype)
         if made is None:
             return None
-        return median_seconds(made[0], device, repeats=REPEATS) / made[1]
+        return median_seconds(made[0], device, repeats=REPEATS, max_s=item_s) / made[1]
 
     def store(sec_per_element: float) -> None:
         db.optimizer_step[key] = sec_per_element

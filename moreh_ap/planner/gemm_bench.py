@@ -67,7 +67,8 @@ def gemm_items(db, graph, *, device, dtypes, cap_s: float) -> list[Item]:
                 timed = tuple(max(8, int(d * f)) for d in shape)
 
             def run(shape=shape, timed=timed, dtype=dtype) -> float:
-                sec = median_seconds(_gemm_fn(timed, device=device, dtype=dtype), device, repeats=REPEATS)
+                sec = median_seconds(_gemm_fn(timed, device=device, dtype=dtype), device, repeats=REPEATS,
+                                     max_s=2 * cap_s)
                 return sec * _flops(shape) / _flops(timed)
 
             def store(sec: float, shape=shape, dtype=dtype) -> None:

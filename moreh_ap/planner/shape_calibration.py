@@ -32,7 +32,7 @@ from typing import Any
 
 from moreh_ap.env import read_env
 from moreh_ap.log import current_rank, logger
-from moreh_ap.planner.calib_items import REPEATS, Item, node_items
+from moreh_ap.planner.calib_items import Item, node_items
 from moreh_ap.planner.calibration_db import FILENAME, write_entry
 from moreh_ap.planner.gemm_bench import gemm_items
 from moreh_ap.planner.private_rng import private_rng
@@ -45,7 +45,8 @@ MIN_SHARE = 0.25
 """The model's part gets at least this share of ``BUDGET_S`` even when the base measurement took more than the rest
 (a busy machine): its own block and head are what the cost model needs most."""
 ITEM_SHARE = 0.25
-"""No single item may take more than this share of the budget (warm-up and repeats included)."""
+"""No single item may take more than this share of the budget (warm-up and repeats included): one whose warm-up
+and first timed call are estimated over it is not timed, and its repeats stop there."""
 
 
 def _device(cluster):
@@ -90,7 +91,7 @@ def _measure(items: list[Item], *, budget: float, device) -> tuple[list[float], 
     out, skipped = [], 0
     cap = ITEM_SHARE * budget
     for it in items:
-        cost = (1 + REPEATS) * it.estimate()
+        cost = 2 * it.estimate()  # the warm-up and at least one timed call (more while the item's share allows)
         if cost > cap or time.perf_counter() - t0 + cost > budget:
             out.append(-1.0)
             skipped += 1
@@ -142,10 +143,10 @@ def calibrate_model(cluster, graph, *, model: Any = None, args: Any = (), kwargs
     if _live(model, device):
         try:
             items += node_items(db, graph, model, args, dict(kwargs or {}), device=device, dtypes=dtypes,
-                                recomputes=recomputes, optimizer=optimizer)
+                                recomputes=recomputes, optimizer=optimizer, item_s=ITEM_SHARE * budget_s)
         except Exception as exc:  # the calibration never stops a plan: the formulas serve
             logger.debug(f"The model's own parts are not timed: {exc}")
-    items += gemm_items(db, graph, device=device, dtypes=dtypes, cap_s=ITEM_SHARE * budget_s / (1 + REPEATS))
+    items += gemm_items(db, graph, device=device, dtypes=dtypes, cap_s=ITEM_SHARE * budget_s / 2)
     total = len(items)
     hi, lo = _agree([float(total)], op="max", device=device)[0], _agree([float(total)], op="min", device=device)[0]
     if hi != lo:  # the ranks' caches differ (another process wrote meanwhile): nothing is timed, formulas serve

@@ -218,3 +218,21 @@ def test_a_model_whose_parts_cannot_run_alone_falls_back_to_the_formulas(tmp_pat
                              dtypes=("fp32",), recomputes=(False,))
     assert out["timed"] < out["total"] and not c.calibration.node_times  # blocks not timed, no error
     assert c.calibration.model_gemm["fp32"] and c.calibration.optimizer_step["adamw"] > 0
+
+
+def test_a_long_call_is_repeated_less():
+    import time
+
+    from moreh_ap.planner.block_bench import median_seconds
+
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.02)
+
+    median_seconds(fn, torch.device("cpu"), repeats=3)
+    assert len(calls) == 4  # a warm-up and 3 timed calls
+    calls.clear()
+    assert median_seconds(fn, torch.device("cpu"), repeats=3, max_s=0.001) > 0
+    assert len(calls) == 2  # a warm-up and one timed call: the item's share is spent
