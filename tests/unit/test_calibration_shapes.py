@@ -236,3 +236,26 @@ def test_a_long_call_is_repeated_less():
     calls.clear()
     assert median_seconds(fn, torch.device("cpu"), repeats=3, max_s=0.001) > 0
     assert len(calls) == 2  # a warm-up and one timed call: the item's share is spent
+
+
+def test_base_measurement_leaves_out_what_does_not_fit_its_budget():
+    import time
+
+    from moreh_ap.planner import microbench as mb
+
+    called = []
+
+    def slow_small(name):
+        return lambda: called.append(name) or time.sleep(0.001)
+
+    def never(name):
+        return lambda: pytest.fail(f"{name} was timed though estimated over the budget")
+
+    fns = {("mm", "fp32", 8): slow_small("mm8"), ("mm", "fp32", 1024): never("mm1024"),
+           ("tiny", "fp32"): slow_small("tiny"), ("ref", "fp32"): never("ref")}
+    kept, reps = mb._within_budget(fns, torch.device("cpu"), repeats=5, budget_s=1.0, shape=(256, 4, 128, 1))
+    assert set(kept) == {("mm", "fp32", 8), ("tiny", "fp32")} and 1 <= reps <= 5
+    table = mb._table({("mm", "fp32", 8): 0.001}, (8, 1024))
+    assert table == {"fp32": [[8.0, 2.0 * 8**3 / 0.001]]}  # the side not timed is left out
+    eff, floor = mb._block_numbers({("tiny", "fp32"): 0.002}, table, (256, 4, 128, 1))
+    assert eff == {} and floor == {"fp32": 0.002}  # no reference block: efficiency 1.0, the tiny block's floor
