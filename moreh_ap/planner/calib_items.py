@@ -44,6 +44,9 @@ class Item:
     """Times it; returns the seconds to store, or None when it cannot be timed."""
     store: Callable[[float], None]
     """Writes the (agreed) seconds into the DB."""
+    essential: bool = False
+    """Timed whenever the budget's rest allows, even over the per-item share (a block's or the head's smallest
+    micro-batch: what the larger ones are extrapolated from)."""
 
 
 def micro_batches(batch: int) -> list[int]:
@@ -132,7 +135,9 @@ def node_items(db, graph, model, args, kwargs: dict, *, device, dtypes, recomput
             last[key] = (b, sec)
             return sec
 
-        items.append((b, Item(key=f"{key}@{b}", estimate=estimate, run=run, store=_point_store(db, key, scale))))
+        essential = b == sizes[0] and passes == 3  # the smallest micro-batch, not recomputed (x 4/3 serves)
+        items.append((b, Item(key=f"{key}@{b}", estimate=estimate, run=run, store=_point_store(db, key, scale),
+                              essential=essential)))
 
     seen: set[str] = set()
     for node in graph.blocks:
@@ -204,4 +209,4 @@ def _optimizer_item(db, model, optimizer, *, device, item_s: float) -> Item | No
     def store(sec_per_element: float) -> None:
         db.optimizer_step[key] = sec_per_element
 
-    return Item(key=f"optimizer:{key}", estimate=lambda: elems * 28 / 2e9, run=run, store=store)
+    return Item(key=f"optimizer:{key}", estimate=lambda: elems * 28 / 2e9, run=run, store=store, essential=True)

@@ -92,7 +92,7 @@ def _measure(items: list[Item], *, budget: float, device) -> tuple[list[float], 
     cap = ITEM_SHARE * budget
     for it in items:
         cost = 2 * it.estimate()  # the warm-up and at least one timed call (more while the item's share allows)
-        if cost > cap or time.perf_counter() - t0 + cost > budget:
+        if (cost > cap and not it.essential) or time.perf_counter() - t0 + cost > budget:
             out.append(-1.0)
             skipped += 1
             continue

@@ -64,13 +64,16 @@ def test_too_big_gemm_is_timed_scaled_down_and_kept_at_its_own_shape():
 def test_budget_is_enforced_item_by_item():
     ran = []
 
-    def item(name, est):
-        return Item(key=name, estimate=lambda: est, run=lambda: ran.append(name) or 0.01, store=lambda s: None)
+    def item(name, est, essential=False):
+        return Item(key=name, estimate=lambda: est, run=lambda: ran.append(name) or 0.01, store=lambda s: None,
+                    essential=essential)
 
-    items = [item("small", 0.01), item("over the per-item cap", 1.0), item("fits", 0.05), item("big", 0.2)]
+    items = [item("small", 0.01), item("over the per-item cap", 1.0), item("fits", 0.05), item("big", 0.2),
+             item("smallest micro-batch", 0.3, essential=True), item("over what is left", 0.6, essential=True)]
     times, skipped = sc._measure(items, budget=1.0, device=torch.device("cpu"))
-    assert ran == ["small", "fits"] and skipped == 2  # 4 calls of 0.2 s > 25 % of 1 s
-    assert times[1] == times[3] == -1.0 and times[0] == times[2] == 0.01
+    # warm-up + one call of 0.2 s is over 25 % of 1 s; an essential item only needs to fit what is left
+    assert ran == ["small", "fits", "smallest micro-batch"] and skipped == 3
+    assert times[1] == times[3] == times[5] == -1.0 and times[0] == times[2] == times[4] == 0.01
 
 
 def test_live_model_is_calibrated_within_budget_and_cached(tmp_path):
