@@ -22,7 +22,7 @@ from moreh_ap.planner.block_bench import (
     optimizer_fn,
     slice_batch,
 )
-from moreh_ap.planner.time_model import node_time_key
+from moreh_ap.planner.time_model import formula_seconds, node_time_key
 
 __all__ = ["Item", "REPEATS", "node_items", "micro_batches", "optimizer_key"]
 
@@ -90,19 +90,6 @@ def _point_store(db, key: str, scale: float) -> Callable[[float], None]:
     return store
 
 
-def _formula_seconds(db, node, *, dtype: str, scale: float, passes: int) -> float:
-    """The base DB's estimate of one call: the block floor + FLOPs over the square-matmul rate at the node's GEMM
-    size x the block efficiency (what the cost model predicts without a measurement)."""
-    from moreh_ap.planner.time_model import gemm_size
-
-    flops = node.fwd_flops * scale
-    rate = db.matmul_flops(dtype, gemm_size(flops, node.num_params, node.largest_param)) or 1e9
-    if node.kind != "block":
-        return passes * flops / rate
-    eff = db.block_efficiency.get(dtype, 1.0)
-    return db.block_floor.get(dtype, 0.0) * passes / 3 + passes * flops / (rate * eff)
-
-
 def node_items(db, graph, model, args, kwargs: dict, *, device, dtypes, recomputes, optimizer,
                item_s: float = float("inf")) -> list[Item]:
     """The live model's items not in ``db`` yet (blocks, head + loss, optimizer step), ordered by micro-batch;
@@ -127,7 +114,7 @@ def node_items(db, graph, model, args, kwargs: dict, *, device, dtypes, recomput
         def estimate() -> float:
             if key in last:
                 return last[key][1] * b / last[key][0]
-            return _formula_seconds(db, node, dtype=dtype, scale=scale, passes=passes)
+            return formula_seconds(db, node, dtype=dtype, scale=scale, passes=passes)
 
         def run() -> float:
             a, k = inputs.at(b)

@@ -190,12 +190,38 @@ def measured_node_seconds(cluster, node, *, dtype: str, scale: float, recompute:
     recompute = recompute and node.kind == "block"  # only blocks are recomputed
     pts = db.node_times.get(node_time_key(node, dtype=dtype, recompute=recompute))
     if pts:
-        return _interp(pts, scale)
+        return _measured_at(db, node, pts, dtype=dtype, scale=scale, passes=4 if recompute else 3)
     if recompute:
         plain = db.node_times.get(node_time_key(node, dtype=dtype, recompute=False))
         if plain:
-            return _interp(plain, scale) * 4.0 / 3.0
+            return _measured_at(db, node, plain, dtype=dtype, scale=scale, passes=3) * 4.0 / 3.0
     return None
+
+
+def _measured_at(db, node, pts: list[list[float]], *, dtype: str, scale: float, passes: int) -> float:
+    """The measured points at ``scale``: interpolated between them; beyond the largest, its time x the formula's
+    ratio between the two micro-batches (:func:`formula_seconds`: the base DB's rate changes with the GEMM size,
+    which a linear extrapolation of one small micro-batch would miss)."""
+    last = max(pts)
+    if scale <= last[0] * (1 + 1e-9):
+        return _interp(pts, scale)
+    here = formula_seconds(db, node, dtype=dtype, scale=scale, passes=passes)
+    there = formula_seconds(db, node, dtype=dtype, scale=last[0], passes=passes)
+    return last[1] * here / there if there > 0 else _interp(pts, scale)
+
+
+def formula_seconds(db, node, *, dtype: str, scale: float, passes: int) -> float:
+    """The base DB's seconds for ``passes`` forward-equivalents of ``node`` at micro-batch ``scale`` x the traced
+    batch: FLOPs over the square-matmul rate at the node's GEMM size, a block at the block efficiency plus its
+    floor (the cost model's formula without a measurement)."""
+    flops = node.fwd_flops * scale
+    if flops <= 0:
+        return 0.0
+    rate = db.matmul_flops(dtype, gemm_size(flops, node.num_params, node.largest_param)) or 1e9
+    if node.kind != "block":
+        return passes * flops / rate
+    eff = db.block_efficiency.get(dtype, 1.0)
+    return db.block_floor.get(dtype, 0.0) * passes / 3 + passes * flops / (rate * eff)
 
 
 def node_matmul_rate(cluster, node, *, dtype: str, scale: float, size: float | None) -> float:
