@@ -262,3 +262,16 @@ def test_base_measurement_leaves_out_what_does_not_fit_its_budget():
     assert table == {"fp32": [[8.0, 2.0 * 8**3 / 0.001]]}  # the side not timed is left out
     eff, floor = mb._block_numbers({("tiny", "fp32"): 0.002}, table, (256, 4, 128, 1))
     assert eff == {} and floor == {"fp32": 0.002}  # no reference block: efficiency 1.0, the tiny block's floor
+
+
+def test_beyond_the_largest_measured_micro_batch_the_formula_gives_the_trend():
+    _, _, g = _gpt()
+    c = _cluster()
+    db = c.calibration
+    block = g.blocks[0]
+    db.node_times[tm.node_time_key(block, dtype="fp32", recompute=False)] = [[0.25, 0.010]]
+    ratio = (tm.formula_seconds(db, block, dtype="fp32", scale=1.0, passes=3)
+             / tm.formula_seconds(db, block, dtype="fp32", scale=0.25, passes=3))
+    got = tm.measured_node_seconds(c, block, dtype="fp32", scale=1.0, recompute=False)
+    assert got == pytest.approx(0.010 * ratio) and ratio != pytest.approx(4.0)  # the rate changes with the size
+    assert tm.measured_node_seconds(c, block, dtype="fp32", scale=0.25, recompute=False) == pytest.approx(0.010)
