@@ -3,8 +3,9 @@
 
 1. detects the cluster and measures the calibration DB on that 2-rank group
    (``Cluster.detect(calibrate=True)``, a fresh cache dir unless ``--cache-dir``);
-2. traces a small plain-torch GPT on one global batch and runs the planner
-   (``plan_graph``): every candidate with its predicted step time and breakdown;
+2. traces a small plain-torch GPT on one global batch, calibrates at its shapes as ``plan()`` does
+   (``shape_calibration.calibrate_for_plan``: its own block, head + loss, AdamW step, GEMMs; both ranks)
+   and runs the planner (``plan_graph``): every candidate with its predicted step time and breakdown;
 3. for each feasible candidate (capped by ``--max-configs``; the planner's pick is always
    kept) builds the same model, ``moreh_ap.parallelize(model, config, optimizer=AdamW)``,
    runs ``--warmup`` steps, then ``--steps`` steps each timed between barriers
@@ -117,8 +118,10 @@ def _worker(out: str, batch: int, warmup: int, steps: int, max_configs: int, rou
 
     torch.set_num_threads(1)
     import moreh_ap
+    from moreh_ap.ap_options import APOptions
     from moreh_ap.planner.cluster import Cluster
     from moreh_ap.planner.planning import plan_graph
+    from moreh_ap.planner.shape_calibration import calibrate_for_plan
 
     moreh_ap.runtime.init_distributed()
     rank = dist.get_rank()
@@ -128,7 +131,14 @@ def _worker(out: str, batch: int, warmup: int, steps: int, max_configs: int, rou
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, VOCAB, (batch, SEQ), generator=g)
     y = torch.randint(0, VOCAB, (batch, SEQ), generator=g)
-    graph = moreh_ap.trace(_model(), args=(x,))
+    model = _model()
+    graph = moreh_ap.trace(model, args=(x,))
+    t1 = time.perf_counter()
+    # as plan() does for a model that exists: its own block / head + loss / optimizer step and GEMMs at its shapes
+    shape_cal = calibrate_for_plan(cluster, graph, model=model, args=(x,), kwargs=None,
+                                   optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4), options=APOptions())
+    shape_cal["seconds"] = time.perf_counter() - t1
+    del model
     p = plan_graph(graph, cluster=cluster, optimizer="adamw")
     todo = _pick(p.candidates, p.config, max_configs, only)
     samples: list[list[float]] = [[] for _ in todo]
@@ -152,6 +162,7 @@ def _worker(out: str, batch: int, warmup: int, steps: int, max_configs: int, rou
         with open(out, "w") as f:
             json.dump({"rows": rows, "selected": p.config.to_dict(), "num_candidates": len(p.candidates),
                        "num_feasible": sum(c.feasible for c in p.candidates), "calibration_s": calib_s,
+                       "shape_calibration": shape_cal,
                        "calibration": db.to_dict() if db is not None else None,
                        "calibration_source": db.source if db is not None else None,
                        "cluster": cluster.to_dict(), "params": graph.total_params}, f, indent=1)
@@ -184,7 +195,7 @@ def _launch(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.json")
         env = {k: v for k, v in os.environ.items() if not k.startswith("MOREH_")}
-        env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", MOREH_AP_DIST_TIMEOUT="120",
+        env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", MOREH_AP_DIST_TIMEOUT=str(args.dist_timeout),
                    MOREH_AP_CACHE_DIR=args.cache_dir or os.path.join(tmp, "cache"),
                    PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -211,6 +222,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated label substrings: measure only those configs")
     ap.add_argument("--cache-dir", default=None, help="calibration cache (default: a fresh one, measured now)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole 2-rank launch")
+    ap.add_argument("--dist-timeout", type=int, default=120, help="seconds any collective may wait (a busy machine "
+                    "needs more)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_cost_model.json"))
     args = ap.parse_args()
     t0 = time.time()
@@ -226,7 +239,10 @@ def main() -> None:
     regret = sel["measured_median_s"] / best["measured_median_s"]
     rho = _spearman(pred, meas)
     abs_err = [abs(row["error_pct"]) for row in rows]
-    print(f"\nGPT {r['params']:,} params, global batch {args.batch} x {SEQ} tokens, 2 ranks (gloo, 1 thread each); "
+    sc = r.get("shape_calibration") or {}
+    print(f"\ncalibration: base {r['calibration_s']:.1f} s, at the model's shapes {sc.get('seconds', 0.0):.1f} s "
+          f"({sc.get('timed', 0)} of {sc.get('total', 0)} items)")
+    print(f"GPT {r['params']:,} params, global batch {args.batch} x {SEQ} tokens, 2 ranks (gloo, 1 thread each); "
           f"{r['num_candidates']} candidates, {r['num_feasible']} feasible, {len(rows)} measured")
     print(f"{'config':42s} {'pred ms':>8s} {'meas ms':>8s} {'err %':>7s}")
     for row in sorted(rows, key=lambda row: row["measured_median_s"]):

@@ -20,7 +20,11 @@ from moreh_ap.log import current_rank, logger
 from moreh_ap.planner.calibration_db import FILENAME, CalibrationDB, read_cache, write_entry
 from moreh_ap.planner.microbench import COLLECTIVE_SIZES, MATMUL_SIZES, measure_collectives, measure_compute
 
-__all__ = ["CalibrationDB", "fingerprint", "load_or_measure"]
+__all__ = ["BASE_BUDGET_S", "CalibrationDB", "fingerprint", "load_or_measure"]
+
+BASE_BUDGET_S = {"cpu": 8.0, "cuda": 20.0}
+"""Seconds the matmul + reference-block measurement may take per device type (of the whole calibration's
+``shape_calibration.BUDGET_S``; a CPU without fast bf16 takes seconds per 1024-side bf16 product)."""
 
 
 def _pg_world() -> int:
@@ -94,7 +98,8 @@ def load_or_measure(
         return db
     t0 = time.perf_counter()
     device = _device(cluster)
-    matmul, eff, floor = measure_compute(device, sizes=matmul_sizes, shape=block_shape)
+    matmul, eff, floor = measure_compute(device, sizes=matmul_sizes, shape=block_shape,
+                                         budget_s=BASE_BUDGET_S.get(device.type, BASE_BUDGET_S["cuda"]))
     db = CalibrationDB(fingerprint=fp, matmul=matmul, block_efficiency=eff, block_floor=floor)
     if world > 1:
         db.collectives = measure_collectives(device, sizes=collective_sizes)
@@ -105,6 +110,7 @@ def load_or_measure(
             "collective times come from the analytic ring model on the Cluster's bandwidths."
         )
     ms = (time.perf_counter() - t0) * 1e3
+    db.measure_s = ms / 1e3
 
     saved = False
     if current_rank() == 0:

@@ -21,9 +21,11 @@ from typing import Any
 
 from moreh_ap.log import logger
 
-FORMAT = "moreh_ap.calibration/2"
-"""Format of one DB (an entry of the file). /2 added ``block_efficiency`` and ``block_floor``; /1 entries are
-measured again."""
+FORMAT = "moreh_ap.calibration/3"
+"""Format of one DB (an entry of the file). /3 added ``model_gemm``, ``node_times`` and ``measure_s`` (read from /2
+entries as empty); /2 added ``block_efficiency`` and ``block_floor``; /1 entries are measured again."""
+READ_FORMATS = ("moreh_ap.calibration/2", FORMAT)
+"""Entry formats read (a /2 entry reads with the /3 tables empty)."""
 FILE_FORMAT = "moreh_ap.calibration-file/1"
 """Format of the file: one entry per fingerprint (device, torch, threads, world size, ...)."""
 FILENAME = "calibration.json"
@@ -60,6 +62,16 @@ class CalibrationDB:
     """optimizer ("adamw") -> seconds of one step per parameter element. Empty = memory-bound formula."""
     mem_bandwidth: float | None = None
     """Measured device memory bytes/s (memory-bound ops, gradient accumulation); None = the Cluster's."""
+    model_gemm: dict[str, list[list[float]]] = field(default_factory=dict)
+    """dtype -> [[m, k, n, seconds], ...]: GEMMs timed here at a traced model's own shapes
+    (:mod:`moreh_ap.planner.shape_calibration`); the time model's rate for a node's GEMMs. Unlike ``gemm`` (a
+    hardware profile's table) it does not switch the cost model to the op-census path. Empty = square rates."""
+    node_times: dict[str, list[list[float]]] = field(default_factory=dict)
+    """:func:`node_time_key` -> [[scale, seconds], ...]: a node of a live model (its own block, or its head +
+    loss) timed here, forward + backward (+ the recomputed forward) as the model runs it, at micro-batch =
+    ``scale`` x the traced batch. The cost model prefers these to FLOPs / rate. Empty = formulas."""
+    measure_s: float = 0.0
+    """Seconds the base measurement (matmuls, reference block, collectives) took (what the budget has left)."""
     source: str = "measured"
     """"measured", "cache" or "injected"."""
 
@@ -93,12 +105,15 @@ class CalibrationDB:
             **({"head_and_loss": self.head_and_loss} if self.head_and_loss else {}),
             **({"optimizer_step": self.optimizer_step} if self.optimizer_step else {}),
             **({"mem_bandwidth": self.mem_bandwidth} if self.mem_bandwidth else {}),
+            **({"model_gemm": self.model_gemm} if self.model_gemm else {}),
+            **({"node_times": self.node_times} if self.node_times else {}),
+            "measure_s": self.measure_s,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "cache") -> CalibrationDB:
         """Parse the JSON form; raises ``ValueError`` on anything malformed."""
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
+        if not isinstance(data, dict) or data.get("format") not in READ_FORMATS:
             raise ValueError(f"not a {FORMAT} file")
         matmul = data.get("matmul")
         if not isinstance(matmul, dict) or not matmul:
@@ -132,6 +147,7 @@ class CalibrationDB:
             collective_world=int(data.get("collective_world", 1)),
             source=source,
             **_timing_tables(data),
+            **_model_tables(data),
         )
 
 
@@ -163,6 +179,29 @@ def _timing_tables(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _model_tables(data: dict[str, Any]) -> dict[str, Any]:
+    """The tables measured at a model's own shapes (``model_gemm``, ``node_times``, ``measure_s``; absent in /2)."""
+    mg = data.get("model_gemm") or {}
+    if not isinstance(mg, dict):
+        raise ValueError("model_gemm must be an object dtype -> [[m, k, n, seconds], ...]")
+    for k, rows in mg.items():
+        if not isinstance(rows, list) or not all(
+                isinstance(r, list) and len(r) == 4 and all(isinstance(x, (int, float)) and x > 0 for x in r)
+                for r in rows):
+            raise ValueError(f"model_gemm[{k}] must be a list of [m, k, n, seconds] with positive numbers")
+    nt = data.get("node_times") or {}
+    if not isinstance(nt, dict):
+        raise ValueError("node_times must be an object key -> [[scale, seconds], ...]")
+    for k, pts in nt.items():
+        _check_points(f"node_times[{k}]", pts)
+    ms = data.get("measure_s", 0.0)
+    if not isinstance(ms, (int, float)) or ms < 0:
+        raise ValueError("measure_s must be seconds >= 0")
+    return {"model_gemm": {str(k): [list(map(float, r)) for r in v] for k, v in mg.items()},
+            "node_times": {str(k): [list(map(float, p)) for p in v] for k, v in nt.items()},
+            "measure_s": float(ms)}
+
+
 def _check_points(what: str, pts: Any) -> None:
     if not isinstance(pts, list) or not pts:
         raise ValueError(f"{what} must be a non-empty list")
@@ -186,7 +225,7 @@ def _read_entries(path: Path, *, warn: bool = True) -> dict[str, CalibrationDB] 
         return {}
     try:
         data = json.loads(path.read_text())
-        if isinstance(data, dict) and data.get("format") == FORMAT:
+        if isinstance(data, dict) and data.get("format") in READ_FORMATS:
             db = CalibrationDB.from_dict(data, source="cache")
             return {entry_key(db.fingerprint): db}
         if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:

@@ -3,7 +3,7 @@
 
 Two formats are recognised by their content (docs/calibration.md describes both):
 
-* a DB written by moreh_ap: one entry (``"format": "moreh_ap.calibration/2"``) or the cache file
+* a DB written by moreh_ap: one entry (``"format": "moreh_ap.calibration/3"``, or ``/2``) or the cache file
   (``"format": "moreh_ap.calibration-file/1"`` with ``"entries"``; it must hold exactly one entry);
 * a hardware profile (the format of ``benchmarks/data/h200/profile.json``): ``gemm`` (GEMM seconds by
   shape and dtype), optionally ``head_and_loss``, ``adamw_fused_step_1e9_params_seconds`` and the
@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from moreh_ap.planner.calibration_db import FILE_FORMAT, FORMAT, CalibrationDB
+from moreh_ap.planner.calibration_db import FILE_FORMAT, FORMAT, READ_FORMATS, CalibrationDB
 
 ADAMW_BYTES_PER_PARAM = 28
 """Bytes one fused AdamW step touches per fp32 parameter: reads param, grad, exp_avg, exp_avg_sq (16),
@@ -38,7 +38,7 @@ def load_calibration_file(path: str | Path) -> CalibrationDB:
     if not isinstance(data, dict):
         raise ValueError(f"--calibration {str(path)!r}: expected a JSON object")
     try:
-        if data.get("format") == FORMAT:
+        if data.get("format") in READ_FORMATS:
             return CalibrationDB.from_dict(data, source=f"file:{p.name}")
         if data.get("format") == FILE_FORMAT:
             entries = data.get("entries") or {}

@@ -54,7 +54,9 @@ from moreh_ap.planner.time_model import (
     gemm_size,
     head_and_loss_seconds,
     matmul_flops,
+    measured_node_seconds,
     memory_bandwidth,
+    node_matmul_rate,
 )
 from moreh_ap.planner.tp import tp_comm_seconds
 from moreh_ap.planner.units import fsdp_units, optimizer_profile, rank_stages
@@ -97,11 +99,14 @@ def _node_seconds(node, cluster: Cluster, *, dtype: str, scale: float, recompute
     slower GEMMs); a block also runs at the calibrated block efficiency (attention, norms,
     activations) and pays the calibrated per-block fixed cost (dispatch, launches) every micro-batch.
     """
+    measured = measured_node_seconds(cluster, node, dtype=dtype, scale=scale, recompute=recompute)
+    if measured is not None:  # the model's own block / head + loss, timed at its shapes (shape_calibration)
+        return measured
     flops = node.fwd_flops * scale
     if flops <= 0:
         return 0.0
     size = gemm_size(flops, node.num_params, node.largest_param)
-    rate = matmul_flops(cluster, dtype, size)
+    rate = node_matmul_rate(cluster, node, dtype=dtype, scale=scale, size=size)
     if node.kind != "block":
         return flops * 3 / rate
     passes = 4 if recompute else 3  # forward, backward = 2 forwards, + a forward when recomputed
@@ -110,6 +115,9 @@ def _node_seconds(node, cluster: Cluster, *, dtype: str, scale: float, recompute
 
 def _census_seconds(node, cluster: Cluster, *, dtype: str, prec: str, scale: float, recompute: bool) -> float:
     """Forward + backward (+ recompute) seconds of one node for one micro-batch, from its op census."""
+    measured = measured_node_seconds(cluster, node, dtype=dtype, scale=scale, recompute=recompute)
+    if measured is not None:
+        return measured
     if node.kind == "post" and dtype == "bf16" and node.gemms.get(prec):
         m, k, n, b, _ = node.gemms[prec][0]  # the largest GEMM of the head: the lm_head (tokens, hidden, vocab)
         measured = head_and_loss_seconds(cluster, tokens=m * b * scale, hidden=k, vocab=n)
@@ -226,6 +234,8 @@ def estimate(
         t.optimizer = _optimizer_seconds(cluster, graph, elements=p_tr / shard, k=k, name=opt_name)
         # gradient accumulation: each micro-batch after the first reads its gradient and reads + writes .grad
         t.compute += (nmb - 1) * max(trainable_rank) * (2 + 8 if mp else 12) / memory_bandwidth(cluster)
+    elif cluster.calibration is not None and cluster.calibration.optimizer_step:  # measured at the model's sizes
+        t.optimizer = _optimizer_seconds(cluster, graph, elements=p_tr / shard, k=k, name=opt_name)
     else:
         t.optimizer = p_tr / shard * (4 + 3 * k) * graph.param_dtype_bytes / cluster.mem_bandwidth
     return t

@@ -69,7 +69,10 @@ def _matmul_fns(device, sizes) -> dict:
 
 
 def _table(medians: dict, sizes) -> dict[str, list[list[float]]]:
-    return {key: [[float(n), 2.0 * n**3 / max(medians[("mm", key, n)], 1e-9)] for n in sizes] for key, _ in _DTYPES}
+    """dtype -> [[n, FLOP/s], ...] of the sizes timed (a dtype none of whose sizes was timed is left out)."""
+    table = {key: [[float(n), 2.0 * n**3 / max(medians[("mm", key, n)], 1e-9)]
+                   for n in sizes if ("mm", key, n) in medians] for key, _ in _DTYPES}
+    return {k: v for k, v in table.items() if v}
 
 
 @private_rng()
@@ -145,7 +148,10 @@ def _block_numbers(medians: dict, matmul, shape) -> tuple[dict[str, float], dict
     eff: dict[str, float] = {}
     floor: dict[str, float] = {}
     for key, _ in _DTYPES:
-        if key not in matmul:
+        if key not in matmul or ("tiny", key) not in medians:
+            continue
+        if ("ref", key) not in medians:  # the reference block did not fit the budget: its fixed cost only
+            floor[key] = float(medians[("tiny", key)])
             continue
         t_tiny, t_ref = medians[("tiny", key)], medians[("ref", key)]
         above = max(t_ref - t_tiny, 0.1 * t_ref)  # noise guard: the floor is never most of the reference
@@ -178,18 +184,59 @@ def measure_block(device, matmul: dict[str, list[list[float]]], *, shape=None, t
 
 
 @private_rng()
-def measure_compute(device, *, sizes=MATMUL_SIZES, shape=None, tiny_shape=TINY_BLOCK_SHAPE, repeats: int = 5):
+def measure_compute(device, *, sizes=MATMUL_SIZES, shape=None, tiny_shape=TINY_BLOCK_SHAPE, repeats: int = 5,
+                    budget_s: float = float("inf")):
     """:func:`measure_matmul` and :func:`measure_block` timed together, interleaved (one busy spell hits both).
+
+    ``budget_s``: seconds the whole measurement may take (:func:`_within_budget`): a matmul size or reference
+    block whose one call is estimated over a quarter of it is not timed (the matmul table then ends at the
+    largest side timed; a dtype without its reference block keeps efficiency 1.0), and the repeats are cut
+    to what the rest allows (at least one).
 
     Returns:
         (matmul table, block efficiency, block floor).
     """
     shape = shape or BLOCK_SHAPES.get(device.type, BLOCK_SHAPES["cuda"])
-    med = _interleaved_medians({**_matmul_fns(device, sizes), **_block_fns(device, shape, tiny_shape)}, device,
-                               repeats)
+    fns = {**_matmul_fns(device, sizes), **_block_fns(device, shape, tiny_shape)}
+    if budget_s != float("inf"):
+        fns, repeats = _within_budget(fns, device, repeats=repeats, budget_s=budget_s, shape=shape)
+    med = _interleaved_medians(fns, device, repeats)
     table = _table(med, sizes)
     eff, floor = _block_numbers(med, table, shape)
     return table, eff, floor
+
+
+def _estimate(key: tuple, first: dict, shape) -> float | None:
+    """One call's seconds of ``key`` from the calls timed before it: a matmul from the largest smaller side of its
+    dtype (time ~ side^3), the reference block from its dtype's fastest matmul rate; None = no basis (time it)."""
+    mms = [(k[2], t) for k, t in first.items() if k[0] == "mm" and k[1] == key[1]]
+    if not mms:
+        return None
+    if key[0] == "mm":
+        n, t = max(mms)
+        return t * (key[2] / n) ** 3
+    if key[0] == "ref":
+        return _block_flops(shape) / max(2.0 * n**3 / t for n, t in mms)
+    return None
+
+
+def _within_budget(fns: dict, device, *, repeats: int, budget_s: float, shape) -> tuple[dict, int]:
+    """The callables that fit ``budget_s`` and the repeats the rest allows: each is called once (the warm-up,
+    smallest first) unless its estimate (:func:`_estimate`) is over a quarter of the budget."""
+    first: dict = {}
+    start = time.perf_counter()
+    for key in sorted(fns, key=lambda k: (k[0] != "mm", k[1], k[2] if k[0] == "mm" else 0)):
+        est = _estimate(key, first, shape)
+        if est is not None and est > 0.25 * budget_s:
+            continue
+        t0 = time.perf_counter()
+        fns[key]()
+        _sync(device)
+        first[key] = time.perf_counter() - t0
+    left = budget_s - (time.perf_counter() - start)
+    per_round = sum(first.values())
+    reps = max(1, min(repeats, int(left / per_round) - 1)) if per_round > 0 else repeats  # -1: the warm-up
+    return {k: fns[k] for k in fns if k in first}, reps
 
 
 def measure_collectives(device, *, sizes=COLLECTIVE_SIZES, repeats: int = 5) -> dict[str, list[list[float]]]:

@@ -12,6 +12,7 @@ from moreh_ap.env import read_env
 from moreh_ap.errors import NoFeasibleConfigError
 from moreh_ap.graph.model_graph import ModelGraph
 from moreh_ap.graph.tracing import trace
+from moreh_ap.planner.shape_calibration import calibrate_for_plan
 from moreh_ap.files import write_text
 from moreh_ap.log import logger
 from moreh_ap.planner.candidates import enumerate_candidates
@@ -259,6 +260,7 @@ def plan(
         raise TypeError(f"plan(cluster={cluster!r}) is not valid: expected a moreh_ap.Cluster or None")
     cluster = cluster if cluster is not None else Cluster.detect(calibrate=True)
     graph = model if isinstance(model, ModelGraph) else trace(model, args, kwargs)
+    calibrate_for_plan(cluster, graph, model=model, args=args, kwargs=kwargs, optimizer=optimizer, options=opts)
     return plan_graph(graph, cluster=cluster, options=opts, optimizer=optimizer, dump=dump, started=started,
                       tp=tp_facts(model, args, kwargs))
 

@@ -132,7 +132,7 @@ def gemm_size(flops: float, params: int, largest_param: int) -> float | None:
 def gemm_seconds(cluster, dtype: str, m: float, k: float, n: float) -> float:
     """Seconds of one ``(m x k) @ (k x n)`` product.
 
-    With a GEMM table in the DB (a hardware profile): the FLOPs at the rate of the measured shape nearest in
+    With a GEMM table in the DB (a hardware profile's, else the one timed at the model's own shapes): the FLOPs at the rate of the measured shape nearest in
     log space (dimensions compared sorted, so the backward's transposed products find the forward's shape;
     an exact match is that measurement; shapes beyond the largest take the largest's rate). Without one:
     the square-matmul rate at the equivalent side ``(m k n) ** (1/3)``.
@@ -141,7 +141,7 @@ def gemm_seconds(cluster, dtype: str, m: float, k: float, n: float) -> float:
     if flops <= 0:
         return 0.0
     db = cluster.calibration
-    rows = (db.gemm.get(dtype) if db is not None else None) or []
+    rows = ((db.gemm.get(dtype) or db.model_gemm.get(dtype)) if db is not None else None) or []
     if not rows:
         return flops / matmul_flops(cluster, dtype, (m * k * n) ** (1.0 / 3.0))
     want = sorted(math.log(max(x, 1.0)) for x in (m, k, n))
@@ -165,3 +165,76 @@ def head_and_loss_seconds(cluster, *, tokens: float, hidden: int, vocab: int) ->
         if int(h) == hidden and int(v) == vocab:
             return sec * tokens / (b * s)
     return None
+
+
+def node_time_key(node, *, dtype: str, recompute: bool) -> str:
+    """The key of a node's measured time in ``CalibrationDB.node_times``: its kind, parameters, traced forward
+    FLOPs and GEMM shapes (the block's signature and shape at the traced batch), dtype and recomputation."""
+    import hashlib
+    import json
+
+    prec = "mixed" if dtype == "bf16" else "full"
+    shape = json.dumps([node.kind, node.num_params, node.largest_param, node.fwd_flops,
+                        [list(g) for g in node.gemms.get(prec, ())]])
+    return f"{node.kind}|{hashlib.sha1(shape.encode()).hexdigest()[:16]}|{dtype}|rec{int(bool(recompute))}"
+
+
+def measured_node_seconds(cluster, node, *, dtype: str, scale: float, recompute: bool) -> float | None:
+    """Forward + backward (+ recomputed forward) seconds of ``node`` at micro-batch ``scale`` x the traced batch,
+    from the node's own measurement in the DB (piecewise linear in the micro-batch between the measured ones,
+    the last slope beyond them); None when it was not measured. A recomputed node measured without
+    recomputation only adds one measured forward's share (a third of forward + backward)."""
+    db = cluster.calibration
+    if db is None or not db.node_times:
+        return None
+    recompute = recompute and node.kind == "block"  # only blocks are recomputed
+    pts = db.node_times.get(node_time_key(node, dtype=dtype, recompute=recompute))
+    if pts:
+        return _measured_at(db, node, pts, dtype=dtype, scale=scale, passes=4 if recompute else 3)
+    if recompute:
+        plain = db.node_times.get(node_time_key(node, dtype=dtype, recompute=False))
+        if plain:
+            return _measured_at(db, node, plain, dtype=dtype, scale=scale, passes=3) * 4.0 / 3.0
+    return None
+
+
+def _measured_at(db, node, pts: list[list[float]], *, dtype: str, scale: float, passes: int) -> float:
+    """The measured points at ``scale``: interpolated between them; beyond the largest, its time x the formula's
+    ratio between the two micro-batches (:func:`formula_seconds`: the base DB's rate changes with the GEMM size,
+    which a linear extrapolation of one small micro-batch would miss)."""
+    last = max(pts)
+    if scale <= last[0] * (1 + 1e-9):
+        return _interp(pts, scale)
+    here = formula_seconds(db, node, dtype=dtype, scale=scale, passes=passes)
+    there = formula_seconds(db, node, dtype=dtype, scale=last[0], passes=passes)
+    return last[1] * here / there if there > 0 else _interp(pts, scale)
+
+
+def formula_seconds(db, node, *, dtype: str, scale: float, passes: int) -> float:
+    """The base DB's seconds for ``passes`` forward-equivalents of ``node`` at micro-batch ``scale`` x the traced
+    batch: FLOPs over the square-matmul rate at the node's GEMM size, a block at the block efficiency plus its
+    floor (the cost model's formula without a measurement)."""
+    flops = node.fwd_flops * scale
+    if flops <= 0:
+        return 0.0
+    rate = db.matmul_flops(dtype, gemm_size(flops, node.num_params, node.largest_param)) or 1e9
+    if node.kind != "block":
+        return passes * flops / rate
+    eff = db.block_efficiency.get(dtype, 1.0)
+    return db.block_floor.get(dtype, 0.0) * passes / 3 + passes * flops / (rate * eff)
+
+
+def node_matmul_rate(cluster, node, *, dtype: str, scale: float, size: float | None) -> float:
+    """The matmul FLOP/s of ``node``'s forward GEMMs at micro-batch ``scale``: from the GEMMs timed at the model's
+    own shapes when the DB has them (``model_gemm``), else the square-matmul rate at side ``size``."""
+    db = cluster.calibration
+    prec = "mixed" if dtype == "bf16" else "full"
+    gemms = node.gemms.get(prec, ())
+    if db is None or not db.model_gemm.get(dtype) or not gemms:
+        return matmul_flops(cluster, dtype, size)
+    flops = seconds = 0.0
+    for m, k, n, b, count in gemms:
+        rows, batch = (max(1.0, m * scale), b) if b == 1 else (m, max(1.0, b * scale))
+        flops += 2.0 * rows * k * n * batch * count
+        seconds += count * batch * gemm_seconds(cluster, dtype, rows, k, n)
+    return flops / seconds if seconds > 0 else matmul_flops(cluster, dtype, size)
