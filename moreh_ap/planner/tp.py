@@ -29,7 +29,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-from moreh_ap.graph.model_graph import ModelGraph, NodeInfo, TiedParam
+from moreh_ap.graph.model_graph import ModelGraph, NodeInfo
 from moreh_ap.planner.tp_trace import TRACED_TP, LocalTrace
 
 __all__ = ["TP_DEGREES", "TPFacts", "VocabGrad", "local_graph", "tp_comm_seconds", "tp_degrees", "tp_facts",
