@@ -64,29 +64,40 @@ def build(kind: str, *, seq: int):
     return LlamaForCausalLM(cfg)
 
 
-def memory_run(case: dict, world: int, rank: int) -> dict:
-    """Predicted and tracked peak of this rank for ``case``; rank 0 gets every rank's numbers."""
+def parallel_train_peak(model, config, ids: torch.Tensor, *, tracker: str = "torch"):
+    """``model`` wrapped by ``moreh_ap.parallelize(model, config, optimizer=AdamW)`` and the tracked peak of one
+    training step on ``ids`` (labels = ids; ``tracked_step_peak`` runs an untracked step first).
+
+    Returns:
+        ``(ParallelModel, TrackedPeak)``.
+    """
     import moreh_ap
-    from moreh_ap.config import ParallelConfig
-    from moreh_ap.planner.memory import estimate_rank
     from moreh_ap.runtime.memtrack import tracked_step_peak
 
-    cfg = ParallelConfig.from_dict(case["cfg"])
-    seq = case["seq"]
-    batch = cfg.global_batch(world)
-    vocab = 256 if case["kind"] == "llama-v256" else VOCAB
-    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
-    model = build(case["kind"], seq=seq)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    pm = moreh_ap.parallelize(model, cfg, optimizer=opt)
-    del model
+    pm = moreh_ap.parallelize(model, config, optimizer=opt)
+    del model  # the stages hold what this rank keeps
 
     def step():
         pm.train_step(ids, labels=ids)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    measured = tracked_step_peak(pm, opt, step, tracker="live")
+    return pm, tracked_step_peak(pm, opt, step, tracker=tracker)
+
+
+def memory_run(case: dict, world: int, rank: int) -> dict:
+    """Predicted and tracked peak of this rank for ``case``; rank 0 gets every rank's numbers."""
+    import moreh_ap
+    from moreh_ap.config import ParallelConfig
+    from moreh_ap.planner.memory import estimate_rank
+
+    cfg = ParallelConfig.from_dict(case["cfg"])
+    seq = case["seq"]
+    batch = cfg.global_batch(world)
+    vocab = 256 if case["kind"] == "llama-v256" else VOCAB
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    pm, measured = parallel_train_peak(build(case["kind"], seq=seq), cfg, ids, tracker="live")
     with torch.device("meta"):
         meta_model = build(case["kind"], seq=seq)
     meta = ids[: cfg.batch_per_device].to("meta")

@@ -42,9 +42,8 @@ import torch.distributed as dist
 import moreh_ap
 from moreh_ap.config import ParallelConfig
 from moreh_ap.planner.memory import estimate
-from moreh_ap.runtime.memtrack import tracked_step_peak
 
-from tests.helpers.pipeline_memory_cases import build
+from tests.helpers.pipeline_memory_cases import build, parallel_train_peak
 
 WORLD = 4
 VOCAB, SEQ, BATCH = 8192, 256, 4
@@ -91,16 +90,7 @@ def _predict(config: ParallelConfig, ids: torch.Tensor, *, kind: str, world: int
 
 def _measure(config: ParallelConfig, ids: torch.Tensor, *, kind: str):
     """Tracked peak of one training step of the model as ``moreh_ap.parallelize`` wraps it."""
-    model = _build(kind)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    pm = moreh_ap.parallelize(model, config, optimizer=optimizer)
-
-    def step():
-        pm.train_step(ids, labels=ids)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return tracked_step_peak(pm, optimizer, step)
+    return parallel_train_peak(_build(kind), config, ids)[1]
 
 
 def _check(config: ParallelConfig, ids: torch.Tensor, *, kind: str, world: int, t0: float):

@@ -27,9 +27,8 @@ import moreh_ap
 from moreh_ap.config import ParallelConfig
 from moreh_ap.planner.memory import estimate
 from moreh_ap.planner.tp import local_graph, tp_facts
-from moreh_ap.runtime.memtrack import tracked_step_peak
 
-from tests.helpers.pipeline_memory_cases import build
+from tests.helpers.pipeline_memory_cases import build, parallel_train_peak
 
 SEQ, BATCH = 64, 2
 """Sequence length and batch per device (every tp rank of one dp rank runs the same rows); GPT-2 runs 128 x 4
@@ -104,16 +103,7 @@ def _predict(config: ParallelConfig, *, kind: str, world: int, seq: int):
 
 
 def _measure(config: ParallelConfig, ids: torch.Tensor, *, kind: str, seq: int):
-    model = build(kind, seq=seq)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    pm = moreh_ap.parallelize(model, config, optimizer=optimizer)
-
-    def step():
-        pm.train_step(ids, labels=ids)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return tracked_step_peak(pm, optimizer, step)
+    return parallel_train_peak(build(kind, seq=seq), config, ids)[1]
 
 
 Z2, Z3 = dict(distribute_param=True), dict(distribute_param=True, distribute_low_prec_param=True)

@@ -129,12 +129,16 @@ def test_tp_comm_counts_four_all_reduces_per_block(gpt2):
 
 
 # --------------------------------------------------------------------- the search
-def test_a_model_that_fits_only_with_tp():
+def _gpt2_on_small_devices():
+    """A meta GPT-2's graph (batch 8 x 128), its TP facts, and 8 A100s cut to 3 GiB: only splitting fits."""
     model = _meta_gpt2()
     ids = torch.empty(8, 128, dtype=torch.long, device="meta")
-    graph = trace(model, (ids,), {"labels": ids})
-    f = tp_facts(model)
     c = Cluster.preset("a100-40gb", nodes=1, devices_per_node=8).with_(device_memory=3 * GIB)
+    return trace(model, (ids,), {"labels": ids}), tp_facts(model), c
+
+
+def test_a_model_that_fits_only_with_tp():
+    graph, f, c = _gpt2_on_small_devices()
     opts = dict(pipeline_parallel=False, distribute_parameter=False)  # only TP can split the weights
     with pytest.raises(NoFeasibleConfigError, match="allow tensor_parallel"):
         plan_graph(graph, cluster=c, tp=f, options=dict(opts, tensor_parallel=1), use_measurements=False)
@@ -230,11 +234,7 @@ def test_floor_rejections_are_under_the_exact_peak_and_the_no_fit_message_is_exa
 
     from moreh_ap.planner.planning import evaluate_config
 
-    model = _meta_gpt2()
-    ids = torch.empty(8, 128, dtype=torch.long, device="meta")
-    graph = trace(model, (ids,), {"labels": ids})
-    f = tp_facts(model)
-    c = Cluster.preset("a100-40gb", nodes=1, devices_per_node=8).with_(device_memory=3 * GIB)
+    graph, f, c = _gpt2_on_small_devices()
     p = plan_graph(graph, cluster=c, tp=f, use_measurements=False)
     floored = [x for x in p.candidates if "at least" in (x.reason or "")]
     assert floored and all(not x.feasible for x in floored)
