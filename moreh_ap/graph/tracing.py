@@ -57,6 +57,8 @@ class _Recorder:
         self.saved: dict[str, int] = {}
         self.saved_casts: dict[str, int] = {}  # of ``saved``: casts of parameters (batch-independent)
         self.cast_storages: set[int] = set()  # storages made by casting a parameter (autocast's cast cache)
+        self.saved_norm: dict[str, int] = {}  # of ``saved``: inside a block's norm modules
+        self.in_norm = 0
         self.peak: dict[str, int] = {}
         self.seen: set[int] = set()
         self.out_bytes: dict[str, int] = {}
@@ -83,6 +85,8 @@ class _Recorder:
             self.saved[self.current] = self.saved.get(self.current, 0) + int(nbytes)
             if key in self.cast_storages:
                 self.saved_casts[self.current] = self.saved_casts.get(self.current, 0) + int(nbytes)
+            if self.in_norm:
+                self.saved_norm[self.current] = self.saved_norm.get(self.current, 0) + int(nbytes)
         return t
 
     def note_cast(self, src: Any, out: Any) -> None:
@@ -183,6 +187,10 @@ class _Tracer:
         for i, block in enumerate(self.blocks):
             handles.append(block.register_forward_pre_hook(self._block_pre(i), with_kwargs=True))
             handles.append(block.register_forward_hook(self._block_post(i)))
+            for sub in block.modules():
+                if type(sub).__name__.endswith("Norm"):  # what sequence parallelism splits
+                    handles.append(sub.register_forward_pre_hook(lambda *_: self._norm(1)))
+                    handles.append(sub.register_forward_hook(lambda *_: self._norm(-1)))
             if self.rep_of[i] != i:
                 rep = self.rep_of[i]
                 block.forward = lambda *a, _rep=rep, **k: self.rep_out[_rep]  # identical: reuse the output
@@ -194,6 +202,9 @@ class _Tracer:
         for i, block in enumerate(self.blocks):
             if self.rep_of[i] != i:
                 block.__dict__.pop("forward", None)
+
+    def _norm(self, step: int) -> None:
+        self.rec.in_norm += step
 
     def _owner_hook(self, fqn: str):
         def hook(mod, args):
@@ -306,6 +317,7 @@ def _build_nodes(tracer: _Tracer, runs: dict[str, tuple[_Recorder, int]],
             nodes[n].fwd_flops = rec.flops.get(src, 0)
             nodes[n].saved_bytes[prec] = rec.saved.get(src, 0)
             nodes[n].saved_cast_bytes[prec] = rec.saved_casts.get(src, 0)
+            nodes[n].norm_saved_bytes[prec] = rec.saved_norm.get(src, 0)
             nodes[n].peak_fwd_bytes[prec] = rec.peak.get(src, 0)
             nodes[n].gemms[prec] = census[prec].node_gemms(src)
             nodes[n].moved_bytes[prec] = census[prec].moved.get(src, 0)

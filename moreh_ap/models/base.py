@@ -21,7 +21,7 @@ from torch import nn
 if TYPE_CHECKING:
     from moreh_ap.models.tp_plan import TPPlan
 
-__all__ = ["ModelAdapter", "block_signature", "clean_name", "is_hf_model", "map_stage_names", "param_names"]
+__all__ = ["ModelAdapter", "SequenceStage", "block_signature", "clean_name", "is_hf_model", "map_stage_names", "param_names"]
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -56,7 +56,34 @@ class BlockSlice(nn.Module):
         return self._modules.values()
 
 
-class GPTLayoutStage(nn.Module):
+class SequenceStage(nn.Module):
+    """A pipeline stage module whose edges carry a sequence-parallel residual stream.
+
+    With a tensor-parallel plan that keeps the residual stream sequence-sharded (``TPPlan.sequence_parallel``),
+    the runtime sets :attr:`sequence_mesh`: a stage then sends its rank's sequence shard (a plain tensor, as
+    pipeline stages send: 1/tp of the activations) and the next stage rebuilds the ``Shard(1)`` DTensor.
+    """
+
+    sequence_mesh = None
+    """The tp mesh of the sequence-sharded stream (None: the stage's edges carry plain whole tensors)."""
+
+    def sequence_in(self, x):
+        """A received activation as the sequence-sharded DTensor the blocks expect (``x`` without a mesh)."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        if self.sequence_mesh is None or isinstance(x, DTensor):
+            return x
+        return DTensor.from_local(x, self.sequence_mesh, [Shard(1)], run_check=False)
+
+    @staticmethod
+    def sequence_out(h):
+        """This rank's sequence shard of an activation to send (``h`` when it is a plain tensor)."""
+        from torch.distributed.tensor import DTensor
+
+        return h.to_local() if isinstance(h, DTensor) else h
+
+
+class GPTLayoutStage(SequenceStage):
     """A pipeline stage of a GPT laid out as ``transformer.{wte, wpe, drop, h, ln_f}`` + ``lm_head`` (Hugging
     Face GPT-2, nanoGPT): the embeddings on the first stage, the head on the last; families add ``forward``."""
 

@@ -23,14 +23,19 @@ class _GPT2Stage(GPTLayoutStage):
 
         attention_mask = mask_in if mask_in is not None else attention_mask
 
-        pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
-        h = self.drop(self.wte(x) + self.wpe(pos)) if self.first else x
+        if self.first:
+            pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+            h = self.drop(self.wte(x) + self.wpe(pos))
+        else:
+            h = self.sequence_in(x)  # a sequence-sharded DTensor's shape is the whole sequence's
+            pos = torch.arange(h.shape[1], device=x.device).unsqueeze(0)
         mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask,
                                   past_key_values=None, position_ids=pos)
         for block in self.h:
             h = block(h, None, mask, None, encoder_attention_mask=None, use_cache=False, position_ids=pos)
         if self.last:
             return self.lm_head(self.ln_f(h))
+        h = self.sequence_out(h)
         return h if attention_mask is None else (h, attention_mask)
 
 
@@ -54,21 +59,28 @@ class GPT2Adapter(ModelAdapter):
     def tp_plan(self):
         """``attn.c_attn`` (q, k, v side by side: re-laid per rank first) and ``mlp.c_fc`` column-split,
         ``attn.c_proj`` and ``mlp.c_proj`` row-split (``Conv1D`` weights are ``(in, out)``); the attention's
-        ``split_size`` / ``num_heads`` count the local heads. ``wte`` vocabulary-parallel and ``lm_head``
-        column-split with logits gathered: both shard the tied weight's dim 0, so the tie is kept."""
-        from torch.distributed.tensor import Replicate
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+        ``split_size`` / ``num_heads`` count the local heads. Sequence parallelism between them: the residual
+        stream, ``ln_1`` / ``ln_2`` / ``ln_f`` and the dropouts on 1/tp of the sequence (the row splits
+        reduce-scatter onto it, attention and MLP all-gather it; ``wpe`` replicated, its output cut to this
+        rank's sequence shard). ``wte`` vocabulary-parallel and ``lm_head`` column-split with logits gathered:
+        both shard the tied weight's dim 0, so the tie is kept."""
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
         from moreh_ap.models.tp_plan import TPPlan
-        from moreh_ap.models.tp_styles import Conv1DColwise, Conv1DRowwise
+        from moreh_ap.models.tp_styles import Conv1DColwise, Conv1DRowwise, GatherSequence, ReplicateParams
 
         cfg = self.model.config
         if getattr(cfg, "add_cross_attention", False):  # q_attn, a second fused projection: no plan
             return None
-        block = {"attn.c_attn": Conv1DColwise(), "attn.c_proj": Conv1DRowwise(),
-                 "mlp.c_fc": Conv1DColwise(), "mlp.c_proj": Conv1DRowwise()}
-        outer = {"transformer.wte": RowwiseParallel(input_layouts=Replicate()),
-                 "lm_head": ColwiseParallel(output_layouts=Replicate())}
+        to_seq = dict(output_layouts=Shard(1), use_local_output=False)
+        block = {"ln_1": SequenceParallel(), "ln_2": SequenceParallel(), "attn": GatherSequence(),
+                 "mlp": GatherSequence(), "attn.c_attn": Conv1DColwise(), "attn.c_proj": Conv1DRowwise(**to_seq),
+                 "mlp.c_fc": Conv1DColwise(), "mlp.c_proj": Conv1DRowwise(**to_seq)}
+        outer = {"transformer.wte": RowwiseParallel(input_layouts=Replicate(), **to_seq),
+                 "transformer.wpe": ReplicateParams(output_layout=Shard(1)),
+                 "transformer.ln_f": SequenceParallel(),
+                 "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())}
         return TPPlan(block=block, outer=outer, divisible={"attention heads": cfg.n_head},
                       relay={"attn.c_attn.weight": (1, 3), "attn.c_attn.bias": (0, 3)},
-                      local_attrs={"attn": ("split_size", "num_heads")})
+                      local_attrs={"attn": ("split_size", "num_heads")}, sequence_parallel=True)

@@ -4,12 +4,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moreh_ap.models.base import BlockSlice, ModelAdapter, is_hf_model
+from moreh_ap.models.base import BlockSlice, ModelAdapter, SequenceStage, is_hf_model
 
 __all__ = ["LlamaAdapter"]
 
 
-class _LlamaStage(nn.Module):
+class _LlamaStage(SequenceStage):
     """Stage of a Hugging Face Llama-family causal LM: [embed] -> layers -> [norm -> lm_head]."""
 
     def __init__(self, model: nn.Module, blocks: list[tuple[str, nn.Module]], first: bool, last: bool) -> None:
@@ -30,7 +30,7 @@ class _LlamaStage(nn.Module):
 
         attention_mask = mask_in if mask_in is not None else attention_mask
 
-        h = self.embed_tokens(x) if self.first else x
+        h = self.embed_tokens(x) if self.first else self.sequence_in(x)
         pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
         mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask,
                                   past_key_values=None, position_ids=pos)
@@ -40,6 +40,7 @@ class _LlamaStage(nn.Module):
                       past_key_values=None, use_cache=False)
         if self.last:
             return self.lm_head(self.norm(h))
+        h = self.sequence_out(h)
         return h if attention_mask is None else (h, attention_mask)
 
 
@@ -61,28 +62,35 @@ class LlamaAdapter(ModelAdapter):
         return stage, stage.layers
 
     def tp_plan(self):
-        """q/k/v and gate/up column-split, o/down row-split (heads and KV heads divide by tp); the embedding
-        vocabulary-parallel and the head column-split with logits gathered (both shard the vocabulary, dim 0 of
-        the weight, so a tied pair stays tied). An embedding with a ``padding_idx`` stays replicated (and so
-        does a head tied to it)."""
-        from torch.distributed.tensor import Replicate
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+        """q/k/v and gate/up column-split, o/down row-split (heads and KV heads divide by tp); sequence
+        parallelism between them: the residual stream, the norms and their inputs hold 1/tp of the sequence
+        (o/down reduce-scatter onto it, attention and MLP all-gather it). The embedding vocabulary-parallel
+        (reduce-scattered onto the sequence) and the head column-split with logits gathered (both shard the
+        vocabulary, dim 0 of the weight, so a tied pair stays tied). An embedding with a ``padding_idx`` stays
+        replicated (and so does a head tied to it)."""
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
         from moreh_ap.models.tp_plan import TPPlan
-        from moreh_ap.models.tp_styles import ReplicateParams
+        from moreh_ap.models.tp_styles import GatherSequence, ReplicateParams
 
         cfg = self.model.config
         heads = cfg.num_attention_heads
         kv = getattr(cfg, "num_key_value_heads", None) or heads
-        block = {f"self_attn.{n}": ColwiseParallel() for n in ("q_proj", "k_proj", "v_proj")}
-        block.update({"self_attn.o_proj": RowwiseParallel(), "mlp.gate_proj": ColwiseParallel(),
-                      "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel()})
+        to_seq = dict(output_layouts=Shard(1), use_local_output=False)
+        block = {"input_layernorm": SequenceParallel(), "post_attention_layernorm": SequenceParallel(),
+                 "self_attn": GatherSequence(), "mlp": GatherSequence()}
+        block.update({f"self_attn.{n}": ColwiseParallel() for n in ("q_proj", "k_proj", "v_proj")})
+        block.update({"self_attn.o_proj": RowwiseParallel(**to_seq), "mlp.gate_proj": ColwiseParallel(),
+                      "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel(**to_seq)})
         embed = self.model.model.embed_tokens
         tied = self.model.lm_head.weight is embed.weight
+        head = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
         if embed.padding_idx is None:
-            outer = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate()),
-                     "lm_head": ColwiseParallel(output_layouts=Replicate())}
+            outer = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), **to_seq), "lm_head": head}
         else:
-            outer = {"model.embed_tokens": ReplicateParams(),
-                     "lm_head": ReplicateParams() if tied else ColwiseParallel(output_layouts=Replicate())}
-        return TPPlan(block=block, outer=outer, divisible={"attention heads": heads, "key/value heads": kv})
+            outer = {"model.embed_tokens": ReplicateParams(output_layout=Shard(1)),
+                     "lm_head": ReplicateParams() if tied else head}
+        outer["model.norm"] = SequenceParallel()
+        return TPPlan(block=block, outer=outer, divisible={"attention heads": heads, "key/value heads": kv},
+                      sequence_parallel=True)

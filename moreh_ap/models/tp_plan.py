@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["TPPlan", "Relay", "relay_permutation", "to_tp_order", "from_tp_order"]
+__all__ = ["TPPlan", "Relay", "relay_permutation", "split_kind", "to_tp_order", "from_tp_order"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -33,10 +33,27 @@ class TPPlan:
     relay: dict[str, tuple[int, int]] = field(default_factory=dict)
     """``{parameter FQN inside a block: (dim, n)}``: parameters holding ``n`` projections side by side on
     ``dim`` (re-laid per rank before the split, see :func:`relay_permutation`)."""
+    sequence_parallel: bool = False
+    """The plan keeps the residual stream between the blocks sequence-sharded (``Shard(1)`` DTensors: norms,
+    dropout and residual adds on 1/tp of the tokens). A pipeline stage then sends its rank's sequence shard
+    and the next stage's forward rebuilds the DTensor (the stage's ``sequence_mesh``)."""
     local_attrs: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """``{module FQN inside a block: (attribute, ...)}``: integer attributes that count a split dimension
     (GPT-2 attention's ``split_size`` and ``num_heads``): divided by the tp degree, so the module's own
     forward works on its local shard."""
+
+
+def split_kind(style: Any) -> str | None:
+    """"column" or "row" for a style that splits its module's parameters (torch's Colwise/RowwiseParallel and
+    their subclasses); None for one that only lays inputs / outputs or replicates (sequence parallelism on
+    norms, gathers, replicated parameters)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    if isinstance(style, ColwiseParallel):
+        return "column"
+    if isinstance(style, RowwiseParallel):
+        return "row"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moreh_ap.graph.model_graph import ModelGraph, NodeInfo
+from moreh_ap.models.tp_plan import split_kind
 from moreh_ap.planner.tp_trace import TRACED_TP, LocalTrace
 
-__all__ = ["TP_DEGREES", "TPFacts", "VocabGrad", "local_graph", "tp_comm_seconds", "tp_degrees", "tp_facts",
-           "vocab_grad"]
+__all__ = ["TP_DEGREES", "TPFacts", "VocabGrad", "local_graph", "sequence_sharded", "tp_comm_seconds", "tp_degrees",
+           "tp_facts", "vocab_grad"]
 
 TP_DEGREES = (1, 2, 4, 8)
 """The tensor-parallel degrees the planner searches."""
@@ -51,6 +52,8 @@ class TPFacts:
     """``{node name: parameter elements the plan splits}`` (tied ones counted in every node using them)."""
     split_fqns: frozenset[str] = frozenset()
     """Parameter FQNs the plan splits (a tied parameter is split when any of its names is)."""
+    sequence_parallel: bool = False
+    """The plan keeps the residual stream sequence-sharded (``TPPlan.sequence_parallel``)."""
     local: Any = field(default=None, compare=False)
     """A :class:`~moreh_ap.planner.tp_trace.LocalTrace` (the blocks traced as one rank of a ``tp = 2`` group,
     on first use), or None: Megatron's activation counts."""
@@ -63,10 +66,11 @@ def _params(module) -> list[tuple[str, int]]:
 def _split_modules(model, plan, blocks: list[str]) -> dict[str, Any]:
     out = {}
     for block in blocks:
-        for key in plan.block:
-            out[f"{block}.{key}" if block else key] = None
+        for key, style in plan.block.items():
+            if split_kind(style) is not None:
+                out[f"{block}.{key}" if block else key] = None
     for fqn, style in plan.outer.items():
-        if type(style).__name__ != "ReplicateParams":  # a replicated embedding / head is not split
+        if split_kind(style) is not None:  # a replicated embedding / head, a norm: not split
             out[fqn] = None
     for fqn in list(out):
         try:
@@ -107,7 +111,7 @@ def tp_facts(model: Any, args: Any = None, kwargs: dict | None = None) -> TPFact
     if args is not None and all(c % TRACED_TP == 0 for c in plan.divisible.values()):
         local = LocalTrace(model, args, kwargs)
     return TPFacts(divisible={k: int(v) for k, v in plan.divisible.items()}, split_params=split,
-                   split_fqns=frozenset(fqns), local=local)
+                   split_fqns=frozenset(fqns), sequence_parallel=plan.sequence_parallel, local=local)
 
 
 def _node_split(node: NodeInfo, facts: TPFacts) -> int:
@@ -154,12 +158,16 @@ def _fit(whole_model: dict, traced: dict, tp: int) -> dict:
     return out
 
 
-def _block_acts(node: NodeInfo, traced: NodeInfo | None, *, tp: int, ratio: float) -> dict[str, Any]:
+def _block_acts(node: NodeInfo, traced: NodeInfo | None, *, tp: int, ratio: float, seq: bool) -> dict[str, Any]:
     """A block's saved tensors, autocast's weight copies among them, largest temporary and moved bytes on one
-    rank of a ``tp`` group: fitted through the traced rank (``traced``), else Megatron's counts."""
+    rank of a ``tp`` group: fitted through the traced rank (``traced``; with sequence parallelism (``seq``) the
+    norms' saved tensors ``/ tp``), else Megatron's counts without sequence parallelism (more, never less)."""
     casts = node.saved_cast_bytes
     if traced is not None:
-        return dict(saved_bytes=_fit(node.saved_bytes, traced.saved_bytes, tp),
+        saved = _fit(node.saved_bytes, traced.saved_bytes, tp)
+        if seq:
+            saved = {k: v - int(node.norm_saved_bytes.get(k, 0) * (1 - 1 / tp)) for k, v in saved.items()}
+        return dict(saved_bytes=saved,
                     saved_cast_bytes=_fit(casts, traced.saved_cast_bytes, tp),
                     peak_fwd_bytes=_fit(node.peak_fwd_bytes, traced.peak_fwd_bytes, tp),
                     moved_bytes=_fit(node.moved_bytes, traced.moved_bytes, tp))
@@ -171,7 +179,17 @@ def _block_acts(node: NodeInfo, traced: NodeInfo | None, *, tp: int, ratio: floa
                 moved_bytes=_scale_dict(node.moved_bytes, acts))
 
 
+def _sequence_sharded(node: NodeInfo, tp: int) -> NodeInfo:
+    """Sequence parallelism: the embedding's and every block's output (the residual stream a pipeline stage
+    sends, a recomputed block keeps) hold ``1 / tp`` of the sequence."""
+    if node.kind == "post":
+        return node
+    return dataclasses.replace(node, out_bytes=_scale_dict(node.out_bytes, 1 / tp))
+
+
 def _local_node(node: NodeInfo, facts: TPFacts, tp: int, traced: dict[str, NodeInfo] | None) -> NodeInfo:
+    if facts.sequence_parallel:
+        node = _sequence_sharded(node, tp)
     split = _node_split(node, facts)
     if split == 0:
         return node
@@ -185,7 +203,8 @@ def _local_node(node: NodeInfo, facts: TPFacts, tp: int, traced: dict[str, NodeI
     )
     if node.kind == "block":
         changes.update(fwd_flops=node.fwd_flops // tp, gemms=_local_gemms(node.gemms, tp),
-                       **_block_acts(node, (traced or {}).get(node.name), tp=tp, ratio=ratio))
+                       **_block_acts(node, (traced or {}).get(node.name), tp=tp, ratio=ratio,
+                                     seq=facts.sequence_parallel))
     elif node.kind == "post":  # the head's GEMM is split; its logits are gathered whole for the loss
         changes.update(fwd_flops=node.fwd_flops // tp, gemms=_local_gemms(node.gemms, tp))
     return dataclasses.replace(node, **changes)
@@ -241,12 +260,24 @@ def local_graph(graph: ModelGraph, facts: TPFacts | None, tp: int) -> ModelGraph
     vocab = _vocab_of(graph, facts, tp)
     if vocab is not None:
         _VOCAB[local] = vocab
+    if facts.sequence_parallel:
+        _SEQUENCE[local] = tp
     return local
 
 
+_SEQUENCE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # local graph -> tp (sequence-sharded)
+
+
+def sequence_sharded(graph: ModelGraph) -> bool:
+    """Whether ``graph`` (from :func:`local_graph`) holds a sequence-sharded residual stream."""
+    return graph in _SEQUENCE
+
+
 def tp_comm_seconds(nodes: list[NodeInfo], *, cluster: Any, tp: int, prec: str, scale: float, recompute: bool,
-                    inter_node: bool = False) -> float:
-    """Seconds of one micro-batch's TP collectives over a rank's ``nodes`` (see the module docstring)."""
+                    inter_node: bool = False, sequence_parallel: bool = False) -> float:
+    """Seconds of one micro-batch's TP collectives over a rank's ``nodes`` (see the module docstring; with
+    sequence parallelism each all-reduce is a reduce-scatter + all-gather of the same whole tensor: the same
+    bytes on the ring, the nodes' outputs then being ``1 / tp`` of it)."""
     from moreh_ap.planner.time_model import collective_time
 
     if tp <= 1:
@@ -257,7 +288,7 @@ def tp_comm_seconds(nodes: list[NodeInfo], *, cluster: Any, tp: int, prec: str, 
 
     total = 0.0
     for n in nodes:
-        out = n.out_bytes.get(prec, 0) * scale
+        out = n.out_bytes.get(prec, 0) * scale * (tp if sequence_parallel and n.kind != "post" else 1)
         if n.kind == "block":
             total += (6 if recompute else 4) * ar(out)
         elif n.kind == "pre":

@@ -68,6 +68,7 @@ def narrowed_copy(model: nn.Module, *, tp: int) -> nn.Module:
         ValueError: a split dimension is not divisible by ``tp``.
     """
     from moreh_ap.models import find_adapter
+    from moreh_ap.models.tp_plan import split_kind
 
     plan = find_adapter(model).tp_plan()
     if plan is None:
@@ -75,8 +76,11 @@ def narrowed_copy(model: nn.Module, *, tp: int) -> nn.Module:
     local = _meta_copy(model)
     for _, block in find_adapter(local).blocks():
         for fqn, style in plan.block.items():
+            kind = split_kind(style)
+            if kind is None:  # norms (sequence parallelism), gathers: parameters whole
+                continue
             module = block.get_submodule(fqn)
-            column = "Colwise" in type(style).__name__
+            column = kind == "column"
             for name, p in list(module.named_parameters(recurse=False)):
                 dim = _split_dim(module, name, column=column)
                 if dim is None:

@@ -110,6 +110,8 @@ class StepRunner:
         inputs = prepare_inputs(args, target, kwargs, hf_model=src.hf_model, pipelined=layout.pp > 1,
                                 has_loss_fn=src.loss_fn is not None, output_loss=src.output_loss is not None,
                                 target_arg=src.target_arg if src.adapter_loss is not None else None)
+        if layout.pp > 1:
+            self._check_sequence_split(inputs.args)
         mine, local = dp_slice(inputs, dp=layout.dp, dp_rank=self.dp_rank, pipelined=layout.pp > 1)
         mine = replace(mine, args=to_device(mine.args, self.device), kwargs=to_device(mine.kwargs, self.device),
                        target=to_device(mine.target, self.device))  # users feed CPU tensors (a DataLoader)
@@ -224,6 +226,21 @@ class StepRunner:
 
     def _holds_last(self) -> bool:
         return any(s.is_last for s in self.stages)
+
+    def _check_sequence_split(self, args: tuple) -> None:
+        """Sequence-parallel stages send equal sequence shards: the sequence length must divide by tp.
+
+        Raises:
+            InputError: it does not (checked on every rank before the schedule runs).
+        """
+        tp = self.layout.tp
+        if tp == 1 or not any(getattr(s.module, "sequence_mesh", None) is not None for s in self.stages):
+            return
+        seq = next((a.shape[1] for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2), None)
+        if seq is not None and seq % tp:
+            raise InputError(f"a sequence of {seq} positions cannot be split over tp={tp} between pipeline stages "
+                             f"(sequence parallelism sends 1/tp of it): pad the batch to a multiple of {tp}, or "
+                             "use num_stages=1 (uneven sequences work without a pipeline)")
 
     def _run_pipeline(self, inputs: StepInputs, nmb: int, plan: LossPlan) -> torch.Tensor:
         schedule = self._schedule((nmb, *shape_key(inputs.args, inputs.kwargs)), nmb, self._pipeline_loss)

@@ -9,7 +9,9 @@ hold, on the unwrapped modules (before recompute and FSDP2 / replicate), after r
    (both styles shard it alike), so its gradient is summed once by autograd;
 4. every other module that holds plain parameters (norms, position embeddings) gets
    :class:`~moreh_ap.models.tp_styles.ReplicateParams`: all parameters are then DTensors on the tp mesh, and
-   norms count a replicated one once.
+   norms count a replicated one once;
+5. with a sequence-parallel plan, this rank's pipeline stages get the tp mesh as their ``sequence_mesh``
+   (:class:`~moreh_ap.models.base.SequenceStage`: they send and receive sequence shards).
 
 Returns the re-lays by original parameter name, for the one-device views (state dicts, optimizer state).
 """
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from moreh_ap.models import ModelAdapter
+from moreh_ap.models.base import SequenceStage
 from moreh_ap.models.tp_plan import Relay, TPPlan, relay_permutation, to_tp_order
 from moreh_ap.optim.norms import is_dtensor
 
@@ -130,6 +133,10 @@ def apply_tp(adapter: ModelAdapter, stages, *, tp_mesh, ids: dict[int, list[str]
                                       "submodules; the family's plan must split or replicate it")
         parallelize_module(m, tp_mesh, ReplicateParams())
     _retie(owners)
+    if plan.sequence_parallel:  # pipeline stages send their sequence shard (pp = 1: the model's own forward)
+        for st in stages:
+            if isinstance(st.module, SequenceStage):
+                st.module.sequence_mesh = tp_mesh
     return relays
 
 

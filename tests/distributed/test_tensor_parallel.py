@@ -1,10 +1,12 @@
-# Tensor parallelism (DTensor) against one process: tp 2, dp 2 x tp 2 (FSDP2 / replicate), pp 2 x tp 2.
+# Tensor + sequence parallelism (DTensor) against one process: tp 2, dp 2 x tp 2 (FSDP2 / replicate), pp 2 x tp 2.
 """Each case trains 3 steps through ``moreh_ap.parallelize`` with ``tp > 1`` on gloo CPU ranks and is compared
 with the same model trained in one process on the same global batches: losses, global grad norms (a parameter
 replicated over tp counted once) and every final weight (fp32: ``rtol=1e-4, atol=1e-5``; bf16 loose, as the
 runtime equivalence tests), the optimizer state in one-device format, and the one-device state dicts loaded
 back. GPT-2 covers the q/k/v re-lay of its fused ``c_attn`` (its full state dict undoes it) and the tied
-``wte`` / ``lm_head`` (one DTensor after TP). One launch per world size (start-up dominates).
+``wte`` / ``lm_head`` (one DTensor after TP). Every case also checks sequence parallelism: each norm ran on
+its rank's 1/tp of the sequence (a ``Shard(1)`` DTensor), pipeline stages included. One launch per world size
+(start-up dominates).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def _cfg(**kw) -> dict:
 
 
 CASES = [
-    {"id": "llama-tp2-mb2", "model": "llama", "world": 2, "probe": PROBE, "eval": True,
+    {"id": "llama-tp2-mb2", "model": "llama", "world": 2, "probe": PROBE, "eval": True, "seq_last": 9,
      "cfg": _cfg(tp=2, num_micro_batches=2)},
     {"id": "gpt2-tp2-tied-clip", "model": "gpt2", "world": 2, "probe": PROBE, "clip": 0.5, "padding": True,
      "cfg": _cfg(tp=2, num_micro_batches=1)},
@@ -72,6 +74,7 @@ def test_tensor_parallel_equals_one_process(case):
     ref = reference_run(case, cfg.global_batch(case["world"]))
     assert list(got["state"]) == list(ref["state"]), "full_state_dict names differ from the model's state_dict"
     assert got["loss_spread"] == 0.0, "train_step returned different losses on different ranks"
+    _check_sequence_parallel(got["norm_inputs"], tp=cfg.tp)
     if cfg.mixed_precision:
         lr = max(abs(a - b) / abs(b) for a, b in zip(got["losses"], ref["losses"]))
         nr = max(abs(a - b) / abs(b) for a, b in zip(got["grad_norms"], ref["grad_norms"]))
@@ -86,6 +89,15 @@ def test_tensor_parallel_equals_one_process(case):
         _close(got["eval_loss"], ref["eval_loss"], "eval loss")
     if case.get("probe"):
         _check_probe(case, got, ref)
+
+
+def _check_sequence_parallel(norm_inputs: list, *, tp: int) -> None:
+    """Every norm of the model (each block's, the final one) ran on rank 0's share of the sequence (the first
+    ceil(S / tp) positions, an uneven S included), as a Shard(1) DTensor."""
+    assert norm_inputs, "no norm forward was seen"
+    for placements, local, whole in norm_inputs:
+        assert placements == "(Shard(dim=1),)" and local == -(-whole // tp) < whole, (
+            f"a norm's input was {placements} with {local} of {whole} positions: not sequence-parallel")
 
 
 def _check_probe(case: dict, got: dict, ref: dict) -> None:

@@ -243,6 +243,7 @@ def parallel_run(case: dict, world: int, rank: int) -> dict:
     else:
         pm = moreh_ap.parallelize(model, cfg, optimizer=opt, loss_fn=loss_fn_for(case["model"]))
         extra = {}
+    norm_inputs = _watch_norm_inputs(model) if cfg.tp > 1 else None
     losses = []
     for step, batch in enumerate(case_batches(case, cfg.global_batch(world))):
         if case.get("crash") and rank == case["crash"] and step == 1:
@@ -268,6 +269,8 @@ def parallel_run(case: dict, world: int, rank: int) -> dict:
     if case.get("frozen"):
         extra["frozen_state"] = sum(len(opt.state[p]) for g in opt.param_groups for p in g["params"]
                                     if not p.requires_grad)
+    if norm_inputs is not None:
+        extra["norm_inputs"] = sorted(set(norm_inputs))
     state = pm.full_state_dict()
     if case.get("probe"):  # "package.module:function"(pm, model=..., opt=...) -> more results (a collective)
         import importlib
@@ -275,6 +278,26 @@ def parallel_run(case: dict, world: int, rank: int) -> dict:
         mod, fn = case["probe"].split(":")
         extra.update(getattr(importlib.import_module(mod), fn)(pm, model=model, opt=opt))
     return {"losses": losses, "state": state, **extra}
+
+
+def _watch_norm_inputs(model: nn.Module) -> list[tuple]:
+    """Records, for every forward of a norm module of ``model`` (a class named ``...Norm``), how its input was
+    laid: ``(DTensor placements or "plain", local sequence length, whole sequence length)``."""
+    from torch.distributed.tensor import DTensor
+
+    seen: list[tuple] = []
+
+    def hook(mod, args):
+        x = args[0]
+        if isinstance(x, DTensor):
+            seen.append((str(tuple(x.placements)), x.to_local().shape[1], x.shape[1]))
+        else:
+            seen.append(("plain", x.shape[1], x.shape[1]))
+
+    for m in model.modules():
+        if type(m).__name__.endswith("Norm"):
+            m.register_forward_pre_hook(hook)
+    return seen
 
 
 class _MoveSpy:

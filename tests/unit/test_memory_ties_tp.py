@@ -151,19 +151,23 @@ def test_planner_memory_ties_tensor_parallel(fake_world, monkeypatch, kind, worl
 
 def test_local_blocks_fit_the_traced_tp2_rank_and_fall_back_without_an_example():
     """The fitted block of one TP rank: at tp 2 it is the narrowed trace's block (saved tensors, autocast's weight
-    copies among them, largest temporary), at tp 4 ``whole + split / 4`` with ``whole = 2 * tp2 - tp1``; without
-    the example batch, Megatron's ``(10 + 24 / tp) / 34`` of the saved tensors."""
+    copies among them, largest temporary), at tp 4 ``whole + split / 4`` with ``whole = 2 * tp2 - tp1``, less
+    what sequence parallelism takes off the norms (``norm * (1 - 1 / tp)``); without the example batch,
+    Megatron's ``(10 + 24 / tp) / 34`` of the saved tensors."""
     from moreh_ap.planner.tp import _KEPT_FULL, _KEPT_SPLIT
 
     graph, facts = _traced("llama-v256", SEQ, BATCH)
     traced = facts.local.blocks()["block.0"]
     one = graph.blocks[0]
     two, four = local_graph(graph, facts, 2).blocks[0], local_graph(graph, facts, 4).blocks[0]
+    assert facts.sequence_parallel
     for prec, v in one.saved_bytes.items():
-        assert abs(two.saved_bytes[prec] - traced.saved_bytes[prec]) <= 1
+        norm = one.norm_saved_bytes[prec]
+        assert 0 < norm < v / 3  # two RMSNorms' inputs and statistics
+        assert abs(two.saved_bytes[prec] - (traced.saved_bytes[prec] - norm / 2)) <= 1
         assert abs(two.saved_cast_bytes[prec] - traced.saved_cast_bytes[prec]) <= 1
         whole = 2 * traced.saved_bytes[prec] - v
-        assert abs(four.saved_bytes[prec] - (whole + (v - whole) / 4)) <= 1
+        assert abs(four.saved_bytes[prec] - (whole + (v - whole) / 4 - norm * 3 / 4)) <= 1
         assert 0.5 * v < two.saved_bytes[prec] < v  # the norms and the column splits' inputs stay whole
     # under autocast each column-split projection casts its whole input to bf16 itself: a larger whole share
     def acts(node, p):  # saved tensors but autocast's weight copies

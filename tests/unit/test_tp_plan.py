@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from moreh_ap.models import find_adapter
-from moreh_ap.models.tp_plan import Relay, from_tp_order, relay_permutation, to_tp_order
+from moreh_ap.models.tp_plan import Relay, from_tp_order, relay_permutation, split_kind, to_tp_order
 from moreh_ap.runtime.tp import check_tp
 from tests.helpers.runtime_cases import build_model
 
@@ -44,10 +44,13 @@ def test_gpt2_c_attn_relay_gives_each_rank_whole_heads_and_undoes_exactly():
 
 def test_families_with_and_without_a_plan():
     llama = find_adapter(build_model("llama", 0)).tp_plan()
-    assert set(llama.block) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    splits = {k for k, v in llama.block.items() if split_kind(v) is not None}
+    assert splits == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    assert set(llama.block) - splits == {"input_layernorm", "post_attention_layernorm", "self_attn", "mlp"}
     assert llama.divisible == {"attention heads": 4, "key/value heads": 2}
-    assert set(find_adapter(build_model("gpt2", 0)).tp_plan().outer) == {"transformer.wte", "lm_head"}
+    assert set(find_adapter(build_model("gpt2", 0)).tp_plan().outer) == {"transformer.wte", "transformer.wpe",
+                                                                        "transformer.ln_f", "lm_head"}
     for kind in ("mlp", "gpt"):
         assert find_adapter(build_model(kind, 0)).tp_plan() is None
 
