@@ -47,6 +47,10 @@ CASES = [
      "cfg": _cfg(tp=2, num_micro_batches=2)},
     {"id": "gpt2-pp2tp2-1F1B-tied", "model": "gpt2", "world": 4, "probe": PROBE,
      "cfg": _cfg(tp=2, num_stages=2, num_micro_batches=2)},
+    # sequence shards across an interleaved pipeline's 4 stages, with the padding mask passed along, recomputed
+    {"id": "llama-pp2tp2-Interleaved-rc-padding", "model": "llama", "world": 4, "padding": True,
+     "cfg": _cfg(tp=2, num_stages=2, num_micro_batches=2, batch_per_device=1, schedule="Interleaved1F1B",
+                 stages_per_rank=2, recomputation=True)},
 ]
 _LAUNCHES: dict = {}
 
