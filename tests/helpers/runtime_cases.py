@@ -85,6 +85,16 @@ def build_model(kind: str, seed: int, *, dropout: float = 0.0) -> nn.Module:
                           attention_dropout=dropout, tie_word_embeddings=False)
         cfg._attn_implementation = "sdpa"
         return LlamaForCausalLM(cfg)
+    if kind in ("qwen2", "mistral"):  # Llama-family: Qwen2's q/k/v carry biases, Mistral a sliding window
+        import transformers
+
+        name = {"qwen2": "Qwen2", "mistral": "Mistral"}[kind]
+        cfg = getattr(transformers, f"{name}Config")(
+            vocab_size=VOCAB, hidden_size=DIM, intermediate_size=64, num_hidden_layers=N_BLOCKS,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, attention_dropout=dropout,
+            tie_word_embeddings=False, **({"sliding_window": 8} if kind == "mistral" else {}))
+        cfg._attn_implementation = "sdpa"
+        return getattr(transformers, f"{name}ForCausalLM")(cfg)
     if kind == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
