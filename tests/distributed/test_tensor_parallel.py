@@ -109,6 +109,8 @@ def _check_sequence_parallel(norm_inputs: list, *, tp: int) -> None:
 
 def _check_probe(case: dict, got: dict, ref: dict) -> None:
     assert got["all_dtensor"], "a parameter of a tensor-parallel stage is not a DTensor"
+    if "generate_same" in got:
+        assert got["generate_same"], "greedy generate() on the tensor-parallel model differs from one process's"
     if case["model"] == "gpt2":
         assert got["tied"], "lm_head.weight is not transformer.wte.weight (one DTensor) after tensor parallelism"
     osd, rsd = got["opt_state"], ref["opt_state"]
