@@ -174,7 +174,9 @@ class ParallelModel(nn.Module):
                 set_norm(self._optimizer_grad_norm)
         logger.info(f"parallelize: {config.to_moreh_line()}, schedule : {config.schedule if self.pp > 1 else '-'}, "
                     f"model split : {adapter.name}, data parallel : {self.wrapper.value} over dp {self.dp}"
-                    + (f", tensor parallel over tp {self.layout.tp}" if self.layout.tp > 1 else ""))
+                    + (f", tensor parallel over tp {self.layout.tp}" if self.layout.tp > 1 else "")
+                    + (" with sequence parallelism" if self.layout.tp > 1 and adapter.tp_plan().sequence_parallel
+                       else ""))
 
     # ------------------------------------------------------------------ degrees (from the layout)
     @property
