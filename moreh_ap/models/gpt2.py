@@ -55,12 +55,14 @@ class GPT2Adapter(ModelAdapter):
         """``attn.c_attn`` (q, k, v side by side: re-laid per rank first) and ``mlp.c_fc`` column-split,
         ``attn.c_proj`` and ``mlp.c_proj`` row-split (``Conv1D`` weights are ``(in, out)``); the attention's
         ``split_size`` / ``num_heads`` count the local heads. ``wte`` vocabulary-parallel and ``lm_head``
-        column-split with logits gathered: both shard the tied weight's dim 0, so the tie is kept."""
+        column-split (:class:`~moreh_ap.models.vocab_head.VocabParallelHead`: logits vocabulary-sharded for the
+        engine's parallel loss, gathered elsewhere): both shard the tied weight's dim 0, so the tie is kept."""
         from torch.distributed.tensor import Replicate
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+        from torch.distributed.tensor.parallel import RowwiseParallel
 
         from moreh_ap.models.tp_plan import TPPlan
         from moreh_ap.models.tp_styles import Conv1DColwise, Conv1DRowwise
+        from moreh_ap.models.vocab_head import VocabParallelHead
 
         cfg = self.model.config
         if getattr(cfg, "add_cross_attention", False):  # q_attn, a second fused projection: no plan
@@ -68,7 +70,7 @@ class GPT2Adapter(ModelAdapter):
         block = {"attn.c_attn": Conv1DColwise(), "attn.c_proj": Conv1DRowwise(),
                  "mlp.c_fc": Conv1DColwise(), "mlp.c_proj": Conv1DRowwise()}
         outer = {"transformer.wte": RowwiseParallel(input_layouts=Replicate()),
-                 "lm_head": ColwiseParallel(output_layouts=Replicate())}
+                 "lm_head": VocabParallelHead()}
         return TPPlan(block=block, outer=outer, divisible={"attention heads": cfg.n_head},
                       relay={"attn.c_attn.weight": (1, 3), "attn.c_attn.bias": (0, 3)},
                       local_attrs={"attn": ("split_size", "num_heads")})

@@ -62,14 +62,16 @@ class LlamaAdapter(ModelAdapter):
 
     def tp_plan(self):
         """q/k/v and gate/up column-split, o/down row-split (heads and KV heads divide by tp); the embedding
-        vocabulary-parallel and the head column-split with logits gathered (both shard the vocabulary, dim 0 of
-        the weight, so a tied pair stays tied). An embedding with a ``padding_idx`` stays replicated (and so
+        vocabulary-parallel and the head column-split (:class:`~moreh_ap.models.vocab_head.VocabParallelHead`:
+        logits vocabulary-sharded for the engine's parallel loss, gathered elsewhere; both shard the vocabulary,
+        dim 0 of the weight, so a tied pair stays tied). An embedding with a ``padding_idx`` stays replicated (and so
         does a head tied to it)."""
         from torch.distributed.tensor import Replicate
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
         from moreh_ap.models.tp_plan import TPPlan
         from moreh_ap.models.tp_styles import ReplicateParams
+        from moreh_ap.models.vocab_head import VocabParallelHead
 
         cfg = self.model.config
         heads = cfg.num_attention_heads
@@ -81,8 +83,8 @@ class LlamaAdapter(ModelAdapter):
         tied = self.model.lm_head.weight is embed.weight
         if embed.padding_idx is None:
             outer = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate()),
-                     "lm_head": ColwiseParallel(output_layouts=Replicate())}
+                     "lm_head": VocabParallelHead()}
         else:
             outer = {"model.embed_tokens": ReplicateParams(),
-                     "lm_head": ReplicateParams() if tied else ColwiseParallel(output_layouts=Replicate())}
+                     "lm_head": ReplicateParams() if tied else VocabParallelHead()}
         return TPPlan(block=block, outer=outer, divisible={"attention heads": heads, "key/value heads": kv})
