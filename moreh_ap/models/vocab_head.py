@@ -19,10 +19,10 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Iterator
 
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel
 
-__all__ = ["VocabParallelHead", "full_logits", "sharded_logits", "sharded_logits_on"]
+__all__ = ["VocabParallelHead", "sharded_logits", "sharded_logits_on"]
 
 _SHARDED: ContextVar[bool] = ContextVar("moreh_ap_sharded_logits", default=False)
 
@@ -40,19 +40,6 @@ def sharded_logits(on: bool = True) -> Iterator[None]:
 def sharded_logits_on() -> bool:
     """Whether :func:`sharded_logits` is active here."""
     return _SHARDED.get()
-
-
-def full_logits(out):
-    """``out`` (a tensor, a tuple / list, or a Hugging Face ``ModelOutput``) with a DTensor logits made the plain
-    whole tensor (``full_tensor()``: an all-gather, differentiable); anything else returned as it is."""
-    if isinstance(out, DTensor):
-        return out.full_tensor()
-    if hasattr(out, "logits") and isinstance(out.logits, DTensor):
-        out.logits = out.logits.full_tensor()
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], DTensor):
-        return type(out)([out[0].full_tensor(), *out[1:]])
-    return out
 
 
 class VocabParallelHead(ColwiseParallel):
