@@ -49,8 +49,9 @@ class NodeInfo:
     """Of :attr:`saved_bytes`, the casts of parameters (autocast's bf16 weight copies, saved by the
     matmuls): one per parameter whatever the batch, so they are not scaled with it."""
     norm_saved_bytes: dict[str, int] = field(default_factory=dict)
-    """Of :attr:`saved_bytes`, what a block's norm modules (classes named ``...Norm``) save: sequence
-    parallelism runs them on ``1 / tp`` of the sequence."""
+    """Of :attr:`saved_bytes`, what a block saves on its residual stream (its norm modules, its dropouts of the
+    residual's size: :mod:`moreh_ap.graph.sequence_saved`): sequence parallelism keeps it on ``1 / tp`` of the
+    sequence."""
     peak_fwd_bytes: dict[str, int] = field(default_factory=dict)
     """Largest temporary allocated inside the node's forward that is not saved, per precision."""
     out_bytes: dict[str, int] = field(default_factory=dict)

@@ -42,6 +42,7 @@ from torch.utils.flop_counter import flop_registry
 
 from moreh_ap.graph.model_graph import PRECISIONS, ModelGraph, NodeInfo, TiedParam
 from moreh_ap.graph.op_census import OpCensus
+from moreh_ap.graph.sequence_saved import SequenceSaved
 from moreh_ap.graph.trace_kernels import autocast_for, patched_sdpa
 from moreh_ap.models import block_signature, find_adapter
 
@@ -57,8 +58,7 @@ class _Recorder:
         self.saved: dict[str, int] = {}
         self.saved_casts: dict[str, int] = {}  # of ``saved``: casts of parameters (batch-independent)
         self.cast_storages: set[int] = set()  # storages made by casting a parameter (autocast's cast cache)
-        self.saved_norm: dict[str, int] = {}  # of ``saved``: inside a block's norm modules
-        self.in_norm = 0
+        self.sequence_saved: dict[str, int] = {}  # of ``saved``: on the residual stream (SequenceSaved)
         self.peak: dict[str, int] = {}
         self.seen: set[int] = set()
         self.out_bytes: dict[str, int] = {}
@@ -85,8 +85,6 @@ class _Recorder:
             self.saved[self.current] = self.saved.get(self.current, 0) + int(nbytes)
             if key in self.cast_storages:
                 self.saved_casts[self.current] = self.saved_casts.get(self.current, 0) + int(nbytes)
-            if self.in_norm:
-                self.saved_norm[self.current] = self.saved_norm.get(self.current, 0) + int(nbytes)
         return t
 
     def note_cast(self, src: Any, out: Any) -> None:
@@ -179,6 +177,7 @@ class _Tracer:
         self.owner_node: dict[str, str] = {}  # non-block module FQN -> "embedding" / "head"
         self.out_bytes: dict[str, int] = {}
         self.pre_out = 0
+        self.sequence = SequenceSaved(lambda: (self.rec.saved, self.rec.current))
 
     # ---------------------------------------------------------------- hooks
     def install(self) -> list:
@@ -192,10 +191,7 @@ class _Tracer:
         for i, block in enumerate(self.blocks):
             handles.append(block.register_forward_pre_hook(self._block_pre(i), with_kwargs=True))
             handles.append(block.register_forward_hook(self._block_post(i)))
-            for sub in block.modules():
-                if type(sub).__name__.endswith("Norm"):  # what sequence parallelism splits
-                    handles.append(sub.register_forward_pre_hook(lambda *_: self._norm(1)))
-                    handles.append(sub.register_forward_hook(lambda *_: self._norm(-1)))
+            handles += self.sequence.install(block)  # what sequence parallelism splits
             if self.rep_of[i] != i:
                 rep = self.rep_of[i]
                 block.forward = lambda *a, _rep=rep, **k: self.rep_out[_rep]  # identical: reuse the output
@@ -208,9 +204,6 @@ class _Tracer:
             if self.rep_of[i] != i:
                 block.__dict__.pop("forward", None)
 
-    def _norm(self, step: int) -> None:
-        self.rec.in_norm += step
-
     def _owner_hook(self, fqn: str):
         def hook(mod, args):
             self.owner_node.setdefault(fqn, "head" if self.block_started else "embedding")
@@ -219,8 +212,10 @@ class _Tracer:
 
     def _block_pre(self, i: int):
         def hook(mod, args, kwargs):
+            hidden = _hidden_input(args, kwargs)
             if i == 0:
-                self.pre_out = _float_bytes(_hidden_input(args, kwargs))
+                self.pre_out = _float_bytes(hidden)
+            self.sequence.block_numel = hidden.numel() if isinstance(hidden, torch.Tensor) else 0
             self.block_started = True
             self.rec.current = self.block_names[i]
 
@@ -260,10 +255,12 @@ class _Tracer:
         storages = {t.untyped_storage()._cdata for t in params.values()}
         rec = _Recorder(storages)
         self.rec = rec
+        self.sequence.counted = {}
         hooks = torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t)
         with fake, torch.enable_grad(), _CountMode(rec), patched_sdpa(rec), hooks, autocast_for(autocast):
             out = torch.func.functional_call(self.model, (params, buffers), fargs, fkwargs, strict=False)
         rec.out_bytes, rec.pre_out = dict(self.out_bytes), self.pre_out
+        rec.sequence_saved = dict(self.sequence.counted)
         return rec, _float_bytes(out)
 
 
@@ -322,7 +319,7 @@ def _build_nodes(tracer: _Tracer, runs: dict[str, tuple[_Recorder, int]],
             nodes[n].fwd_flops = rec.flops.get(src, 0)
             nodes[n].saved_bytes[prec] = rec.saved.get(src, 0)
             nodes[n].saved_cast_bytes[prec] = rec.saved_casts.get(src, 0)
-            nodes[n].norm_saved_bytes[prec] = rec.saved_norm.get(src, 0)
+            nodes[n].norm_saved_bytes[prec] = rec.sequence_saved.get(src, 0)
             nodes[n].peak_fwd_bytes[prec] = rec.peak.get(src, 0)
             nodes[n].gemms[prec] = census[prec].node_gemms(src)
             nodes[n].moved_bytes[prec] = census[prec].moved.get(src, 0)

@@ -62,13 +62,15 @@ class GPT2Adapter(ModelAdapter):
         ``split_size`` / ``num_heads`` count the local heads. Sequence parallelism between them: the residual
         stream, ``ln_1`` / ``ln_2`` / ``ln_f`` and the dropouts on 1/tp of the sequence (the row splits
         reduce-scatter onto it, attention and MLP all-gather it; ``wpe`` replicated, its output cut to this
-        rank's sequence shard). ``wte`` vocabulary-parallel and ``lm_head`` column-split with logits gathered:
-        both shard the tied weight's dim 0, so the tie is kept."""
+        rank's sequence shard). ``wte`` vocabulary-parallel and ``lm_head`` column-split
+        (:class:`~moreh_ap.models.vocab_head.VocabParallelHead`: logits vocabulary-sharded for the engine's
+        parallel loss, gathered elsewhere): both shard the tied weight's dim 0, so the tie is kept."""
         from torch.distributed.tensor import Replicate, Shard
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
+        from torch.distributed.tensor.parallel import RowwiseParallel, SequenceParallel
 
         from moreh_ap.models.tp_plan import TPPlan
         from moreh_ap.models.tp_styles import Conv1DColwise, Conv1DRowwise, GatherSequence, ReplicateParams
+        from moreh_ap.models.vocab_head import VocabParallelHead
 
         cfg = self.model.config
         if getattr(cfg, "add_cross_attention", False):  # q_attn, a second fused projection: no plan
@@ -80,7 +82,7 @@ class GPT2Adapter(ModelAdapter):
         outer = {"transformer.wte": RowwiseParallel(input_layouts=Replicate(), **to_seq),
                  "transformer.wpe": ReplicateParams(output_layout=Shard(1)),
                  "transformer.ln_f": SequenceParallel(),
-                 "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())}
+                 "lm_head": VocabParallelHead(input_layouts=Shard(1))}
         return TPPlan(block=block, outer=outer, divisible={"attention heads": cfg.n_head},
                       relay={"attn.c_attn.weight": (1, 3), "attn.c_attn.bias": (0, 3)},
                       local_attrs={"attn": ("split_size", "num_heads")}, sequence_parallel=True)

@@ -65,14 +65,16 @@ class LlamaAdapter(ModelAdapter):
         """q/k/v and gate/up column-split, o/down row-split (heads and KV heads divide by tp); sequence
         parallelism between them: the residual stream, the norms and their inputs hold 1/tp of the sequence
         (o/down reduce-scatter onto it, attention and MLP all-gather it). The embedding vocabulary-parallel
-        (reduce-scattered onto the sequence) and the head column-split with logits gathered (both shard the
-        vocabulary, dim 0 of the weight, so a tied pair stays tied). An embedding with a ``padding_idx`` stays
-        replicated (and so does a head tied to it)."""
+        (reduce-scattered onto the sequence) and the head column-split
+        (:class:`~moreh_ap.models.vocab_head.VocabParallelHead`: logits vocabulary-sharded for the engine's
+        parallel loss, gathered elsewhere; both shard the vocabulary, dim 0 of the weight, so a tied pair stays
+        tied). An embedding with a ``padding_idx`` stays replicated (and so does a head tied to it)."""
         from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
         from moreh_ap.models.tp_plan import TPPlan
         from moreh_ap.models.tp_styles import GatherSequence, ReplicateParams
+        from moreh_ap.models.vocab_head import VocabParallelHead
 
         cfg = self.model.config
         heads = cfg.num_attention_heads
@@ -85,7 +87,7 @@ class LlamaAdapter(ModelAdapter):
                       "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel(**to_seq)})
         embed = self.model.model.embed_tokens
         tied = self.model.lm_head.weight is embed.weight
-        head = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
+        head = VocabParallelHead(input_layouts=Shard(1))
         if embed.padding_idx is None:
             outer = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), **to_seq), "lm_head": head}
         else:

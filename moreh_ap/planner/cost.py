@@ -58,7 +58,7 @@ from moreh_ap.planner.time_model import (
     memory_bandwidth,
     node_matmul_rate,
 )
-from moreh_ap.planner.tp import sequence_sharded, tp_comm_seconds
+from moreh_ap.planner.tp import sequence_sharded, tp_comm_seconds, vocab_parallel_loss
 from moreh_ap.planner.units import fsdp_units, optimizer_profile, rank_stages
 from moreh_ap.schedules import get_schedule
 
@@ -191,7 +191,8 @@ def estimate(
                               for n in nodes))
         tp_mb.append(tp_comm_seconds(nodes, cluster=cluster, tp=config.tp, prec=prec, scale=scale,
                                      recompute=config.recomputation, inter_node=tp_inter,
-                                     sequence_parallel=sequence_sharded(graph)))
+                                     sequence_parallel=sequence_sharded(graph),
+                                     vocab_loss=vocab_parallel_loss(graph)))
         names = [n.name for n in nodes]
         params_rank.append(graph.params_of(names))
         trainable_rank.append(graph.params_of(names, trainable_only=True))

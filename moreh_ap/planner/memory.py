@@ -63,6 +63,8 @@ none for frozen parameters):
   gradient (``V*h*w/tp``) (:func:`moreh_ap.planner.tp.vocab_grad`); dp > 1 without distribute_param is
   FSDP-based replicate (DDP cannot hold DTensor parameters): modelled as FSDP2 (ZeRO-2 units) over one shard,
   with its ``MixedPrecisionPolicy`` ("mixed" activations, each unit's compute copy, its reduction buffers);
+  a vocabulary-parallel loss (:func:`moreh_ap.planner.tp.vocab_parallel_loss`: the head's logits ``/ tp``)
+  holds three fp32 tensors of the rank's logits in its backward (torch's fused nll / log-softmax backward);
 * the peak is the largest of: the end of the forward (loss being computed:
   every saved tensor plus the logits), each node's backward (its saved tensors,
   the gradient of its largest tensor and of that op's input, e.g. the logits'
@@ -92,7 +94,7 @@ from moreh_ap.config import ParallelConfig
 from moreh_ap.graph.model_graph import ModelGraph, NodeInfo
 from moreh_ap.layout import ParallelLayout
 from moreh_ap.planner.peaks import Peak, Sizes, flat_peak, piped_peak
-from moreh_ap.planner.tp import vocab_grad
+from moreh_ap.planner.tp import vocab_grad, vocab_parallel_loss
 from moreh_ap.planner.units import StageNodes, block_nodes, fsdp_units, optimizer_profile, prev_out, rank_stages
 
 __all__ = ["MemoryBreakdown", "activation_precision", "estimate", "estimate_peak", "estimate_rank", "estimate_stages"]
@@ -156,6 +158,11 @@ def _node_acts(graph: ModelGraph, node: NodeInfo, prev: NodeInfo | None, *, prec
     saved = (node.saved_bytes.get(prec, 0) - casts) * scale + casts
     # during its backward: the gradient of the node's largest tensor and of that op's input coexist
     peak = 2 * node.peak_fwd_bytes.get(prec, 0) * scale
+    if node.kind == "post" and vocab_parallel_loss(graph):
+        # torch's loss_parallel backward (nll_loss and log-softmax fused) holds three fp32 tensors of this rank's
+        # logits at once: the zero-filled gradient, exp(log-probabilities) and their sum (then the product)
+        logits32 = node.out_bytes.get("full", 0) * 4 / graph.param_dtype_bytes
+        peak = max(peak, 3 * logits32 * scale)
     if recompute and node.kind == "block":
         kept = (prev.out_bytes.get(prec, 0) if prev is not None else 0) * scale
         return kept, saved + peak, 0.0, casts

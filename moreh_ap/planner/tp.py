@@ -14,13 +14,19 @@
   a split does not narrow, e.g. the norms, the column-split projections' inputs and autocast's per-GEMM bf16
   casts of them, against those it does); without that trace (no example batch) as Megatron counts them
   without sequence parallelism (``10 + 24 / tp`` of ``34`` per token and hidden unit); autocast's weight
-  copies as the parameters; the logits whole (the head's output is gathered for the loss);
+  copies as the parameters; the head (norm, head, loss) of a plan whose head is vocabulary-parallel
+  (:class:`~moreh_ap.models.vocab_head.VocabParallelHead`: the runtime's causal-LM loss keeps the logits
+  sharded, :mod:`moreh_ap.runtime.vocab_loss`) fitted the same way through the traced rank, whose head holds
+  ``V / 2`` of the vocabulary (the logits, their fp32 copy, log-softmax and gradient ``/ tp``; the norm and the
+  head's input whole); without that trace the fp32 logits among its saved tensors, its largest temporary and
+  its output ``/ tp``; any other head's logits whole (gathered for the loss);
 * :func:`vocab_grad`: the vocabulary-parallel embedding of a local graph, for the memory model's moment of its
   backward (DTensor makes its weight gradient whole before laying it like the weight);
 * :func:`tp_comm_seconds`: the collectives per micro-batch on the intra-node link: per block 2 all-reduces
   of its output in the forward and 2 in the backward (Megatron's count; 2 more when the block is
-  recomputed), the vocabulary-parallel embedding's all-reduce, the head's logits all-gather and its input
-  gradient's all-reduce.
+  recomputed), the vocabulary-parallel embedding's all-reduce, the head's input gradient's all-reduce and
+  either the parallel loss's three all-reduces of one fp32 per token (max, sum of exponentials, target logit;
+  :func:`vocab_parallel_loss`) or, for a head that is not vocabulary-parallel, its logits' all-gather.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ from moreh_ap.models.tp_plan import split_kind
 from moreh_ap.planner.tp_trace import TRACED_TP, LocalTrace
 
 __all__ = ["TP_DEGREES", "TPFacts", "VocabGrad", "local_graph", "sequence_sharded", "tp_comm_seconds", "tp_degrees",
-           "tp_facts", "vocab_grad"]
+           "tp_facts", "vocab_grad", "vocab_parallel_loss"]
 
 TP_DEGREES = (1, 2, 4, 8)
 """The tensor-parallel degrees the planner searches."""
@@ -55,8 +61,11 @@ class TPFacts:
     sequence_parallel: bool = False
     """The plan keeps the residual stream sequence-sharded (``TPPlan.sequence_parallel``)."""
     local: Any = field(default=None, compare=False)
-    """A :class:`~moreh_ap.planner.tp_trace.LocalTrace` (the blocks traced as one rank of a ``tp = 2`` group,
-    on first use), or None: Megatron's activation counts."""
+    """A :class:`~moreh_ap.planner.tp_trace.LocalTrace` (the blocks and head traced as one rank of a ``tp = 2``
+    group, on first use), or None: Megatron's activation counts."""
+    vocab_loss: bool = False
+    """The plan's head is a :class:`~moreh_ap.models.vocab_head.VocabParallelHead`: the planner plans Hugging
+    Face causal-LM training, whose loss the runtime then computes on the vocabulary-sharded logits."""
 
 
 def _params(module) -> list[tuple[str, int]]:
@@ -110,8 +119,12 @@ def tp_facts(model: Any, args: Any = None, kwargs: dict | None = None) -> TPFact
     local = None
     if args is not None and all(c % TRACED_TP == 0 for c in plan.divisible.values()):
         local = LocalTrace(model, args, kwargs)
+    from moreh_ap.models.vocab_head import VocabParallelHead
+
+    vocab_loss = any(isinstance(style, VocabParallelHead) for style in plan.outer.values())
     return TPFacts(divisible={k: int(v) for k, v in plan.divisible.items()}, split_params=split,
-                   split_fqns=frozenset(fqns), sequence_parallel=plan.sequence_parallel, local=local)
+                   split_fqns=frozenset(fqns), sequence_parallel=plan.sequence_parallel, local=local,
+                   vocab_loss=vocab_loss)
 
 
 def _node_split(node: NodeInfo, facts: TPFacts) -> int:
@@ -161,7 +174,7 @@ def _fit(whole_model: dict, traced: dict, tp: int) -> dict:
 def _block_acts(node: NodeInfo, traced: NodeInfo | None, *, tp: int, ratio: float, seq: bool) -> dict[str, Any]:
     """A block's saved tensors, autocast's weight copies among them, largest temporary and moved bytes on one
     rank of a ``tp`` group: fitted through the traced rank (``traced``; with sequence parallelism (``seq``) the
-    norms' saved tensors ``/ tp``), else Megatron's counts without sequence parallelism (more, never less)."""
+    norms' and residual dropouts' saved tensors ``/ tp``), else Megatron's counts without sequence parallelism (more, never less)."""
     casts = node.saved_cast_bytes
     if traced is not None:
         saved = _fit(node.saved_bytes, traced.saved_bytes, tp)
@@ -205,9 +218,24 @@ def _local_node(node: NodeInfo, facts: TPFacts, tp: int, traced: dict[str, NodeI
         changes.update(fwd_flops=node.fwd_flops // tp, gemms=_local_gemms(node.gemms, tp),
                        **_block_acts(node, (traced or {}).get(node.name), tp=tp, ratio=ratio,
                                      seq=facts.sequence_parallel))
-    elif node.kind == "post":  # the head's GEMM is split; its logits are gathered whole for the loss
+    elif node.kind == "post":  # the head's GEMM is split; the logits sharded for the parallel loss, else gathered
         changes.update(fwd_flops=node.fwd_flops // tp, gemms=_local_gemms(node.gemms, tp))
+        if facts.vocab_loss:
+            changes.update(_head_acts(node, (traced or {}).get(node.name), tp=tp))
     return dataclasses.replace(node, **changes)
+
+
+def _head_acts(node: NodeInfo, traced: NodeInfo | None, *, tp: int) -> dict[str, Any]:
+    """The head's saved tensors, largest temporary, moved and output bytes on one rank of a ``tp`` group whose
+    loss is vocabulary-parallel: fitted through the traced rank (``traced``), else the fp32 logits (the loss's
+    log-softmax output, saved whatever the precision) and the temporaries and output ``/ tp``."""
+    if traced is not None:
+        return {k: _fit(getattr(node, k), getattr(traced, k), tp)
+                for k in ("saved_bytes", "saved_cast_bytes", "peak_fwd_bytes", "moved_bytes", "out_bytes")}
+    logits = node.out_bytes.get("full", 0)
+    return dict(saved_bytes={k: int(v - (1 - 1 / tp) * min(v, logits)) for k, v in node.saved_bytes.items()},
+                peak_fwd_bytes=_scale_dict(node.peak_fwd_bytes, 1 / tp),
+                moved_bytes=_scale_dict(node.moved_bytes, 1 / tp), out_bytes=_scale_dict(node.out_bytes, 1 / tp))
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -223,6 +251,7 @@ class VocabGrad:
 
 
 _VOCAB: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # local graph -> VocabGrad
+_LOSS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # local graph -> True: vocabulary-parallel loss
 
 
 def vocab_grad(graph: ModelGraph) -> VocabGrad | None:
@@ -234,6 +263,12 @@ def vocab_grad(graph: ModelGraph) -> VocabGrad | None:
     the head's sharded gradient, a new sum; untied, by the runtime's ``align_grads`` after the backward).
     """
     return _VOCAB.get(graph)
+
+
+def vocab_parallel_loss(graph: ModelGraph) -> bool:
+    """Whether one TP rank of ``graph`` (made by :func:`local_graph`, ``tp > 1``) computes the loss on
+    vocabulary-sharded logits (the family's head is a :class:`~moreh_ap.models.vocab_head.VocabParallelHead`)."""
+    return _LOSS.get(graph, False)
 
 
 def _vocab_of(graph: ModelGraph, facts: TPFacts, tp: int) -> VocabGrad | None:
@@ -250,6 +285,9 @@ def local_graph(graph: ModelGraph, facts: TPFacts | None, tp: int) -> ModelGraph
     if tp == 1 or facts is None:
         return graph
     traced = facts.local.blocks() if facts.local is not None else None
+    head = facts.local.head() if traced is not None else None
+    if head is not None:
+        traced = {**traced, head.name: head}
     nodes = [_local_node(n, facts, tp, traced) for n in graph.nodes]
     tied = [dataclasses.replace(t, numel=t.numel // tp) if any(f in facts.split_fqns for f in t.fqns) else t
             for t in graph.tied]
@@ -262,6 +300,8 @@ def local_graph(graph: ModelGraph, facts: TPFacts | None, tp: int) -> ModelGraph
         _VOCAB[local] = vocab
     if facts.sequence_parallel:
         _SEQUENCE[local] = tp
+    if facts.vocab_loss:
+        _LOSS[local] = True
     return local
 
 
@@ -274,10 +314,11 @@ def sequence_sharded(graph: ModelGraph) -> bool:
 
 
 def tp_comm_seconds(nodes: list[NodeInfo], *, cluster: Any, tp: int, prec: str, scale: float, recompute: bool,
-                    inter_node: bool = False, sequence_parallel: bool = False) -> float:
+                    inter_node: bool = False, sequence_parallel: bool = False, vocab_loss: bool = False) -> float:
     """Seconds of one micro-batch's TP collectives over a rank's ``nodes`` (see the module docstring; with
     sequence parallelism each all-reduce is a reduce-scatter + all-gather of the same whole tensor: the same
-    bytes on the ring, the nodes' outputs then being ``1 / tp`` of it)."""
+    bytes on the ring, the nodes' outputs then being ``1 / tp`` of it); ``vocab_loss``: the loss is
+    vocabulary-parallel (:func:`vocab_parallel_loss` of the rank's graph)."""
     from moreh_ap.planner.time_model import collective_time
 
     if tp <= 1:
@@ -295,6 +336,9 @@ def tp_comm_seconds(nodes: list[NodeInfo], *, cluster: Any, tp: int, prec: str, 
             total += ar(out)
         else:
             hidden = (n.gemms.get(prec) or ((0, 0, 0, 1, 1),))[0]  # the head's GEMM: (tokens, hidden, vocab)
-            total += collective_time(cluster, "all_gather", out, group=tp, inter_node=inter_node)
+            if vocab_loss:  # max, sum of exponentials, target logit: one fp32 per token each
+                total += 3 * ar(hidden[0] * hidden[3] * scale * 4)
+            else:
+                total += collective_time(cluster, "all_gather", out, group=tp, inter_node=inter_node)
             total += ar(hidden[0] * hidden[1] * hidden[3] * scale * (2 if prec == "mixed" else 4))
     return total

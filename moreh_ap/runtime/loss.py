@@ -3,7 +3,8 @@
 
 - Hugging Face causal LMs given ``labels``: the model's own ``loss_function`` with
   ``num_items_in_batch`` = non-ignored (shifted) labels of the WHOLE global batch, so
-  micro-batches holding different numbers of tokens are weighted right.
+  micro-batches holding different numbers of tokens are weighted right. With tensor parallelism it runs on
+  the vocabulary-sharded logits (:mod:`moreh_ap.runtime.vocab_loss`).
   A caller's ``num_items_in_batch`` replaces that count (the loss is then the one-device
   ``model(..., num_items_in_batch=N).loss``).
 - Models that compute their own loss: the loss read from the model's output (a mean over the
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from moreh_ap.runtime.vocab_loss import plain_loss
 
 __all__ = ["LossPlan", "hf_num_items", "extract_logits"]
 
@@ -69,8 +72,9 @@ class LossPlan:
             return loss * self.dp
         output = extract_logits(output)
         if self.hf_loss is not None:
-            loss = self.hf_loss(_as_float(output), target, vocab_size=self.vocab_size,
-                                num_items_in_batch=max(self.num_items, 1))
+            # logits vocabulary-sharded (a DTensor) under vocab_parallel_loss: computed by torch's loss_parallel
+            loss = plain_loss(self.hf_loss(_as_float(output), target, vocab_size=self.vocab_size,
+                                           num_items_in_batch=max(self.num_items, 1)))
             if self.num_items == 0:  # single device: mean over no tokens is nan
                 loss = loss * float("nan")
         else:

@@ -8,6 +8,8 @@ choose the micro-batch count, then
   replicate) or on every one (FSDP2: only sharded gradients accumulate);
 - pp > 1: the config's pipeline schedule (built once per micro-batch count and input shapes), with the
   loss computed on the last stage;
+- a Hugging Face causal LM's own loss with tp > 1: forward, loss and backward under
+  :func:`~moreh_ap.runtime.vocab_loss.vocab_parallel_loss` (the logits stay vocabulary-sharded);
 - evaluation with pp > 1: a forward-only schedule; the last stage scores its whole local batch.
 
 After a training step the tied gradients are summed across pipeline ranks; the loss (the mean over the
@@ -30,6 +32,7 @@ from moreh_ap.log import logger
 from moreh_ap.runtime.apply import Stage, Wrapper, build_schedule
 from moreh_ap.runtime.inputs import StepInputs, dp_slice, micro_batches, prepare_inputs, shape_key
 from moreh_ap.runtime.loss import LossPlan, extract_logits, hf_num_items
+from moreh_ap.runtime.vocab_loss import vocab_parallel_loss
 
 __all__ = ["LossSource", "StepRunner", "to_device"]
 
@@ -195,17 +198,24 @@ class StepRunner:
         mbs = list(zip(micro_batches(inputs.args, nmb, local), micro_batches(inputs.kwargs, nmb, local),
                        micro_batches(inputs.target, nmb, local)))
         total = torch.zeros((), device=self.device)
+        vocab = self._vocab_parallel(plan)
         for i in range(nmb):
             self._set_sync(i == nmb - 1)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext():
-                a, k, t = mbs[i]
-                out = module(*a, **k)
-                loss = plan.piece(out if plan.output_loss is not None else extract_logits(out), t)
-            del out  # the logits are not saved for backward: let them go before it (one logits-sized tensor)
-            loss.backward()
+            with vocab_parallel_loss(vocab):  # forward, loss and backward (torch's loss_parallel needs all three)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast else nullcontext():
+                    a, k, t = mbs[i]
+                    out = module(*a, **k)
+                    loss = plan.piece(out if plan.output_loss is not None else extract_logits(out), t)
+                del out  # the logits are not saved for backward: let them go before it (one logits-sized tensor)
+                loss.backward()
             total += loss.detach().float() / self.layout.dp
         self._set_sync(True)
         return total
+
+    def _vocab_parallel(self, plan: LossPlan) -> bool:
+        """The engine computes the model's own causal-LM loss over a tensor-parallel group: on the head's
+        vocabulary-sharded logits (:mod:`moreh_ap.runtime.vocab_loss`; every other reader gets whole logits)."""
+        return self.layout.tp > 1 and plan.hf_loss is not None and plan.output_loss is None
 
     def _set_sync(self, on: bool) -> None:
         """Gradient sync for the next backward: DDP accumulates locally until the last micro-batch; FSDP2
@@ -243,14 +253,17 @@ class StepRunner:
                              "use num_stages=1 (uneven sequences work without a pipeline)")
 
     def _run_pipeline(self, inputs: StepInputs, nmb: int, plan: LossPlan) -> torch.Tensor:
-        schedule = self._schedule((nmb, *shape_key(inputs.args, inputs.kwargs)), nmb, self._pipeline_loss)
+        vocab = self._vocab_parallel(plan)  # the last stage's logits sharded: a schedule of their own
+        schedule = self._schedule((nmb, vocab, *shape_key(inputs.args, inputs.kwargs)), nmb, self._pipeline_loss)
         self._plan = plan
         losses: list[torch.Tensor] = []
         holds_last = self._holds_last()
         # return_outputs=False: the last stage would otherwise keep every micro-batch's output (the logits)
-        # until the end of the step, to merge them; training uses the losses only
-        schedule.step(*inputs.args, target=inputs.target if holds_last else None, losses=losses,
-                      return_outputs=False, **inputs.kwargs)
+        # until the end of the step, to merge them; training uses the losses only. The schedule runs the loss
+        # and its backward inside step(): the whole step under the vocabulary-parallel loss
+        with vocab_parallel_loss(vocab):
+            schedule.step(*inputs.args, target=inputs.target if holds_last else None, losses=losses,
+                          return_outputs=False, **inputs.kwargs)
         if not holds_last:
             return torch.zeros((), device=self.device)
         return torch.stack([l.detach().float() for l in losses]).sum() / self.layout.dp

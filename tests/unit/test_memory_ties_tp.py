@@ -188,8 +188,9 @@ def _meta(kind: str):
 
 def test_narrowed_copy_holds_one_ranks_shards():
     """A column split keeps half of its output features (``Conv1D``'s ``nf`` too), a row split half of its
-    input features, the plan's ``local_attrs`` are halved; modules outside the blocks stay whole; the
-    original model is untouched."""
+    input features, the plan's ``local_attrs`` are halved; the vocabulary-parallel head keeps half of the
+    vocabulary (``config.vocab_size`` too; a tied embedding with it), other modules outside the blocks stay
+    whole; the original model is untouched."""
     from moreh_ap.planner.tp_trace import narrowed_copy
 
     llama = _meta("llama-v256")
@@ -197,7 +198,9 @@ def test_narrowed_copy_holds_one_ranks_shards():
     attn, mlp = loc.model.layers[0].self_attn, loc.model.layers[0].mlp
     assert tuple(attn.q_proj.weight.shape) == (128, 256) and tuple(attn.o_proj.weight.shape) == (256, 128)
     assert tuple(mlp.up_proj.weight.shape) == (344, 256) and tuple(mlp.down_proj.weight.shape) == (256, 344)
-    assert tuple(loc.lm_head.weight.shape) == tuple(llama.lm_head.weight.shape)
+    assert tuple(loc.lm_head.weight.shape) == (128, 256) and loc.config.vocab_size == 128
+    assert tuple(loc.model.embed_tokens.weight.shape) == (256, 256)
+    assert tuple(llama.lm_head.weight.shape) == (256, 256) and llama.config.vocab_size == 256
     assert tuple(llama.model.layers[0].self_attn.q_proj.weight.shape) == (256, 256)
     gpt2 = _meta("gpt2")
     g = narrowed_copy(gpt2, tp=2)
@@ -206,6 +209,7 @@ def test_narrowed_copy_holds_one_ranks_shards():
     assert tuple(g.transformer.h[0].mlp.c_proj.weight.shape) == (512, 256)
     assert g.transformer.h[0].attn.num_heads == 4 and gpt2.transformer.h[0].attn.num_heads == 8
     assert g.lm_head.weight is g.transformer.wte.weight  # the tie kept
+    assert tuple(g.lm_head.weight.shape) == (4096, 256) and tuple(gpt2.lm_head.weight.shape) == (8192, 256)
 
 
 def test_vocab_grad_names_the_split_embedding_and_its_tie():

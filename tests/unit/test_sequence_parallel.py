@@ -102,12 +102,34 @@ def test_planner_shards_the_residual_stream_and_keeps_the_collective_bytes():
     facts = tp_facts(model)
     two = local_graph(graph, facts, 2)
     assert sequence_sharded(two) and not sequence_sharded(graph)
-    for whole, local in zip(graph.nodes, two.nodes):
-        want = whole.out_bytes if local.kind == "post" else {k: v // 2 for k, v in whole.out_bytes.items()}
-        assert local.out_bytes == want, local.name
+    for whole, local in zip(graph.nodes, two.nodes):  # the head's logits: vocabulary-sharded (parallel loss)
+        assert local.out_bytes == {k: v // 2 for k, v in whole.out_bytes.items()}, local.name
     # the same tensors reduce-scattered and all-gathered as all-reduced without it: the same seconds
     plain = local_graph(graph, dataclasses.replace(facts, sequence_parallel=False), 2)
     assert not sequence_sharded(plain)
     cluster = Cluster.preset("a100-80gb")
-    kw = dict(cluster=cluster, tp=2, prec="full", scale=1.0, recompute=False)
+    kw = dict(cluster=cluster, tp=2, prec="full", scale=1.0, recompute=False, vocab_loss=True)
     assert tp_comm_seconds(two.nodes, sequence_parallel=True, **kw) == pytest.approx(tp_comm_seconds(plain.nodes, **kw))
+
+
+def test_the_trace_counts_what_a_block_saves_on_its_residual_stream():
+    """Norms' saved tensors, plus one mask per dropout of the residual's size (GPT-2: after attention and after
+    the MLP); an eager attention's dropout of probabilities (split by heads) is not counted."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    batch, seq, hidden = 2, 32, 64  # heads * seq != hidden: probabilities and residual differ in size
+    ids = torch.empty(batch, seq, dtype=torch.long, device="meta")
+
+    def residual_saved(pdrop: float, attn: str) -> int:
+        cfg = GPT2Config(vocab_size=128, n_embd=hidden, n_layer=2, n_head=4, n_positions=seq, resid_pdrop=pdrop,
+                         embd_pdrop=pdrop, attn_pdrop=pdrop)
+        cfg._attn_implementation = attn
+        with torch.device("meta"):
+            model = GPT2LMHeadModel(cfg).train()
+        graph = moreh_ap.trace(model, (ids,), {"labels": ids}, precisions=("full",))
+        return graph.blocks[0].norm_saved_bytes["full"]
+
+    norms = residual_saved(0.0, "sdpa")
+    masks = residual_saved(0.1, "sdpa") - norms
+    assert norms > 0 and masks > 0 and masks % (2 * batch * seq * hidden) == 0  # two residual-sized masks
+    assert residual_saved(0.1, "eager") - norms == masks  # the probabilities' dropout is not on the stream
