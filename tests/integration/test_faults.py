@@ -43,10 +43,24 @@ def _all_gone(out, seconds: float = 10) -> bool:
     return not left
 
 
+def _ignores(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` ignores ``sig`` (its ``SigIgn`` mask in Linux's process table)."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
+    return bool(mask >> (sig - 1) & 1)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _sigint_as_in_a_terminal() -> None:
+    """In the child, before exec: Ctrl-C at Python's default, as for a script run in a terminal. A test run
+    started in the background by a non-interactive shell (``pytest ... &``) inherits SIGINT ignored; Python
+    then leaves it ignored and the script would never see the test's Ctrl-C (it would run to its end)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _start(tmp_path, fault: str, rank: int, at: int, *, torchrun: bool = False, steps: int = 6):
@@ -63,7 +77,8 @@ def _start(tmp_path, fault: str, rank: int, at: int, *, torchrun: bool = False, 
     else:
         env["MOREH_AP_NPROC"] = "2"
         cmd = [sys.executable, *args]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_in_a_terminal)
     return proc, out
 
 
@@ -150,9 +165,14 @@ def test_a_hung_rank_1_ends_within_the_timeout(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.full)],  # same path
                          ids=["ctrl-c", "sigterm"])
 def test_a_signal_to_rank_0_stops_every_rank_at_the_same_step(tmp_path, sig):
-    proc, out = _start(tmp_path, "none", 0, 0, steps=400)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a test run started with `&`: the child
+    try:  # must still get Ctrl-C at Python's default (it inherits an ignored signal, not a handler)
+        proc, out = _start(tmp_path, "none", 0, 0, steps=400)
+    finally:
+        signal.signal(signal.SIGINT, before)
     _wait_failed(proc, out, "step1")
     assert (out / "step1").exists(), "no training step ran"
+    assert not _ignores(int((out / "pid0").read_text()), sig), "rank 0 was started with the signal ignored"
     os.kill(int((out / "pid0").read_text()), sig)
     stdout, stderr = _finish(proc, out, 60)
     assert proc.returncode != 0
