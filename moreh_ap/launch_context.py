@@ -3,8 +3,10 @@
 
 The context replaces the handlers of SIGTERM, SIGINT, SIGHUP and SIGQUIT in the calling process with its
 own (they raise torch's ``SignalException``, which ``except KeyboardInterrupt`` does not catch): rank 0
-is the user's script, so they are put back as they were once the children run. Its poll logs a line
-per failure naming the child's local index; rank 0 reports the failure itself
+is the user's script, so they are put back as they were once the children run; a signal that came while
+the context's handlers were in place is then raised again, to the script's handler (Python's default:
+Ctrl-C is a ``KeyboardInterrupt``, SIGTERM ends the process), never as torch's ``SignalException``. Its
+poll logs a line per failure naming the child's local index; rank 0 reports the failure itself
 (:mod:`moreh_ap.launch_report`), so that line is kept off the console (:func:`quiet_context`).
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ def start_children(command: list[str], *, envs: dict[int, dict[str, str]], log_d
     """Start ``command`` once per entry of ``envs`` (local index -> environment); their output goes to per-rank
     files in ``log_dir``, or to the console when it is None. Returns the elastic process context."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, start_processes
+    from torch.distributed.elastic.multiprocessing.api import SignalException
 
     kept = _signal_handlers()
     try:
@@ -38,9 +41,14 @@ def start_children(command: list[str], *, envs: dict[int, dict[str, str]], log_d
             envs=envs,
             logs_specs=DefaultLogsSpecs() if log_dir is None else _rank_files(log_dir),
         )
+    except SignalException as exc:  # a signal while the context's own handlers were in place
+        received = exc.sigval
     finally:  # the script's own handlers come back (Python's: Ctrl-C is a KeyboardInterrupt)
         for sig, handler in kept.items():
             signal.signal(sig, handler)
+    signal.raise_signal(received)  # as if it came now: Python's default acts (KeyboardInterrupt, SIGTERM ends)
+    raise RuntimeError(f"moreh_ap: {received.name} arrived while the other ranks were being started; this "
+                       "process's handler let the script go on, but the launch is incomplete: start the script again.")
 
 
 @contextmanager
