@@ -135,15 +135,24 @@ EXAMPLE_CASES = {
 }
 
 
+EXAMPLE_ARGS = ["--num-samples", "24", "--block-size", "32", "--log-interval", "1", "--ap-options",
+                "mixed_precision=false"]
+
+
+@pytest.fixture(scope="module")
+def example_off(tmp_path_factory):
+    """The walkthrough with AP off, run once for every example case (its output directory and process)."""
+    out = tmp_path_factory.mktemp("example_off")
+    return out, _run([EXAMPLE, *EXAMPLE_ARGS, "--save-model-dir", out / "off"], out, ap="0")
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("case", list(EXAMPLE_CASES))
-def test_example_pipelined_matches_one_device(case, tmp_path):
+def test_example_pipelined_matches_one_device(case, example_off, tmp_path):
     """The seed's walkthrough with AP on (2 or 4 ranks) vs off: same loss at every step, same weights."""
     nproc, fields = EXAMPLE_CASES[case]
-    common = ["--num-samples", "24", "--block-size", "32", "--log-interval", "1", "--ap-options",
-              "mixed_precision=false"]
-    off = _run([EXAMPLE, *common, "--save-model-dir", tmp_path / "off"], tmp_path, ap="0")
-    on = _run([EXAMPLE, *common, "--save-model-dir", tmp_path / "on"], tmp_path, ap=None, nproc=nproc,
+    off_dir, off = example_off
+    on = _run([EXAMPLE, *EXAMPLE_ARGS, "--save-model-dir", tmp_path / "on"], tmp_path, ap=None, nproc=nproc,
               config=_config(**fields))
     assert off.returncode == 0, off.stderr[-3000:]
     assert on.returncode == 0, on.stderr[-3000:]
@@ -156,7 +165,7 @@ def test_example_pipelined_matches_one_device(case, tmp_path):
     assert [next(iter(got[s])) for s in sorted(got)] == pytest.approx(ref, rel=1e-5)
     assert ParallelConfig.from_dict(json.loads(_config(**fields))).to_moreh_line() in on.stderr
     assert on.stdout.count("weights match") == nproc
-    _assert_weights_close(_saved(tmp_path / "off"), _saved(tmp_path / "on"))
+    _assert_weights_close(_saved(off_dir / "off"), _saved(tmp_path / "on"))
 
 
 @pytest.mark.timeout(600)
