@@ -87,17 +87,23 @@ CASES = {
     # env var only (no line in the script), FSDP2 over 2 ranks, 2 micro-batches
     "dp2-fsdp-env": (2, ["env"], _config(num_stages=1, num_micro_batches=2, distribute_param=True,
                                              batch_per_device=2)),
-    # 4 ranks: 2 stages x FSDP2 over 2 data-parallel ranks
+}
+FULL_CASES = {
+    # -m full (CI time: the slowest case here, ~30-60 s on 2 cores). Covered in CI by
+    # test_example_pipelined_matches_one_device[4-ranks-2-stages-x-dp2-zero3] (the one line on 4 ranks, 2 stages x
+    # FSDP2 over 2 data-parallel ranks, saved weights equal to one device's), by this script's pp2-1f1b-line and
+    # dp2-fsdp-env cases (state_dict placeholders, eval, reload, save_pretrained) and by the runtime equivalence's
+    # pp2 x dp2 dist10 cases (tests/distributed/test_runtime_equivalence.py)
     "pp2xdp2-fsdp-line": (4, ["line"], _config(num_stages=2, num_micro_batches=2, distribute_param=True,
                                                     batch_per_device=2)),
 }
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [*CASES, *(pytest.param(c, marks=pytest.mark.full) for c in FULL_CASES)])
 def test_script_matches_one_device(case, reference, tmp_path):
     ref_dir, ref = reference
-    nproc, args, config = CASES[case]
+    nproc, args, config = {**CASES, **FULL_CASES}[case]
     proc = _run([SCRIPT, tmp_path, *args], tmp_path, ap="1" if args[0] == "env" else None, nproc=nproc,
                 config=config)
     results = _results(proc)
