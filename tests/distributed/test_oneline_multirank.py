@@ -87,17 +87,23 @@ CASES = {
     # env var only (no line in the script), FSDP2 over 2 ranks, 2 micro-batches
     "dp2-fsdp-env": (2, ["env"], _config(num_stages=1, num_micro_batches=2, distribute_param=True,
                                              batch_per_device=2)),
-    # 4 ranks: 2 stages x FSDP2 over 2 data-parallel ranks
+}
+FULL_CASES = {
+    # -m full (CI time: the slowest case here, ~30-60 s on 2 cores). Covered in CI by
+    # test_example_pipelined_matches_one_device[4-ranks-2-stages-x-dp2-zero3] (the one line on 4 ranks, 2 stages x
+    # FSDP2 over 2 data-parallel ranks, saved weights equal to one device's), by this script's pp2-1f1b-line and
+    # dp2-fsdp-env cases (state_dict placeholders, eval, reload, save_pretrained) and by the runtime equivalence's
+    # pp2 x dp2 dist10 cases (tests/distributed/test_runtime_equivalence.py)
     "pp2xdp2-fsdp-line": (4, ["line"], _config(num_stages=2, num_micro_batches=2, distribute_param=True,
                                                     batch_per_device=2)),
 }
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [*CASES, *(pytest.param(c, marks=pytest.mark.full) for c in FULL_CASES)])
 def test_script_matches_one_device(case, reference, tmp_path):
     ref_dir, ref = reference
-    nproc, args, config = CASES[case]
+    nproc, args, config = {**CASES, **FULL_CASES}[case]
     proc = _run([SCRIPT, tmp_path, *args], tmp_path, ap="1" if args[0] == "env" else None, nproc=nproc,
                 config=config)
     results = _results(proc)
@@ -135,15 +141,24 @@ EXAMPLE_CASES = {
 }
 
 
+EXAMPLE_ARGS = ["--num-samples", "24", "--block-size", "32", "--log-interval", "1", "--ap-options",
+                "mixed_precision=false"]
+
+
+@pytest.fixture(scope="module")
+def example_off(tmp_path_factory):
+    """The walkthrough with AP off, run once for every example case (its output directory and process)."""
+    out = tmp_path_factory.mktemp("example_off")
+    return out, _run([EXAMPLE, *EXAMPLE_ARGS, "--save-model-dir", out / "off"], out, ap="0")
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("case", list(EXAMPLE_CASES))
-def test_example_pipelined_matches_one_device(case, tmp_path):
+def test_example_pipelined_matches_one_device(case, example_off, tmp_path):
     """The seed's walkthrough with AP on (2 or 4 ranks) vs off: same loss at every step, same weights."""
     nproc, fields = EXAMPLE_CASES[case]
-    common = ["--num-samples", "24", "--block-size", "32", "--log-interval", "1", "--ap-options",
-              "mixed_precision=false"]
-    off = _run([EXAMPLE, *common, "--save-model-dir", tmp_path / "off"], tmp_path, ap="0")
-    on = _run([EXAMPLE, *common, "--save-model-dir", tmp_path / "on"], tmp_path, ap=None, nproc=nproc,
+    off_dir, off = example_off
+    on = _run([EXAMPLE, *EXAMPLE_ARGS, "--save-model-dir", tmp_path / "on"], tmp_path, ap=None, nproc=nproc,
               config=_config(**fields))
     assert off.returncode == 0, off.stderr[-3000:]
     assert on.returncode == 0, on.stderr[-3000:]
@@ -156,7 +171,7 @@ def test_example_pipelined_matches_one_device(case, tmp_path):
     assert [next(iter(got[s])) for s in sorted(got)] == pytest.approx(ref, rel=1e-5)
     assert ParallelConfig.from_dict(json.loads(_config(**fields))).to_moreh_line() in on.stderr
     assert on.stdout.count("weights match") == nproc
-    _assert_weights_close(_saved(tmp_path / "off"), _saved(tmp_path / "on"))
+    _assert_weights_close(_saved(off_dir / "off"), _saved(tmp_path / "on"))
 
 
 @pytest.mark.timeout(600)
