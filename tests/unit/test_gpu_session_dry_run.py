@@ -59,3 +59,37 @@ def test_runs_ordered_cheapest_first():
     # a model's first run carries its calibration: the GPT-2 runs come after the cheap Llama ones
     models = [runs[i]["model"] for i in order]
     assert models.index("gpt2-1.5b") > models.index("llama-1b")
+
+
+def test_bounded_kills_a_command_at_its_deadline(tmp_path):
+    import time
+
+    from benchmarks.gpu_session import _bounded
+
+    t0 = time.time()
+    res = _bounded([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"],
+                   deadline=time.time() + 3, log=tmp_path / "x.log")
+    assert res["rc"] == "timeout" and time.time() - t0 < 20
+    assert "started" in res["output_tail"]
+
+
+def test_pytest_item_unsets_the_device_in_the_test_body(tmp_path):
+    """The apex item's first pass: pytest with the plugin that undoes the suite's MOREH_AP_DEVICE=cpu."""
+    import time
+    from types import SimpleNamespace
+
+    from benchmarks.gpu_session import _pytest
+
+    # the suite's mechanism (an autouse fixture setting cpu through monkeypatch), outside the repository's tests
+    (tmp_path / "conftest.py").write_text(
+        "import pytest\n\n@pytest.fixture(autouse=True)\ndef _cpu(monkeypatch):\n"
+        "    monkeypatch.setenv('MOREH_AP_DEVICE', 'cpu')\n")
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("import os\n\ndef test_device_unset():\n    assert 'MOREH_AP_DEVICE' not in os.environ\n")
+    args = SimpleNamespace(out=str(tmp_path))
+    plain = _pytest(args, [str(probe)], deadline=time.time() + 60, name="plain", extra=[])
+    unset = _pytest(args, [str(probe), "tests/unit/no_such_file.py"], deadline=time.time() + 60, name="unset",
+                    extra=["-p", "benchmarks._pytest_device_unset"])
+    assert plain["rc"] == 1 and plain["status"].startswith("failed") and "1 failed" in plain["summary"]
+    assert unset["rc"] == 0 and unset["status"] == "ok" and "1 passed" in unset["summary"]
+    assert unset["missing_files"] == ["tests/unit/no_such_file.py"]
