@@ -8,7 +8,8 @@ config, optimizer=AdamW(fused=True), prediction=plan)``, ``train_step(input_ids=
 synchronized around each) and ``max_memory_allocated`` over steps 3-6 (peak stats reset before step 3).
 The prediction is today's planner: ``Cluster.detect(calibrate=True)`` (the base calibration, timed) and,
 once per model, the calibration at the model's own shapes (``calibrate_model``, every dtype / recomputation
-the runs use; timed), then ``moreh_ap.plan`` with the options pinned to the run's configuration.
+the runs use; timed), then the planner with the options pinned to the run's configuration (the models alone,
+and ``moreh_ap.plan`` corrected by the measurements of the runs before, see :func:`predict`).
 The engine's closed-loop line ("Measured steps 2-3: ...") is captured for every run.
 """
 from __future__ import annotations
@@ -88,33 +89,54 @@ def _options(config) -> Any:
                      distribute_parameter=False, mixed_precision=config.mixed_precision, tensor_parallel=1)
 
 
+def _candidate(plan, config) -> Any:
+    return next((c for c in plan.candidates if c.config == config), None)
+
+
 def predict(run: dict, model, ids, *, cluster, optimizer, calibrated: dict) -> dict:
-    """Today's prediction for ``run``'s configuration (and the shape calibration when the model is new)."""
+    """Today's prediction for ``run``'s configuration (and the shape calibration when the model is new).
+
+    ``step_s`` / ``peak``: the models alone (``plan_graph(use_measurements=False)``: the runs before this one
+    stored the engine's measurements of the same model, which a re-plan uses); ``*_corrected``: what
+    ``moreh_ap.plan`` predicts with those measurements, as a user's re-plan would."""
     import moreh_ap
     from moreh_ap.config import ParallelConfig
+    from moreh_ap.planner.planning import plan_graph
     from moreh_ap.planner.shape_calibration import calibrate_model
+    from moreh_ap.planner.tp import tp_facts
 
     config = ParallelConfig.from_moreh_line(run["line"]).replace(mixed_precision=run["mixed_precision"])
     out: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    graph = moreh_ap.trace(model, (ids,), {"labels": ids})
+    out["trace_s"] = time.perf_counter() - t0
     if run["model"] not in calibrated:
         t0 = time.perf_counter()
-        graph = moreh_ap.trace(model, (ids,), {"labels": ids})
         summary = calibrate_model(cluster, graph, model=model, args=(ids,), kwargs={"labels": ids},
                                   optimizer=optimizer, dtypes=("bf16", "fp32"), recomputes=(False, True))
         calibrated[run["model"]] = dict(summary, wall_s=time.perf_counter() - t0)
         out["shape_calibration"] = calibrated[run["model"]]
+        free = plan_graph(graph, cluster=cluster, options=None, optimizer=optimizer,
+                          tp=tp_facts(model, (ids,), {"labels": ids}), use_measurements=False)
+        out["planner_pick"] = {"line": free.config.to_moreh_line(), "step_s": free.selected.step_time,
+                               "peak": free.selected.memory.total}  # what it picks with every option 'auto'
     t0 = time.perf_counter()
-    plan = moreh_ap.plan(model, (ids,), {"labels": ids}, cluster=cluster, options=_options(config),
-                         optimizer=optimizer)
+    pure = plan_graph(graph, cluster=cluster, options=_options(config), optimizer=optimizer,
+                      tp=tp_facts(model, (ids,), {"labels": ids}), use_measurements=False)
     out["plan_s"] = time.perf_counter() - t0
-    cand = next((c for c in plan.candidates if c.config == config), None)
-    out["plan_config"] = plan.config.to_moreh_line()
+    corrected = moreh_ap.plan(model, (ids,), {"labels": ids}, cluster=cluster, options=_options(config),
+                              optimizer=optimizer)
+    out["plan_config"] = pure.config.to_moreh_line()
+    cand, corr = _candidate(pure, config), _candidate(corrected, config)
     if cand is None:
         out["error"] = "the plan has no candidate with the run's configuration"
-        return {"config": config, "plan": plan, **out}
+        return {"config": config, "plan": pure, **out}
     out.update(step_s=cand.step_time, peak=cand.memory.total, feasible=cand.feasible,
                time_breakdown=cand.time_breakdown, memory=cand.to_dict().get("memory"))
-    return {"config": config, "plan": plan, **out}
+    out["corrections_applied"] = corrected.corrections is not None
+    if corr is not None:
+        out.update(step_s_corrected=corr.step_time, peak_corrected=corr.memory.total)
+    return {"config": config, "plan": pure, **out}
 
 
 def measure(run: dict, *, device: torch.device, cluster, calibrated: dict, steps: int = 6) -> dict:

@@ -40,9 +40,11 @@ def test_dry_run_reports_every_item(tmp_path):
         assert len(row["measured"]["step_s_all"]) == 6 and row["measured"]["step_s_median"] > 0
         assert row["predicted"]["step_s"] > 0 and row["predicted"]["peak"] > 0
         assert row["predicted"]["plan_config"] == row["line"]
+        assert row["predicted"]["step_s_corrected"] > 0 and isinstance(row["predicted"]["corrections_applied"], bool)
         assert abs(row["step_error_pct"]) < 1000
         assert row["closed_loop_line"].startswith("Measured steps 2-3") and "predicted step" in row["closed_loop_line"]
     assert "tiny-llama" in runs["shape_calibration"]
+    assert runs["rows"][0]["predicted"]["planner_pick"]["step_s"] > 0
     loop = items["closed_loop"]
     assert loop["status"] == "ok" and loop["result"]["line"].startswith("Measured steps 2-3")
     assert "closed loop: Measured steps 2-3" in proc.stdout
