@@ -204,7 +204,8 @@ def run_all(runs: list[dict], *, device: torch.device, deadline: float, save: Ca
         run = runs[i]
         row: dict[str, Any] = {"run": i, "model": run["model"], "line": run["line"],
                                "mixed_precision": run["mixed_precision"], "h200_at_78c291a": run["measured"]}
-        need = 6 * run["measured"]["step_s_median"] + BUILD_S * (not dry)
+        need = 6 * run["measured"]["step_s_median"] + (not dry) * (
+            BUILD_S + CALIBRATION_S * (run["model"] not in result["shape_calibration"]))
         if time.perf_counter() + need > deadline:
             result["not_started"].append(i)
             continue

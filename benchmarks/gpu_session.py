@@ -2,9 +2,12 @@
 """Run from the repository root. The device command for the next session that is lent a GPU (one ``run`` call;
 device time is 15 minutes in all including the machine's start, at most 10 minutes a command)::
 
-    python benchmarks/gpu_session.py --out $OUT --budget-s 500        # run(command=..., timeout_s=570)
+    PY=$(command -v python || command -v python3); $PY benchmarks/gpu_session.py --out $OUT --budget-s 500
 
-and on CPU, to test the same code paths with tiny models and budgets::
+(the ``run`` tool's ``command``, with ``timeout_s=570``; the machine's start counts against the 15 minutes too).
+Everything lands in ``$OUT`` (session.json first); the printed table is in the reply's output tail.
+
+On CPU, to test the same code paths with tiny models and budgets::
 
     python benchmarks/gpu_session.py --dry-run --budget-s 60 --out /tmp/gpu_session
 
@@ -184,7 +187,7 @@ def item_lamb(args, deadline: float, save) -> dict:
 
 def _pytest(args, files: list[str], *, deadline: float, name: str, extra: list[str]) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "MOREH_AP_DEVICE"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     present = [f for f in files if (ROOT / f).exists()]
     res = _bounded([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", *extra, *present],
                    deadline=deadline, log=Path(args.out) / f"{name}.pytest.log", env=env)
@@ -230,6 +233,8 @@ def child(args) -> int:
     """``--item NAME``: run one item, writing ``<out>/<item>.json`` as it goes."""
     path = Path(args.out) / f"{args.item}.json"
     t0 = time.time()
+    if args.deadline is None:
+        args.deadline = t0 + args.budget_s
 
     def save(partial: dict) -> None:
         _write(path, dict(partial, status="running", seconds=time.time() - t0))
@@ -250,7 +255,8 @@ def child(args) -> int:
 def run_item(name: str, *, limit: float, args) -> dict:
     """One item in a child process bounded by ``limit`` seconds; its JSON (or what it saved) and output tail."""
     out = Path(args.out)
-    env = dict(os.environ, MOREH_AP_CACHE_DIR=str(out / "cache"), PYTHONPATH=str(ROOT))
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, MOREH_AP_CACHE_DIR=str(out / "cache"), PYTHONPATH=path)
     if args.dry_run:
         env["MOREH_AP_DEVICE"] = "cpu"
     deadline = time.time() + limit
