@@ -113,15 +113,10 @@ class _CountMode(TorchDispatchMode):
             self.rec.note_cast(args[0], out)
             if out.untyped_storage()._cdata in self.rec.cast_storages:
                 return out  # a weight copy: batch-independent, not a working-set tensor
-        if isinstance(out, torch.Tensor) and not _aliases_input(func):  # a view (the head weight's .t()) is free
+        if isinstance(out, torch.Tensor):
             self.rec.note_tensor(out)
         self.rec.census.note(self.rec.current, func, args, kwargs, out)
         return out
-
-
-def _aliases_input(func) -> bool:
-    """Whether ``func``'s output is a view of an input (its schema gives the return an alias set)."""
-    return any(r.alias_info is not None for r in func._schema.returns)
 
 
 def _float_bytes(obj: Any) -> int:
