@@ -44,6 +44,14 @@ class _LlamaStage(SequenceStage):
         return h if attention_mask is None else (h, attention_mask)
 
 
+def _has(module: nn.Module, fqn: str) -> bool:
+    try:
+        module.get_submodule(fqn)
+    except AttributeError:
+        return False
+    return True
+
+
 class LlamaAdapter(ModelAdapter):
     """``model.model.{embed_tokens, layers, rotary_emb, norm}`` and ``model.lm_head``."""
 
@@ -68,7 +76,8 @@ class LlamaAdapter(ModelAdapter):
         (reduce-scattered onto the sequence) and the head column-split
         (:class:`~moreh_ap.models.vocab_head.VocabParallelHead`: logits vocabulary-sharded for the engine's
         parallel loss, gathered elsewhere; both shard the vocabulary, dim 0 of the weight, so a tied pair stays
-        tied). An embedding with a ``padding_idx`` stays replicated (and so does a head tied to it)."""
+        tied). An embedding with a ``padding_idx`` stays replicated (and so does a head tied to it). None (no
+        tensor parallelism) for blocks laid out otherwise (Phi-3's fused ``qkv_proj`` / ``gate_up_proj``)."""
         from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
@@ -85,6 +94,8 @@ class LlamaAdapter(ModelAdapter):
         block.update({f"self_attn.{n}": ColwiseParallel() for n in ("q_proj", "k_proj", "v_proj")})
         block.update({"self_attn.o_proj": RowwiseParallel(**to_seq), "mlp.gate_proj": ColwiseParallel(),
                       "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel(**to_seq)})
+        if not all(_has(b, fqn) for _, b in self.blocks()[:1] for fqn in block):
+            return None  # another layout in a Llama-like model (Phi-3's fused qkv_proj / gate_up_proj): no plan
         embed = self.model.model.embed_tokens
         tied = self.model.lm_head.weight is embed.weight
         head = VocabParallelHead(input_layouts=Shard(1))

@@ -38,7 +38,8 @@ def check_tp(adapter: ModelAdapter, tp: int) -> TPPlan:
     plan = adapter.tp_plan()
     if plan is None:
         raise NotImplementedError(f"ParallelConfig.tp={tp}: {type(adapter.model).__name__} ({adapter.name}) has no "
-                                  "tensor-parallel plan (Hugging Face Llama-family and GPT-2 have one); use tp=1")
+                                  "tensor-parallel plan (there is one for Hugging Face Llama-family models with "
+                                  "separate q/k/v and gate/up/down projections, and for GPT-2); use tp=1")
     for what, count in plan.divisible.items():
         if count % tp:
             raise ValueError(f"ParallelConfig.tp={tp} does not divide the model's {what} ({count}); use a tp that "

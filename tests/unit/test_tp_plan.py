@@ -71,3 +71,20 @@ def test_parallelize_rejects_tp_for_a_family_without_a_plan_at_the_call(monkeypa
     cfg = ParallelConfig(num_stages=1, tp=2, num_micro_batches=1, batch_per_device=1)
     with pytest.raises(NotImplementedError, match="no tensor-parallel plan"):
         moreh_ap.parallelize(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), cfg)
+
+
+def test_a_llama_like_model_with_fused_projections_has_no_plan():
+    """Phi-3 matches the Llama-family layout (model.model.layers, embed_tokens, norm, rotary_emb) but fuses q/k/v
+    and gate/up: the column / row plan does not fit, so there is no plan (tp > 1 refused before any memory is
+    touched, the planner searches tp = 1 only) instead of a shape error in the first step."""
+    import pytest
+    import transformers
+
+    from moreh_ap.runtime.tp import check_tp
+
+    cfg = transformers.Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    adapter = find_adapter(transformers.Phi3ForCausalLM(cfg))
+    assert adapter.name == "Hugging Face Llama-family" and adapter.tp_plan() is None
+    with pytest.raises(NotImplementedError, match="no tensor-parallel plan"):
+        check_tp(adapter, 2)
