@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from moreh_ap.config import ParallelConfig
-from tests.helpers.dist_harness import launch
+from tests.helpers.dist_harness import shared_results
 from tests.helpers.loss_parallel_cases import eval_ids
-from tests.helpers.runtime_cases import VOCAB, build_model, reference_run
+from tests.helpers.runtime_cases import VOCAB, assert_close_fp32, build_model, reference_run
 
 pytestmark = [pytest.mark.multirank, pytest.mark.timeout(900)]
 
@@ -42,23 +42,8 @@ CASES = [
     {"id": "llama-pp2tp2-GPipe-labels", "model": "llama", "world": 4, "runner": RUNNER, "padding": True,
      "cfg": _cfg(tp=2, num_stages=2, num_micro_batches=2, schedule="GPipe")},
 ]
-_LAUNCHES: dict = {}
-
-
 def _results(world: int) -> dict:
-    if world not in _LAUNCHES:
-        mine = [c for c in CASES if c["world"] == world]
-        _LAUNCHES[world] = launch(world, mine, timeout=600)
-        print(f"loss-parallel launch world={world}: {len(mine)} cases in {_LAUNCHES[world].seconds:.1f}s")
-    res = _LAUNCHES[world]
-    if res.results is None:
-        pytest.fail(f"launch world={world} failed (rc={res.returncodes}):\n{res.output[-8000:]}")
-    return res.results
-
-
-def _close(a, b, what: str) -> None:
-    torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-4, atol=1e-5,
-                               msg=lambda m: f"{what}: {m}")
+    return shared_results("loss-parallel", world, CASES)
 
 
 # the 4-rank pipeline case runs with -m full: in the default run test_tensor_parallel.py's pp 2 x tp 2 cases (GPT-2
@@ -71,10 +56,10 @@ def test_loss_parallel_equals_one_process(case):
     got = _results(case["world"])[case["id"]]
     cfg = ParallelConfig.from_dict(case["cfg"])
     ref = reference_run(case, cfg.global_batch(case["world"]))
-    _close(got["losses"], ref["losses"], "losses")
+    assert_close_fp32(got["losses"], ref["losses"], "losses")
     assert list(got["state"]) == list(ref["state"])
     for k, v in ref["state"].items():
-        _close(got["state"][k], v, k)
+        assert_close_fp32(got["state"][k], v, k)
     seen = got["seen"]
     calls = got["steps"] * cfg.num_micro_batches * cfg.tp  # every tp rank holding the head computes every piece
     # (a pipeline schedule also runs the loss once per tp rank when it is built, to infer the backward's shapes)
@@ -100,4 +85,4 @@ def _check_eval_logits(case: dict, got: dict, ref: dict) -> None:
     model.eval()
     with torch.no_grad():
         want = model(input_ids=eval_ids(4)).logits
-    _close(got["eval_logits"], want, "evaluation logits")
+    assert_close_fp32(got["eval_logits"], want, "evaluation logits")

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from moreh_ap.config import ParallelConfig
-from tests.helpers.dist_harness import launch
-from tests.helpers.runtime_cases import reference_run, update_rel_error
+from tests.helpers.dist_harness import shared_results
+from tests.helpers.runtime_cases import assert_close_fp32, reference_run, update_rel_error
 
 pytestmark = [pytest.mark.multirank, pytest.mark.timeout(900)]
 
@@ -55,23 +55,8 @@ CASES = [
      "cfg": _cfg(tp=2, num_stages=2, num_micro_batches=2, batch_per_device=1, schedule="Interleaved1F1B",
                  stages_per_rank=2, recomputation=True)},
 ]
-_LAUNCHES: dict = {}
-
-
 def _results(world: int) -> dict:
-    if world not in _LAUNCHES:
-        mine = [c for c in CASES if c["world"] == world]
-        _LAUNCHES[world] = launch(world, mine, timeout=600)
-        print(f"tp launch world={world}: {len(mine)} cases in {_LAUNCHES[world].seconds:.1f}s")
-    res = _LAUNCHES[world]
-    if res.results is None:
-        pytest.fail(f"launch world={world} failed (rc={res.returncodes}):\n{res.output[-8000:]}")
-    return res.results
-
-
-def _close(a, b, what: str) -> None:
-    torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-4, atol=1e-5,
-                               msg=lambda m: f"{what}: {m}")
+    return shared_results("tp", world, CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
@@ -88,12 +73,12 @@ def test_tensor_parallel_equals_one_process(case):
         ur = update_rel_error(got["state"], ref["state"], ref["init"])
         assert lr <= 2e-3 and nr <= 5e-2 and ur <= 0.15, f"bf16 bounds: loss {lr:.2e} norm {nr:.2e} update {ur:.2e}"
         return
-    _close(got["losses"], ref["losses"], "losses")
-    _close(got["grad_norms"], ref["grad_norms"], "global grad norms (replicated parameters once)")
+    assert_close_fp32(got["losses"], ref["losses"], "losses")
+    assert_close_fp32(got["grad_norms"], ref["grad_norms"], "global grad norms (replicated parameters once)")
     for k, v in ref["state"].items():
-        _close(got["state"][k], v, k)
+        assert_close_fp32(got["state"][k], v, k)
     if case.get("eval"):
-        _close(got["eval_loss"], ref["eval_loss"], "eval loss")
+        assert_close_fp32(got["eval_loss"], ref["eval_loss"], "eval loss")
     if case.get("probe"):
         _check_probe(case, got, ref)
 
@@ -118,7 +103,7 @@ def _check_probe(case: dict, got: dict, ref: dict) -> None:
     for i, st in rsd["state"].items():
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
-                _close(osd["state"][i][k].float(), v.float(), f"optimizer state {i}.{k}")
+                assert_close_fp32(osd["state"][i][k].float(), v.float(), f"optimizer state {i}.{k}")
     assert got["load_err"] <= 1e-6, f"load_full_state_dict -> full_state_dict changed weights by {got['load_err']}"
     assert got["opt_load_err"] <= 1e-7, f"optimizer state round trip changed it by {got['opt_load_err']}"
     assert math.isfinite(got["load_err"])

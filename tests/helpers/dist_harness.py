@@ -28,6 +28,25 @@ class LaunchResult:
     seconds: float
 
 
+_SHARED: dict = {}  # (group, world) -> LaunchResult: one launch per test file's world size
+
+
+def shared_results(group: str, world: int, cases: list[dict], *, timeout: float = 600.0) -> dict:
+    """Rank 0's results of the ``cases`` whose ``"world"`` is ``world``, launched once per ``(group, world)``
+    and shared by every test that reads them; ``pytest.fail`` with the ranks' output when the launch failed."""
+    import pytest
+
+    key = (group, world)
+    if key not in _SHARED:
+        mine = [c for c in cases if c["world"] == world]
+        _SHARED[key] = launch(world, mine, timeout=timeout)
+        print(f"{group} launch world={world}: {len(mine)} cases in {_SHARED[key].seconds:.1f}s")
+    res = _SHARED[key]
+    if res.results is None:
+        pytest.fail(f"launch {group} world={world} failed (rc={res.returncodes}):\n{res.output[-8000:]}")
+    return res.results
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -385,6 +385,12 @@ def max_abs_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a) if a else math.nan
 
 
+def assert_close_fp32(a, b, what: str) -> None:
+    """fp32 equivalence with one process (``rtol=1e-4, atol=1e-5``), naming what differs."""
+    torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-4, atol=1e-5,
+                               msg=lambda m: f"{what}: {m}")
+
+
 def update_rel_error(got: dict, ref: dict, init: dict) -> float:
     """||(got - init) - (ref - init)|| / ||ref - init|| over all weights: how far a run's training
     moved the model away from where the reference moved it (for bf16 runs)."""

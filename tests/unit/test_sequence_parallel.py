@@ -7,7 +7,8 @@ weights equal to one process, pipelines included) is in tests/distributed/test_t
 - :class:`~moreh_ap.models.base.SequenceStage`: a pipeline stage sends its rank's sequence shard and rebuilds the
   whole-sequence DTensor from the received one (a fake 2-rank process group);
 - the step runner refuses, on every rank and before the schedule, a sequence a pipeline cannot split over tp;
-- the planner: the residual stream (embedding and block outputs) ``/ tp``, the same collective bytes as without it.
+- the planner: the residual stream (embedding and block outputs) ``/ tp``, the same collective bytes as without it;
+- the trace's residual-stream bytes (:mod:`moreh_ap.graph.sequence_saved`: norms, residual-sized dropouts).
 """
 from __future__ import annotations
 
