@@ -1,4 +1,5 @@
 # apex's own amp tests (tests/L0/run_amp, summarized in spec/apex-compat.md §5), rebuilt for moreh_ap on CPU.
+import copy
 import itertools
 
 import pytest
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 
 from moreh_ap.apex import amp
 from moreh_ap.apex.amp import _amp_state
+from moreh_ap.apex.amp import loss_casts
 
 LEVELS = ("O0", "O1", "O2", "O3")
 
@@ -17,6 +19,7 @@ def _reset_amp_state():
     yield
     _amp_state.allow_incoming_model_not_fp32 = False
     _amp_state.verbosity = 1
+    loss_casts.uninstall()  # O1's process-wide fp32 losses must not leak into other tests
 
 
 # -- test_checkpointing.py ------------------------------------------------------------------------
@@ -416,3 +419,55 @@ def test_o1_weight_cast_cache_follows_updates():
         expected = F.linear(x.half(), model[0].weight.half(), model[0].bias.half())
         torch.testing.assert_close(evaluated, expected)
         torch.testing.assert_close(model(x), expected)
+
+
+# -- O1: the loss computed outside the forward (apex ran every loss in fp32, process-wide) ---------
+
+LABELS = torch.tensor([0, 3, 1])
+# (name, what the loop does to the output first (in fp16), the loss on that and the fp32 target)
+OUTSIDE_LOSSES = [
+    ("mse_loss", None, lambda y, t: F.mse_loss(y, t)),
+    ("MSELoss_module", None, lambda y, t: nn.MSELoss()(y, t)),
+    ("huber_loss", None, lambda y, t: F.huber_loss(y, t)),
+    ("bce", torch.sigmoid, lambda y, t: F.binary_cross_entropy(y, t)),
+    ("l1_loss", None, lambda y, t: F.l1_loss(y, t)),
+    ("cross_entropy", None, lambda y, t: F.cross_entropy(y, LABELS)),
+    ("kl_div", lambda y: y.log_softmax(-1), lambda y, t: F.kl_div(y, t.softmax(-1), reduction="batchmean")),
+]
+
+
+@pytest.mark.parametrize("name,prepare,loss_fn", OUTSIDE_LOSSES, ids=[case[0] for case in OUTSIDE_LOSSES])
+def test_o1_loss_outside_the_forward_runs_in_fp32(name, prepare, loss_fn):
+    """The classic loop: fp16 output, fp32 target, loss outside the model (mixed-dtype backward
+    fails in torch for mse_loss <= 2.11, huber_loss and binary_cross_entropy)."""
+    prepare = prepare or (lambda y: y)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 4)
+    reference = copy.deepcopy(model)
+    model, optimizer = amp.initialize(model, torch.optim.SGD(model.parameters(), lr=0.1), opt_level="O1", verbosity=0)
+    x, target = torch.randn(3, 4), torch.rand(3, 4)
+    out = prepare(model(x))
+    assert out.dtype == HALF
+    loss = loss_fn(out, target)
+    assert loss.dtype == FLOAT, name
+    with amp.scale_loss(loss, optimizer) as scaled_loss:
+        scaled_loss.backward()
+    with torch.autocast("cpu", dtype=HALF):  # the same forward; the loss on its fp32 copy, by hand
+        ref_out = prepare(reference(x))
+    loss_casts.uninstall()
+    ref_loss = loss_fn(ref_out.float(), target)
+    ref_loss.backward()
+    assert torch.equal(loss.detach(), ref_loss.detach())
+    torch.testing.assert_close(model.weight.grad, reference.weight.grad)  # scale_loss unscaled them
+
+
+def test_o1_loss_casts_touch_fp16_only_and_end_with_another_level():
+    amp.initialize(nn.Linear(2, 2), opt_level="O1", verbosity=0)
+    assert loss_casts.installed()
+    assert F.mse_loss.__name__ == "mse_loss"
+    bf16 = torch.randn(3, dtype=torch.bfloat16)
+    assert F.mse_loss(bf16, bf16).dtype == torch.bfloat16  # bf16 (not apex's O1) is left alone
+    assert F.mse_loss(bf16.half(), bf16.half()).dtype == FLOAT
+    amp.initialize(nn.Linear(2, 2), opt_level="O2", verbosity=0)
+    assert not loss_casts.installed()
+    assert F.mse_loss(bf16.half(), bf16.half()).dtype == HALF  # torch's own function is back

@@ -27,9 +27,11 @@ loss_scale             1.0            dynamic    dynamic        1.0
   ``torch.autocast(device, dtype=torch.float16)`` — on CUDA and on CPU
   (torch 2.13's CPU autocast supports fp16; bf16 would need no loss scaling
   and so would not be apex's O1). apex patched torch functions process-wide;
-  here only the models' forwards are autocast: a loss computed outside the
-  forward sees the forward's output dtypes (torch promotes mixed fp16/fp32
-  operands). autocast's op lists are not apex's: on CUDA they are close
+  here only the models' forwards are autocast, plus torch.nn.functional's
+  loss functions (and so the nn.*Loss modules): while O1 is the level, they
+  cast fp16 arguments to fp32, so a loss computed outside the forward runs in
+  fp32 as in apex (torch's backward rejects a mixed fp16/fp32 mse_loss,
+  huber_loss or binary_cross_entropy). autocast's op lists are not apex's: on CUDA they are close
   (matmul/conv/linear in fp16; softmax, log_softmax, layer_norm, norms,
   exp/log/pow, sums and losses in fp32); on CPU, softmax, log_softmax,
   layer_norm, group_norm, exp, pow, sum, norm and cumsum stay in the

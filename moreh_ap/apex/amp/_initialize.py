@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+import moreh_ap.apex.amp.loss_casts as loss_casts
 from moreh_ap.apex.amp._amp_state import _amp_state
 from moreh_ap.apex.amp._process_optimizer import process_optimizer
 from moreh_ap.apex.amp.scaler import LossScaler
@@ -192,6 +193,9 @@ def _initialize(models, optimizers, properties, num_losses: int = 1, cast_model_
     if properties.patch_torch_functions:
         for model in model_list:
             _patch_forward_autocast(model, O1_AUTOCAST_DTYPE)
+        loss_casts.install()  # the loss outside the forward runs in fp32, as apex's O1 patched it
+    else:
+        loss_casts.uninstall()
 
     if opts_were_list:
         return (model_list if models_were_list else model_list[0]), opt_list
