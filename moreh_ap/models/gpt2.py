@@ -29,8 +29,8 @@ class _GPT2Stage(GPTLayoutStage):
         else:
             h = self.sequence_in(x)  # a sequence-sharded DTensor's shape is the whole sequence's
             pos = torch.arange(h.shape[1], device=x.device).unsqueeze(0)
-        mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask,
-                                  past_key_values=None, position_ids=pos)
+        # the cache (none) goes positionally: transformers 5.17 names it past_key_values, 5.25 cache
+        mask = create_causal_mask(self.config, h, attention_mask, None, position_ids=pos)
         for block in self.h:
             h = block(h, None, mask, None, encoder_attention_mask=None, use_cache=False, position_ids=pos)
         if self.last:

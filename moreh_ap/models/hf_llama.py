@@ -32,12 +32,12 @@ class _LlamaStage(SequenceStage):
 
         h = self.embed_tokens(x) if self.first else self.sequence_in(x)
         pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-        mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask,
-                                  past_key_values=None, position_ids=pos)
+        # the cache (none) goes positionally: transformers 5.17 names it past_key_values, 5.25 cache
+        mask = create_causal_mask(self.config, h, attention_mask, None, position_ids=pos)
         pe = self.rotary_emb(h, position_ids=pos)
         for layer in self.layers:
             h = layer(h, attention_mask=mask, position_embeddings=pe, position_ids=pos,
-                      past_key_values=None, use_cache=False)
+                      use_cache=False)
         if self.last:
             return self.lm_head(self.norm(h))
         h = self.sequence_out(h)
