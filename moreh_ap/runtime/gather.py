@@ -1,8 +1,8 @@
 # A loss-outside model's outputs: the differentiable all-gather of the global batch's, and work queued after their backward.
 """A model whose loss is computed by the script (``loss = criterion(model(x), y)``) runs its forward on
 this data-parallel rank's rows; :func:`gather_batch_outputs` all-gathers every output tensor over the dp
-group (``torch.distributed.nn.functional.all_gather``: autograd-aware, on gloo its backward is an
-all-to-all plus a sum), so the script sees the whole batch's outputs in one device's order.
+group (torch's autograd-aware functional all-gather: its backward is a sum-reduce-scatter), so the script
+sees the whole batch's outputs in one device's order.
 
 Gradients: every rank computes the same loss on the same gathered outputs, so the gather's backward
 hands rank r ``dp`` times the gradient of its rows; DDP / FSDP2 then average over dp: one device's
@@ -18,10 +18,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as funcol
 from torch.utils._pytree import tree_map_only
 
 __all__ = ["after_backward", "gather_batch_outputs"]
+
+# The autograd-aware all-gather on dim 0: torch 2.13 names it all_gather_single_autograd (its 2.11 name,
+# all_gather_tensor_autograd, is deprecated there, as is torch.distributed.nn.functional.all_gather).
+_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
 
 
 def gather_batch_outputs(out: Any, *, rows: int, sizes: list[int], group) -> Any:
@@ -47,7 +51,7 @@ def gather_batch_outputs(out: Any, *, rows: int, sizes: list[int], group) -> Any
                 "ranks; return per-sample outputs (batch first), or compute the loss inside the model")
         if rows < most:  # a short last batch: equal sizes for the collective, cut again below
             t = torch.cat([t, t.new_zeros((most - rows, *t.shape[1:]))])
-        parts = dist_fn.all_gather(t, group=group)
+        parts = _all_gather_autograd(t.contiguous(), 0, group).split(most)
         return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
     if hasattr(out, "to_tuple") and isinstance(out, dict):  # HF ModelOutput: keep its type and fields
