@@ -47,7 +47,13 @@ class _RecordingStage:
     def get_fwd_recv_ops(self, *a, **k):
         return []
 
-    get_fwd_send_ops = get_bwd_recv_ops = get_bwd_send_ops = get_fwd_recv_ops
+    # torch 2.11's single-stage schedules initialize through these (2.13: through _initialize_pp_stages)
+    get_fwd_send_ops = get_bwd_recv_ops = get_bwd_send_ops = _get_init_p2p_neighbors_ops = get_fwd_recv_ops
+
+    def _prepare_forward_infra(self, *a, **k) -> None:
+        pass
+
+    _prepare_backward_infra = _prepare_forward_infra
 
     def forward_one_chunk(self, mb: int, *a, **k) -> None:
         self.log.append(("F", self.local, mb))
