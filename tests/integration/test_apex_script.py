@@ -49,7 +49,8 @@ CASES = {
     "O2-lamb-fsdp2-zero-first": ({"APEX_LEVEL": "O2", "APEX_OPT": "lamb", "APEX_ZERO_FIRST": "1"}, FSDP),
     "O3-sgd-ddp": ({"APEX_LEVEL": "O3", "APEX_OPT": "sgd"}, DDP),
     "llama-O1-sgd-pp2": ({"APEX_LEVEL": "O1", "APEX_OPT": "sgd", "APEX_MODEL": "llama"}, PP2),
-    "llama-O2-lamb-pp2": ({"APEX_LEVEL": "O2", "APEX_OPT": "lamb", "APEX_MODEL": "llama"}, PP2),
+    "llama-O2-lamb-pp2-clip": ({"APEX_LEVEL": "O2", "APEX_OPT": "lamb", "APEX_MODEL": "llama", "APEX_CLIP": "0.5"},
+                               PP2),
 }
 
 _RUNS: dict = {}
@@ -116,6 +117,7 @@ def test_apex_script_under_ap_trains_like_one_device(tmp_dir, name):
         assert r["loss"] == ranks[0]["loss"]  # one loss on every rank
         assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5 if fp32 else 1e-3)
         assert r["scale"] == ref["scale"]  # the same loss-scale history (no rank skipped a step of its own)
+        assert r["norms"] == pytest.approx(ref["norms"], rel=1e-5 if fp32 else 1e-2)  # clipped over all stages
     # the last linear layer computed in the one-device dtype (O1 under a pipeline: its stage ran under autocast)
     assert sorted({d for r in ranks for d in r["dtypes"]}) == ref["dtypes"]
     assert {k: v.dtype for k, v in ckpt["model"].items()} == {k: v.dtype for k, v in ref_ckpt["model"].items()}

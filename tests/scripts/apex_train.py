@@ -17,9 +17,12 @@ Variables:
         AP engages).
     APEX_HALVES: ``1`` (one device only): each step backpropagates the two halves of the batch in turn (the
         halves a dp 2 run gives its ranks), through ``scale_loss`` as gradient accumulation.
+    APEX_CLIP: a max norm: ``torch.nn.utils.clip_grad_norm_(amp.master_params(optimizer), max_norm)`` before
+        each step (what apex's examples clip; the norms are printed).
     APEX_RESUME: a checkpoint this script saved: loaded after ``amp.initialize`` (apex's order).
     APEX_OUT: where to save ``{"model", "optimizer", "amp", "init"}`` at the end (rank 0 writes under AP).
-Prints ``RESULT {json}`` on every rank: the losses, the loss scale, the dtypes the last linear layer's output had.
+Prints ``RESULT {json}`` on every rank: the losses, the loss scale, the dtypes the last linear layer's output had,
+the clipped norms.
 """
 import json
 import os
@@ -36,6 +39,8 @@ OPT = os.environ.get("APEX_OPT", "lamb")
 STEPS = int(os.environ.get("APEX_STEPS", "4"))
 ZERO_FIRST = os.environ.get("APEX_ZERO_FIRST") == "1"
 HALVES = os.environ.get("APEX_HALVES") == "1"
+CLIP = float(os.environ.get("APEX_CLIP", "0"))
+NORMS = []
 
 
 class Net(nn.Module):
@@ -100,6 +105,8 @@ def train_step(model, criterion, optimizer, inp, target) -> float:
         with amp.scale_loss(loss, optimizer) as scaled_loss:
             scaled_loss.backward()
         total += loss.item()
+    if CLIP:
+        NORMS.append(float(torch.nn.utils.clip_grad_norm_(amp.master_params(optimizer), CLIP)))
     optimizer.step()
     return total
 
@@ -127,7 +134,7 @@ def main() -> None:
     if os.environ.get("APEX_OUT"):
         torch.save(checkpoint, os.environ["APEX_OUT"])
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    print("RESULT " + json.dumps({"rank": rank, "loss": losses, "dtypes": sorted(seen), "scale": amp.state_dict()["loss_scaler0"]}),
+    print("RESULT " + json.dumps({"rank": rank, "loss": losses, "dtypes": sorted(seen), "norms": NORMS, "scale": amp.state_dict()["loss_scaler0"]}),
           flush=True)
 
 

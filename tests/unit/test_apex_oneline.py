@@ -140,3 +140,22 @@ def test_an_overflow_found_on_another_rank_skips_the_step_here(level):
     _step(model, opt, x, y)
     assert seen == [False] and amp.state_dict()["loss_scaler0"]["loss_scale"] == 2.0**15
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_o1_nanogpt_passes_the_pipeline_split_check_under_autocast():
+    """AP checks a nanoGPT-style split against the model's own forward; under O1 that forward is autocast, and
+    so is the split's stage (else the fp32 split and the fp16 forward differ and the check refuses the model)."""
+    from moreh_ap.models import find_adapter
+    from moreh_ap.oneline.loss_mode import decide_loss_mode
+    from tests.helpers.loss_scripts import GPT_CFG, build_model
+    from tests.helpers.script_models import gpt_batch
+
+    model = build_model("gpt", 0)
+    with torch.no_grad():  # large logits: the fp16 forward's loss differs from an fp32 split's beyond the check's 1e-4
+        for p in model.parameters():
+            p.mul_(4.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = amp.initialize(model, opt, opt_level="O1", verbosity=0)
+    x, y = gpt_batch(torch.Generator().manual_seed(0), n=2, cfg=GPT_CFG)
+    mode = decide_loss_mode(model, (x, y), {}, adapter=find_adapter(model))
+    assert mode.kind == "own" and mode.pipeline
