@@ -38,6 +38,7 @@ ONE = {"MOREH_AP_CONFIG": _config(batch_per_device=8)}
 DDP = {"MOREH_AP_NPROC": "2", "MOREH_AP_CONFIG": _config(batch_per_device=4)}
 FSDP = {"MOREH_AP_NPROC": "2", "MOREH_AP_CONFIG": _config(batch_per_device=4, distribute_param=True)}
 PP2 = {"MOREH_AP_NPROC": "2", "MOREH_AP_CONFIG": _config(num_stages=2, num_micro_batches=2, batch_per_device=2)}
+TP2 = {"MOREH_AP_NPROC": "2", "MOREH_AP_CONFIG": _config(batch_per_device=4, tp=2)}
 
 # name -> (the script's variables, the AP launch's)
 CASES = {
@@ -51,6 +52,9 @@ CASES = {
     "llama-O1-sgd-pp2": ({"APEX_LEVEL": "O1", "APEX_OPT": "sgd", "APEX_MODEL": "llama"}, PP2),
     "llama-O2-lamb-pp2-clip": ({"APEX_LEVEL": "O2", "APEX_OPT": "lamb", "APEX_MODEL": "llama", "APEX_CLIP": "0.5"},
                                PP2),
+    "llama-O1-sgd-tp2": ({"APEX_LEVEL": "O1", "APEX_OPT": "sgd", "APEX_MODEL": "llama"}, TP2),
+    "llama-O2-lamb-tp2-clip": ({"APEX_LEVEL": "O2", "APEX_OPT": "lamb", "APEX_MODEL": "llama", "APEX_CLIP": "0.5"},
+                               TP2),
 }
 
 _RUNS: dict = {}
@@ -101,8 +105,8 @@ def _assert_optimizer_state(ap: dict, ref: dict, *, fp32: bool) -> None:
                 assert (got.float() - v.float()).norm() <= 0.02 * v.float().norm() + 1e-6, (i, k)
 
 
-FULL_ONLY = {"O1-sgd-fsdp2", "O2-lamb-1proc-zero-first", "O3-sgd-ddp"}
-"""Run with ``-m full`` only (the default set covers every level, DDP, FSDP2 and the pipeline)."""
+FULL_ONLY = {"O1-sgd-fsdp2", "O2-lamb-1proc-zero-first", "O3-sgd-ddp", "llama-O1-sgd-tp2", "llama-O2-lamb-tp2-clip"}
+"""Run with ``-m full`` only (the default set covers O0-O2, DDP, FSDP2 and the pipeline)."""
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.full) if n in FULL_ONLY else n for n in CASES])
