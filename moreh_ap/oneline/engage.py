@@ -8,6 +8,8 @@ the optimizer is rebound), and the root instance's class is swapped for a subcla
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -54,7 +56,8 @@ def engage(root: nn.Module, args, kwargs) -> Engine:
         else:
             args, kwargs = broadcast_inputs(args, kwargs)
         recompute_fixed = _hf_checkpointing(root)
-        config, prediction = choose_plan(root, args, kwargs, optimizer=optimizer, options=STATE.options,
+        options = _amp_options(root, STATE.options)
+        config, prediction = choose_plan(root, args, kwargs, optimizer=optimizer, options=options,
                                          recompute_fixed=recompute_fixed, restricted=mode.why,
                                          one_micro_batch=mode.outside)
         config = _precision_of(root, config)
@@ -83,6 +86,14 @@ def _user_optimizer(root: nn.Module) -> torch.optim.Optimizer:
         raise NotImplementedError(f"advanced parallelization: {len(found)} optimizers hold parameters of "
                                   f"{type(root).__name__}; use one optimizer (param groups are fine)")
     return found[0]  # state it holds (loaded, or from earlier steps) is carried by parallelize from rank 0
+
+
+def _amp_options(root: nn.Module, options):
+    """The search options without AP's bf16 ``mixed_precision`` for a model whose precision a mixed-precision
+    library (apex's amp) set: the planner plans (and prices) what will run."""
+    if precision_owner(root) is None or not options.mixed_precision:
+        return options
+    return dataclasses.replace(options, mixed_precision=False)
 
 
 def _precision_of(root: nn.Module, config):
