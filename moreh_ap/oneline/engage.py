@@ -8,6 +8,8 @@ the optimizer is rebound), and the root instance's class is swapped for a subcla
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -19,6 +21,7 @@ from moreh_ap.oneline.state import STATE, Internal, cuda_available
 from moreh_ap.oneline.state_dicts import swap_optimizer
 from moreh_ap.oneline.step import Engine, broadcast_inputs, inputs_on_device
 from moreh_ap.oneline.swap import swap_class
+from moreh_ap.precision_hooks import model_param, precision_owner
 from moreh_ap.runtime import init_distributed, parallelize
 
 __all__ = ["engage", "OptimizerAlreadySteppedError", "APNotEngagedError"]
@@ -53,9 +56,11 @@ def engage(root: nn.Module, args, kwargs) -> Engine:
         else:
             args, kwargs = broadcast_inputs(args, kwargs)
         recompute_fixed = _hf_checkpointing(root)
-        config, prediction = choose_plan(root, args, kwargs, optimizer=optimizer, options=STATE.options,
+        options = _amp_options(root, STATE.options)
+        config, prediction = choose_plan(root, args, kwargs, optimizer=optimizer, options=options,
                                          recompute_fixed=recompute_fixed, restricted=mode.why,
                                          one_micro_batch=mode.outside)
+        config = _precision_of(root, config)
         if recompute_fixed and hasattr(root, "gradient_checkpointing_disable"):
             root.gradient_checkpointing_disable()  # the runtime's checkpoint wrappers recompute instead
         _place_deferred(except_root=root)
@@ -75,11 +80,30 @@ def engage(root: nn.Module, args, kwargs) -> Engine:
 
 def _user_optimizer(root: nn.Module) -> torch.optim.Optimizer:
     mine = {id(p) for p in root.parameters()}
-    found = [o for o in list(STATE.optimizers) if any(id(p) in mine for g in o.param_groups for p in g["params"])]
+    found = [o for o in list(STATE.optimizers)
+             if any(id(model_param(p)) in mine for g in o.param_groups for p in g["params"])]  # masters: apex O2
     if len(found) > 1:
         raise NotImplementedError(f"advanced parallelization: {len(found)} optimizers hold parameters of "
                                   f"{type(root).__name__}; use one optimizer (param groups are fine)")
     return found[0]  # state it holds (loaded, or from earlier steps) is carried by parallelize from rank 0
+
+
+def _amp_options(root: nn.Module, options):
+    """The search options without AP's bf16 ``mixed_precision`` for a model whose precision a mixed-precision
+    library (apex's amp) set: the planner plans (and prices) what will run."""
+    if precision_owner(root) is None or not options.mixed_precision:
+        return options
+    return dataclasses.replace(options, mixed_precision=False)
+
+
+def _precision_of(root: nn.Module, config):
+    """The config without AP's bf16 ``mixed_precision`` when a mixed-precision library (apex's amp) already set
+    the model's and optimizer's precision: amp's numerics stay those of one device (one log line says so)."""
+    owner = precision_owner(root)
+    if owner is None or not config.mixed_precision:
+        return config
+    logger.info(f"advanced parallelization: {owner} sets the precision; AP's mixed_precision (bf16) is off")
+    return config.replace(mixed_precision=False)
 
 
 def _unwrap_compiled(root: nn.Module) -> tuple[nn.Module | None, nn.Module]:

@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 from moreh_ap.models import ModelAdapter, is_hf_model
 from moreh_ap.runtime.dist import device_for_rank, rank, world_size
 from moreh_ap.runtime.outputs import LossLocation, find_loss
+from moreh_ap.precision_hooks import autocast_dtype, autocast_like
 
 __all__ = ["LossMode", "decide_loss_mode", "check_same_inputs", "AdapterMismatchError"]
 
@@ -145,6 +146,9 @@ def _check_adapter(adapter: ModelAdapter, args: tuple, kwargs: dict, expected: t
     with torch.random.fork_rng(devices=[]):  # the same dropout masks as the model's forward had
         torch.set_rng_state(rng)
         stage, _ = adapter.build_stage(0, n, first=True, last=True)
+        autocast = autocast_dtype(adapter.model)  # the model's forward runs under autocast (apex O1): the stages do
+        if autocast is not None:
+            autocast_like(stage, autocast)
         got = adapter.stage_loss()(stage(*inputs), target)
     if not torch.allclose(got.float(), expected.float(), rtol=1e-4, atol=1e-5):
         raise AdapterMismatchError(

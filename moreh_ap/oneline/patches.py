@@ -18,6 +18,7 @@ from moreh_ap.oneline.engage import APNotEngagedError
 from moreh_ap.oneline.probe import probe_call, remove_probe
 from moreh_ap.oneline.state import STATE, Internal, cuda_available, has_trainable, internal
 from moreh_ap.oneline.writes import patch_library_writes, patch_writes, restore_writes
+from moreh_ap.precision_hooks import is_master, model_param
 from moreh_ap.ranks import identity
 from moreh_ap.runtime.dist import created_by_ap
 
@@ -215,7 +216,8 @@ def _module_to(self, *args, **kwargs):
 def _clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None):
     """``torch.nn.utils.clip_grad_norm_``; on an engaged model's parameters, the global norm over stages and shards."""
     params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    engine = next((e for e in list(STATE.engines.values()) if any(id(p) in e.ids for p in params)), None)
+    # apex O2 clips amp.master_params(optimizer): fp32 masters that stand for the engaged model's parameters
+    engine = next((e for e in list(STATE.engines.values()) if any(id(model_param(p)) in e.ids for p in params)), None)
     if engine is None:
         return STATE.originals["clip"](params, max_norm, norm_type=norm_type,
                                        error_if_nonfinite=error_if_nonfinite, foreach=foreach)
@@ -223,9 +225,24 @@ def _clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fal
         raise NotImplementedError(f"clip_grad_norm_(norm_type={norm_type!r}) under advanced parallelization: "
                                   "only the 2-norm is supported")
     with Internal():
-        norm = engine.pm.clip_grad_norm_(float(max_norm))
+        if any(is_master(p) for p in params):
+            norm = _clip_masters_(engine.pm, params, float(max_norm))
+        else:
+            norm = engine.pm.clip_grad_norm_(float(max_norm))
     if error_if_nonfinite and not torch.isfinite(norm):
         raise RuntimeError(f"The total norm of order {norm_type} for gradients is non-finite, so it cannot be "
                            "clipped. To disable this error and scale the gradients by the non-finite norm "
                            "anyway, set `error_if_nonfinite=False`")
+    return norm
+
+
+@torch.no_grad()
+def _clip_masters_(pm, masters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip the gradients of an optimizer's fp32 masters (apex O2) by their global norm over stages and
+    shards (torch's formula, as on one device); returns the norm."""
+    norm = pm._optimizer_grad_norm(masters)
+    coef = float(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    for p in masters:
+        if p.grad is not None:
+            p.grad.mul_(coef)
     return norm

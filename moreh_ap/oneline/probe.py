@@ -17,12 +17,14 @@ from moreh_ap.log import logger
 from moreh_ap.oneline.aside import stand_aside
 from moreh_ap.oneline.engage import engage
 from moreh_ap.oneline.state import STATE, Internal, cuda_available, has_trainable, internal
+from moreh_ap.precision_hooks import model_param
 
 __all__ = ["probe_call", "remove_probe", "is_root"]
 
 
 def _optimizer_param_ids() -> set[int]:
-    return {id(p) for o in list(STATE.optimizers) for g in o.param_groups for p in g["params"]}
+    # an fp32 master (apex O2, made before the first forward by a zero_grad) counts as its model parameter
+    return {id(model_param(p)) for o in list(STATE.optimizers) for g in o.param_groups for p in g["params"]}
 
 
 def is_root(module: nn.Module) -> bool:

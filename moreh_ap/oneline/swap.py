@@ -44,7 +44,22 @@ def _swapped_call(self, *args, **kwargs):
 def _swapped_state_dict(self, *args, **kwargs):
     if internal() or args or kwargs.get("destination") is not None or kwargs.get("prefix"):
         return super(type(self), self).state_dict(*args, **kwargs)
-    return STATE.engines[self].full_state_dict()
+    return _full_state_dict(self)
+
+
+def _full_state_dict(root: nn.Module) -> dict:
+    """The engine's full state dict, passed through ``root``'s own state-dict hooks when no stage ran them (the
+    pipeline stages are new modules around the model's parts; e.g. apex O2's hook returns fp32 tensors)."""
+    engine = STATE.engines[root]
+    state = engine.full_state_dict()
+    if any(m is root for m in engine.pm.stage_modules.modules()):
+        return state  # the root is (inside) a stage: its state_dict() ran its hooks
+    metadata = {"version": getattr(root, "_version", None)}
+    for hook in list(root._state_dict_hooks.values()):
+        result = hook(root, state, "", metadata)
+        if result is not None:
+            state = result
+    return state
 
 
 def _swapped_load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -82,7 +97,7 @@ def _swapped_save_pretrained(self, save_directory, *args, **kwargs):
     check_usable("save_pretrained()")  # a collective: not after this rank's own failure
     state = kwargs.pop("state_dict", None)
     if state is None:
-        state = STATE.engines[self].full_state_dict()
+        state = _full_state_dict(self)
     result = None
     if rank() == 0:
         with Internal():

@@ -27,6 +27,7 @@ from moreh_ap.config import ParallelConfig
 from moreh_ap.fsdp_units import is_own_unit
 from moreh_ap.layout import ParallelLayout
 from moreh_ap.models import ModelAdapter, clean_name
+from moreh_ap.precision_hooks import autocast_dtype, autocast_like
 from moreh_ap.schedules import get_schedule
 
 __all__ = ["Stage", "Wrapper", "apply_pipeline", "apply_recompute", "apply_fsdp", "apply_replicate", "apply_ddp",
@@ -80,9 +81,12 @@ def apply_pipeline(adapter: ModelAdapter, layout: ParallelLayout, *, pp_rank: in
     if layout.pp == 1:
         return [Stage(0, model, adapter.container(), True, True)]
     stages = []
+    autocast = autocast_dtype(model)  # the model's forward runs under autocast (apex O1): so do its stages
     for s in layout.stages_of(pp_rank):
         first, last = layout.is_first_stage(s), layout.is_last_stage(s)
         module, container = adapter.build_stage(*ranges[s], first=first, last=last)
+        if autocast is not None:
+            autocast_like(module, autocast)
         stages.append(Stage(s, module, container, first, last))
     return stages
 

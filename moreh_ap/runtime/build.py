@@ -17,7 +17,9 @@ import torch.distributed as dist
 from moreh_ap.config import ParallelConfig
 from moreh_ap.layout import ParallelLayout
 import moreh_ap.runtime.apply as A
-from moreh_ap.runtime.dist import BUCKET_BYTES, device_for_rank, module_tensors, rank, recv_tensors, send_tensors
+from moreh_ap.runtime.dist import (BUCKET_BYTES, device_for_rank, module_tensors, rank, recv_tensors, send_tensors,
+                                   world_size)
+from moreh_ap.precision_hooks import release_masters, set_overflow_sync
 from moreh_ap.runtime.optim_state import OptimizerMap, plain_class, register_map
 from moreh_ap.runtime.optim_transfer import carry_rank0_state
 from moreh_ap.models import ModelAdapter
@@ -94,6 +96,7 @@ def rebind_optimizer(optimizer: torch.optim.Optimizer, ids: dict[int, list[str]]
     Raises:
         ValueError: the optimizer holds a parameter that is not in the model.
     """
+    release_masters(optimizer)  # fp32 masters of a mixed-precision optimizer (apex O2): its model params back
     by_name = {}
     for names, p in A.named_local_params(stages, wrapper):
         for n in names:
@@ -118,4 +121,13 @@ def rebind_optimizer(optimizer: torch.optim.Optimizer, ids: dict[int, list[str]]
     optimizer.state = defaultdict(dict)
     register_map(optimizer, omap)
     carry_rank0_state(optimizer, before, omap, device=device_for_rank())
+    if world_size() > 1:  # a loss scaler sees this rank's gradients only: the ranks agree on an overflow
+        set_overflow_sync(optimizer, _any_rank)
     return omap
+
+
+def _any_rank(found: bool) -> bool:
+    """Whether ``found`` is True on any rank (an all-reduce over the world: every rank calls it)."""
+    flag = torch.tensor([1.0 if found else 0.0], device=device_for_rank())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())

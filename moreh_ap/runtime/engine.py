@@ -27,6 +27,7 @@ from moreh_ap.signals import step_boundary
 from moreh_ap.runtime.gather import after_backward, gather_batch_outputs
 from moreh_ap.runtime.norm import NormParams, clip_params_, global_norm
 from moreh_ap.models import ModelAdapter, find_adapter, map_stage_names, param_names
+from moreh_ap.precision_hooks import model_param
 from moreh_ap.runtime.state_dict import full_state_dict
 from moreh_ap.runtime.steps import LossSource, StepRunner, to_device
 from moreh_ap.runtime.ties import find_tied_params, norm_params, sum_tied_grads
@@ -306,10 +307,10 @@ class ParallelModel(nn.Module):
         None (no collective) when none of ``params`` belongs to this model."""
         mine = self.norm_params()
         held = {id(p) for p in mine.everything}
-        if not any(id(p) in held for p in params):
+        if not any(id(model_param(p)) in held for p in params):  # an fp32 master (apex O2): its parameter's
             return None
         skip = held - {id(p) for p in mine.counted}
-        return global_norm([p.grad for p in params if p.grad is not None and id(p) not in skip],
+        return global_norm([p.grad for p in params if p.grad is not None and id(model_param(p)) not in skip],
                            dp_rank=mine.dp_rank)
 
     # ------------------------------------------------------------ utilities

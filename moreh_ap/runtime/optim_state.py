@@ -23,6 +23,7 @@ import torch
 
 from moreh_ap.models.tp_plan import Relay, from_tp_order, to_tp_order
 from moreh_ap.optim.norms import is_dtensor
+from moreh_ap.precision_hooks import model_param
 
 __all__ = ["OptimizerMap", "register_map", "map_of", "plain_class", "named_from_one_device", "one_device_from_named",
            "lay_named_state", "local_named_state", "full_value", "shard_value", "skeleton"]
@@ -138,7 +139,7 @@ def lay_named_state(optimizer: torch.optim.Optimizer, named: dict[str, Any], oma
     copies on several ranks the same. Uses the user's class's own ``load_state_dict`` (dtype/device policy)."""
     local_groups, state, index = [], {}, 0
     for g, names, saved in zip(optimizer.param_groups, omap.group_names, named["param_groups"]):
-        mine = {id(p) for p in g["params"]}
+        mine = {id(model_param(p)) for p in g["params"]}  # an fp32 master (apex O2) counts as its parameter
         ids = []
         held = [n for n in names if n in omap.local and id(omap.local[n]) in mine]
         if len(held) != len(g["params"]):
@@ -159,7 +160,7 @@ def lay_named_state(optimizer: torch.optim.Optimizer, named: dict[str, Any], oma
 
 def _in_group_order(params: list[torch.Tensor], held: list[str], omap: OptimizerMap) -> list[str]:
     by_id = {id(omap.local[n]): n for n in held}
-    return [by_id[id(p)] for p in params]
+    return [by_id[id(model_param(p))] for p in params]
 
 
 def local_named_state(optimizer: torch.optim.Optimizer, omap: OptimizerMap, *, full: bool) -> dict[str, Any]:
@@ -171,7 +172,7 @@ def local_named_state(optimizer: torch.optim.Optimizer, omap: OptimizerMap, *, f
         for p in g["params"]:
             st = optimizer.state.get(p)
             if st:
-                n = name_of[id(p)]
+                n = name_of[id(model_param(p))]
                 relay = omap.relays.get(n)
                 state[n] = {k: (_one_device(full_value(p, v), relay) if full else v) for k, v in st.items()}
     groups = [{**_hyper(g), "params": list(names)} for g, names in zip(optimizer.param_groups, omap.group_names)]

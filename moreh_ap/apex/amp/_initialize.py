@@ -12,6 +12,7 @@ import moreh_ap.apex.amp.loss_casts as loss_casts
 from moreh_ap.apex.amp._amp_state import _amp_state
 from moreh_ap.apex.amp._process_optimizer import process_optimizer
 from moreh_ap.apex.amp.scaler import LossScaler
+from moreh_ap.precision_hooks import claim_precision, mark_autocast
 
 # O1's autocast dtype, on CUDA and on CPU alike: apex's O1 is fp16, and torch 2.13's CPU autocast
 # supports fp16 as well as bf16, so the numerics (and the need for loss scaling) stay apex's.
@@ -125,6 +126,7 @@ def _patch_forward_autocast(model: torch.nn.Module, dtype: torch.dtype) -> None:
         with torch.autocast(device_type=_model_device_type(model, args, kwargs), dtype=dtype):
             return old_forward(*args, **kwargs)
 
+    mark_autocast(forward, dtype)  # AP runs pipeline stages under the same autocast
     model.forward = forward
 
 
@@ -180,6 +182,8 @@ def _initialize(models, optimizers, properties, num_losses: int = 1, cast_model_
 
     for optimizer in opt_list:
         process_optimizer(optimizer, properties)
+    for model in model_list:  # AP adds no bf16 mixed precision on top of amp's
+        claim_precision(model, f"apex amp {properties.opt_level}")
 
     _amp_state.loss_scalers = [
         LossScaler(

@@ -10,6 +10,11 @@ by fp32 copies lazily (first ``scale_loss``, ``zero_grad``, ``step`` or
 ``add_param_group``) so that a ``model.load_state_dict`` between
 ``initialize`` and training is picked up; after every ``step`` the masters are
 copied into the fp16 model parameters and the master grads are cleared.
+
+Each master is marked as standing for its model parameter
+(:mod:`moreh_ap.precision_hooks`), and the optimizer gets a release hook that
+puts the model parameters back (AP calls it before rebinding the optimizer to
+its ranks' parameters; the masters are made again at the next lazy init).
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ import types
 import torch
 
 from moreh_ap.apex.amp._amp_state import maybe_print
+from moreh_ap.apex.amp.scaler import local
+from moreh_ap.precision_hooks import mark_master, set_release_hook
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _CLOSURE_ERROR = "Currently, Amp does not support closure use with optimizers."
@@ -51,6 +58,7 @@ def _make_masters(optimizer: torch.optim.Optimizer, group: dict) -> None:
         if param.dtype in _LOW_PRECISION:
             master = param.detach().clone().float()
             master.requires_grad_(True)
+            mark_master(master, param)
             group["params"][i] = master
             stash.all_fp16_params.append(param)
             stash.all_fp32_from_fp16_params.append(master)
@@ -73,14 +81,88 @@ def _lazy_init(optimizer: torch.optim.Optimizer) -> None:
     if stash.master_weights:
         for group in optimizer.param_groups:
             _make_masters(optimizer, group)
-        # recast any existing state (e.g. momentum loaded before the masters existed) to fp32
-        optimizer.load_state_dict(optimizer.state_dict())
+        _recast_state(optimizer)
+
+
+def _recast_state(optimizer: torch.optim.Optimizer) -> None:
+    """Existing state (e.g. momentum loaded before the masters existed) cast to its parameter's dtype and
+    device, as apex's ``optimizer.load_state_dict(optimizer.state_dict())`` round trip does with torch's
+    policy (``step`` kept as it is), without going through a ``state_dict`` that a wrapper may have replaced
+    (under AP that one is the one-device format, a collective)."""
+    with torch.no_grad():
+        for param, state in optimizer.state.items():
+            for key, value in list(state.items()):
+                if key == "step" or not isinstance(value, torch.Tensor):
+                    continue
+                if param.is_floating_point() and value.is_floating_point():
+                    state[key] = value.to(dtype=param.dtype, device=param.device)
+                else:
+                    state[key] = value.to(device=param.device)
+
+
+def _exact_in(dtype: torch.dtype, value: torch.Tensor) -> bool:
+    """Whether the fp32 ``value`` survives a round trip through ``dtype`` unchanged."""
+    return bool(torch.equal(value.to(dtype).to(value.dtype), value))
+
+
+def _casts_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether loading state casts it to the parameters' dtype (torch's ``load_state_dict``, which AP's
+    rebinding uses); FusedLAMB's own keeps the moments of fp16 parameters in fp32."""
+    return type(optimizer).load_state_dict is torch.optim.Optimizer.load_state_dict
+
+
+def _lossless(optimizer: torch.optim.Optimizer, master: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether ``param`` can stand in for ``master`` without rounding: the same values, and state that the
+    rebinding's load keeps exactly."""
+    if not torch.equal(param.detach().float(), master.detach().float()):
+        return False
+    if not _casts_state(optimizer):
+        return True
+    state = optimizer.state.get(master, {})
+    return all(_exact_in(param.dtype, v.float()) for k, v in state.items()
+               if k != "step" and isinstance(v, torch.Tensor) and v.is_floating_point())
+
+
+def release_masters(optimizer: torch.optim.Optimizer) -> None:
+    """Put the model parameters back in the groups in place of their masters (AP rebinds the optimizer to
+    its ranks' parameters; the next lazy init makes their masters). The masters' state moves to the model
+    parameters unchanged (the rebinding loads it with the optimizer's own policy).
+
+    Raises:
+        NotImplementedError: the masters hold what their low-precision parameters cannot (steps were taken
+            before AP engaged): releasing them would round the fp32 weights or state.
+    """
+    stash = optimizer._amp_stash
+    if not stash.lazy_init_called or not stash.master_weights:
+        return
+    pairs = dict(zip(map(id, stash.all_fp32_from_fp16_params), stash.all_fp16_params))
+    for group in optimizer.param_groups:
+        for master in group["params"]:
+            param = pairs.get(id(master))
+            if param is not None and not _lossless(optimizer, master, param):
+                raise NotImplementedError(
+                    "amp O2 (master_weights=True) under advanced parallelization: AP engaged after optimizer "
+                    "steps had updated the fp32 master weights, which the fp16 model cannot hold; enable AP "
+                    "(enable_advanced_parallelization() / MOREH_ENABLE_ADVANCED_PARALLELIZATION=1) before the first "
+                    "training step, or use opt_level O1/O3 (no masters)")
+    for group in optimizer.param_groups:
+        for i, master in enumerate(group["params"]):
+            param = pairs.get(id(master))
+            if param is None:
+                continue
+            group["params"][i] = param
+            if master in optimizer.state:
+                optimizer.state[param] = optimizer.state.pop(master)
+    stash.all_fp16_params, stash.all_fp32_from_fp16_params, stash.all_fp32_from_fp32_params = [], [], []
+    stash.grad_stash.clear()
+    stash.lazy_init_called = False
 
 
 def _master_params_to_model_params(stash: AmpStash) -> None:
     if stash.all_fp16_params:
         with torch.no_grad():
-            torch._foreach_copy_(stash.all_fp16_params, stash.all_fp32_from_fp16_params)
+            torch._foreach_copy_([local(p) for p in stash.all_fp16_params],
+                                 [local(m) for m in stash.all_fp32_from_fp16_params])
 
 
 def _unscale_models_are_masters(scaler, params: list[torch.Tensor], stash: dict) -> None:
@@ -98,7 +180,7 @@ def _unscale_models_are_masters(scaler, params: list[torch.Tensor], stash: dict)
             stashed.append(old)
     scaler.unscale_(fresh)
     if with_stash:
-        torch._foreach_add_(with_stash, stashed)
+        torch._foreach_add_([local(g) for g in with_stash], [local(g) for g in stashed])
 
 
 def prepare_backward(optimizer: torch.optim.Optimizer) -> None:
@@ -138,7 +220,7 @@ def post_backward(optimizer: torch.optim.Optimizer, scaler) -> None:
     for master, grad in zip(new_masters, new_grads):
         master.grad = grad
     if accumulate:
-        torch._foreach_add_(accumulate_into, accumulate)
+        torch._foreach_add_([local(g) for g in accumulate_into], [local(g) for g in accumulate])
     _unscale_models_are_masters(scaler, stash.all_fp32_from_fp32_params, stash.grad_stash)
 
 
@@ -195,6 +277,7 @@ def process_optimizer(optimizer: torch.optim.Optimizer, properties) -> torch.opt
     optimizer._amp_lazy_init = types.MethodType(_lazy_init, optimizer)
     if properties.master_weights:
         _patch_master_weights(optimizer)
+        set_release_hook(optimizer, types.MethodType(release_masters, optimizer))
     return optimizer
 
 

@@ -7,6 +7,7 @@ import torch
 
 from moreh_ap.apex.amp._amp_state import _amp_state
 from moreh_ap.apex.amp._process_optimizer import install_skip_step
+from moreh_ap.precision_hooks import agree_overflow
 
 
 def _as_optimizer_list(optimizers) -> list[torch.optim.Optimizer]:
@@ -69,6 +70,9 @@ def scale_loss(loss, optimizers, loss_id=0, model=None, delay_unscale=False, del
     for opt in opts:
         opt._post_amp_backward(scaler)
         opt._amp_stash.params_have_scaled_gradients = False
+    if not delay_overflow_check:
+        for opt in opts:  # gradients spread over ranks (AP): every rank skips the same steps
+            scaler._has_overflow = agree_overflow(opt, scaler._has_overflow)
     should_skip = False if delay_overflow_check else scaler.update_scale()
     if should_skip:
         for opt in opts:

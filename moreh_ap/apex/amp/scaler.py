@@ -2,8 +2,15 @@
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 
 _GROWTH_INTERVAL = 2000
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (in-place ops on it change the DTensor), any other tensor itself: torch's
+    foreach kernels take plain tensors (FSDP2's sharded gradients and masters are DTensors)."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[int]]:
@@ -49,6 +56,7 @@ class LossScaler:
         """``g *= 1/scale`` in place for every grad, noting any inf/NaN among them."""
         if not grads:
             return
+        grads = [local(g) for g in grads]
         for indices in _by_device(grads).values():
             device = grads[indices[0]].device
             found_inf = torch.zeros(1, dtype=torch.float32, device=device)
