@@ -28,23 +28,50 @@ class LaunchResult:
     seconds: float
 
 
-_SHARED: dict = {}  # (group, world) -> LaunchResult: one launch per test file's world size
+_SHARED: dict = {}  # (group, world) -> LaunchResult: one launch per group and world size
+_GROUPS: dict = {}  # group -> the cases test modules registered for it (several files can share a group)
 
 
-def shared_results(group: str, world: int, cases: list[dict], *, timeout: float = 600.0) -> dict:
-    """Rank 0's results of the ``cases`` whose ``"world"`` is ``world``, launched once per ``(group, world)``
-    and shared by every test that reads them; ``pytest.fail`` with the ranks' output when the launch failed."""
+def register(group: str, cases: list[dict]) -> None:
+    """Add ``cases`` to ``group``'s shared launches; call at a test module's import. pytest imports every
+    collected module before it runs a test, so the first launch of a world holds the cases of every collected
+    module that registered for the group (one start-up of the ranks instead of one per file). Cases with
+    ``"last": True`` run after the others of their launch (a case whose error ends the runner's state)."""
+    have = {c["id"] for c in _GROUPS.setdefault(group, [])}
+    again = [c["id"] for c in cases if c["id"] in have]
+    if again:
+        raise ValueError(f"case ids registered twice in group {group!r}: {again}")
+    _GROUPS[group].extend(cases)
+
+
+def registered(group: str) -> list[dict]:
+    """The cases registered for ``group`` so far (the registry's own dicts, in registration order)."""
+    return _GROUPS.get(group, [])
+
+
+def shared_launch(group: str, world: int, cases: list[dict] | None = None, *, timeout: float = 600.0) -> LaunchResult:
+    """The one launch of ``group`` on ``world`` ranks: its cases whose ``"world"`` is ``world`` (``cases``, else
+    those registered with :func:`register`), started at the first call and shared by every later one;
+    ``pytest.fail`` with the ranks' output when the launch failed."""
     import pytest
 
     key = (group, world)
     if key not in _SHARED:
-        mine = [c for c in cases if c["world"] == world]
-        _SHARED[key] = launch(world, mine, timeout=timeout)
+        pool = _GROUPS.get(group, []) if cases is None else cases
+        mine = sorted((c for c in pool if c["world"] == world), key=lambda c: bool(c.get("last")))
+        if not mine:
+            raise ValueError(f"no case of group {group!r} has world {world}")
+        _SHARED[key] = launch(world, mine, timeout=max(timeout, 60 + 15 * len(mine)))
         print(f"{group} launch world={world}: {len(mine)} cases in {_SHARED[key].seconds:.1f}s")
     res = _SHARED[key]
     if res.results is None:
         pytest.fail(f"launch {group} world={world} failed (rc={res.returncodes}):\n{res.output[-8000:]}")
-    return res.results
+    return res
+
+
+def shared_results(group: str, world: int, cases: list[dict] | None = None, *, timeout: float = 600.0) -> dict:
+    """Rank 0's results of :func:`shared_launch` (keyed by case id)."""
+    return shared_launch(group, world, cases, timeout=timeout).results
 
 
 def free_port() -> int:
