@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,6 +26,21 @@ class LaunchResult:
     output: str
     results: dict | None
     seconds: float
+    done: dict = field(default_factory=dict)
+    """Rank 0's results of the cases that finished before a rank failed (when ``results`` is None)."""
+
+
+class _Unfinished(dict):
+    """The finished cases of a failed shared launch: a test of another case fails with the ranks' output."""
+
+    def __init__(self, done: dict, message: str) -> None:
+        super().__init__(done)
+        self.message = message
+
+    def __missing__(self, key):
+        import pytest
+
+        pytest.fail(f"case {key!r} did not finish: {self.message}")
 
 
 _SHARED: dict = {}  # (group, world) -> LaunchResult: one launch per group and world size
@@ -52,8 +67,8 @@ def registered(group: str) -> list[dict]:
 def shared_launch(group: str, world: int, cases: list[dict] | None = None, *, timeout: float = 600.0) -> LaunchResult:
     """The one launch of ``group`` on ``world`` ranks: its cases whose ``"world"`` is ``world`` (``cases``, else
     those registered with :func:`register`), started at the first call and shared by every later one;
-    ``pytest.fail`` with the ranks' output when the launch failed."""
-    import pytest
+    when a rank failed, ``results`` holds the cases that finished before (their tests still check them) and
+    reading any other case fails its test with the ranks' output."""
 
     key = (group, world)
     if key not in _SHARED:
@@ -65,7 +80,8 @@ def shared_launch(group: str, world: int, cases: list[dict] | None = None, *, ti
         print(f"{group} launch world={world}: {len(mine)} cases in {_SHARED[key].seconds:.1f}s")
     res = _SHARED[key]
     if res.results is None:
-        pytest.fail(f"launch {group} world={world} failed (rc={res.returncodes}):\n{res.output[-8000:]}")
+        message = f"launch {group} world={world} failed (rc={res.returncodes}):\n{res.output[-8000:]}"
+        return replace(res, results=_Unfinished(res.done, message))
     return res
 
 
@@ -118,7 +134,10 @@ def launch(world: int, cases: list[dict], *, timeout: float = 240.0, env: dict |
             log.close()
         path = os.path.join(tmp, "results.pt")
         results = torch.load(path, weights_only=False) if os.path.exists(path) else None
-        return LaunchResult([p.returncode for p in procs], "\n".join(out), results, time.time() - t0)
+        done = {} if results is not None else {  # a rank failed: the cases rank 0 finished before
+            c["id"]: torch.load(os.path.join(tmp, f"done{i}.pt"), weights_only=False)
+            for i, c in enumerate(cases) if os.path.exists(os.path.join(tmp, f"done{i}.pt"))}
+        return LaunchResult([p.returncode for p in procs], "\n".join(out), results, time.time() - t0, done)
 
 
 def _worker(tmp: str) -> None:
@@ -134,7 +153,7 @@ def _worker(tmp: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     cases = torch.load(os.path.join(tmp, "cases.pt"), weights_only=False)
     results = {}
-    for case in cases:
+    for i, case in enumerate(cases):
         t = time.time()
         try:
             res = _runner(case, parallel_run)(case, world, rank)
@@ -144,6 +163,8 @@ def _worker(tmp: str) -> None:
             os._exit(1)
         res["seconds"] = time.time() - t
         results[case["id"]] = res
+        if rank == 0:  # kept if a later case fails
+            torch.save(res, os.path.join(tmp, f"done{i}.pt"))
     if rank == 0:
         torch.save(results, os.path.join(tmp, "results.pt"))
     dist.barrier()
