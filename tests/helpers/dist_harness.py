@@ -117,8 +117,8 @@ def launch(world: int, cases: list[dict], *, timeout: float = 240.0, env: dict |
                                           stdout=log, stderr=subprocess.STDOUT))
         deadline = t0 + timeout
         while time.time() < deadline and any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs):  # one failed: give peers 20 s to notice
-                grace = time.time() + 20
+            if any(p.poll() not in (None, 0) for p in procs):  # one failed: peers get 10 s to notice, then are killed
+                grace = time.time() + 10
                 while time.time() < min(grace, deadline) and any(p.poll() is None for p in procs):
                     time.sleep(0.1)
                 break
