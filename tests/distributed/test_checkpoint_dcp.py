@@ -3,7 +3,8 @@
 (``moreh_ap.checkpoint.save``); a NEW launch (new processes) builds the model with other weights, loads it
 under another configuration (or one process) and trains 2 more steps. Losses of all 6 steps, the final
 weights and the optimizer state (one-device format) equal 6 uninterrupted steps on one device: fp32,
-``assert_close(rtol=1e-4, atol=1e-5)``. One launch saves every case, one loads every case.
+``assert_close(rtol=1e-4, atol=1e-5)``. One launch saves every case, one loads every case (both shared
+with test_resume.py's cases).
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import torch
 
 import moreh_ap
 from moreh_ap.config import ParallelConfig
-from tests.helpers.dist_harness import launch
-from tests.helpers.resume_cases import RESUME_STEPS, SAVE_STEPS, batch, build_model, build_optimizer, reference
+from tests.helpers.dist_harness import register
+from tests.helpers.resume_cases import (LOAD_GROUP, RESUME_STEPS, SAVE_GROUP, SAVE_STEPS, batch, build_model,
+                                        build_optimizer, checkpoint_runs, reference)
 
-pytestmark = [pytest.mark.multirank, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.multirank, pytest.mark.timeout(500)]  # the first test waits for both shared launches
 
 RUNNER = "tests.helpers.resume_cases:run"
 PP2 = ParallelConfig(num_stages=2, num_micro_batches=2, batch_per_device=2, mixed_precision=False).to_dict()
@@ -34,7 +36,11 @@ CASES = {
     "gpt2-tied-adamw-tp2-to-fsdp2": ("gpt2", "adamw", TP2, FSDP2),
     "gpt2-tied-adamw-fsdp2-to-tp2": ("gpt2", "adamw", FSDP2, TP2),
 }
-_RUNS: dict = {}
+_COMMON = {cid: {"id": cid, "runner": RUNNER, "world": 2, "model": m, "optim": o, "file": cid}
+           for cid, (m, o, _, _) in CASES.items()}
+register(SAVE_GROUP, [{**_COMMON[c], "phase": "dcp-save", "cfg": CASES[c][2]} for c in CASES])
+register(LOAD_GROUP, [{**_COMMON[c], "phase": "dcp-load", "cfg": CASES[c][3]} for c in CASES
+                      if CASES[c][3] is not None])  # one save and one load launch with test_resume.py's cases
 
 
 def _close(a, b, what):
@@ -42,18 +48,7 @@ def _close(a, b, what):
 
 
 def _runs(tmp_path_factory) -> dict:
-    if not _RUNS:
-        root = tmp_path_factory.mktemp("dcp")
-        common = {cid: {"id": cid, "runner": RUNNER, "model": m, "optim": o, "path": str(root / cid)}
-                  for cid, (m, o, _, _) in CASES.items()}
-        saves = [{**common[c], "phase": "dcp-save", "cfg": CASES[c][2]} for c in CASES]
-        loads = [{**common[c], "phase": "dcp-load", "cfg": CASES[c][3]} for c in CASES if CASES[c][3] is not None]
-        for name, cases in (("save", saves), ("load", loads)):
-            res = launch(2, cases, timeout=300)
-            if res.results is None:
-                pytest.fail(f"{name} launch failed (rc={res.returncodes}):\n{res.output[-8000:]}")
-            _RUNS[name] = res.results
-    return _RUNS
+    return checkpoint_runs(tmp_path_factory)
 
 
 def _load_in_one_process(case_id: str, path: str) -> dict:
@@ -78,8 +73,7 @@ def test_checkpoint_resumes_under_another_config(case_id, tmp_path_factory):
     ref = reference({"model": model_name, "optim": optim})
     saved = runs["save"][case_id]
     if loaded_under is None:
-        path = next(iter(tmp_path_factory.getbasetemp().glob(f"dcp*/{case_id}")))
-        got = _load_in_one_process(case_id, str(path))
+        got = _load_in_one_process(case_id, str(runs["root"] / case_id))
     else:
         got = runs["load"][case_id]
         assert got["ranks"][0]["losses"] == got["ranks"][1]["losses"]
@@ -93,7 +87,7 @@ def test_checkpoint_resumes_under_another_config(case_id, tmp_path_factory):
     for i, st in want["state"].items():
         for k, v in st.items():
             _close(torch.as_tensor(have["state"][i][k]), torch.as_tensor(v), f"optimizer state {i}.{k}")
-    files = os.listdir(next(iter(tmp_path_factory.getbasetemp().glob(f"dcp*/{case_id}"))))
+    files = os.listdir(runs["root"] / case_id)
     assert ".metadata" in files and sum(f.endswith(".distcp") for f in files) == 2  # each rank wrote its part
 
 

@@ -5,18 +5,18 @@ trains 4 FusedLAMB steps (lr 1e-2, weight decay 0.01 so every parameter gets a t
 max_grad_norm below the model's grad norm so that clipping by the GLOBAL norm acts on every step)
 through ``moreh_ap.parallelize`` and is compared with single-process FusedLAMB on the same batches:
 fp32 losses of every step, grad norms and every final weight with ``assert_close(rtol=1e-4, atol=1e-5)``.
-All cases run in ONE launch of 2 ranks.
+All cases run in ONE launch of 2 ranks (the runtime group's: ``dist_harness.register``).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.helpers.dist_harness import launch
+from tests.helpers.dist_harness import register, shared_results
 from tests.helpers.runtime_cases import reference_run
 from moreh_ap.config import ParallelConfig
 
-pytestmark = [pytest.mark.multirank, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.multirank, pytest.mark.timeout(900)]  # the first test waits for the shared launch
 
 MAX_GRAD_NORM = 0.5
 
@@ -37,22 +37,12 @@ CASES = [
     _case("llama-dp2-fsdp", "llama", num_stages=1, num_micro_batches=1, distribute_param=True),
     _case("gpt-dp2-fsdp-mb2", "gpt", num_stages=1, num_micro_batches=2, distribute_param=True),
 ]
-_LAUNCH: dict = {}
-
-
-def _results() -> dict:
-    if "res" not in _LAUNCH:
-        _LAUNCH["res"] = launch(2, CASES, timeout=240)
-        print(f"launch: {len(CASES)} cases in {_LAUNCH['res'].seconds:.1f}s")
-    res = _LAUNCH["res"]
-    if res.results is None:
-        pytest.fail(f"launch failed (rc={res.returncodes}):\n{res.output[-8000:]}")
-    return res.results
+register("runtime", CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
 def test_fused_lamb_under_ap_matches_one_process(case):
-    got = _results()[case["id"]]
+    got = shared_results("runtime", case["world"])[case["id"]]
     ref = reference_run(case, ParallelConfig.from_dict(case["cfg"]).global_batch(case["world"]))
     # clipping by the global norm is exercised on every step (a per-rank norm would clip differently)
     assert min(ref["grad_norms"]) > MAX_GRAD_NORM, ref["grad_norms"]

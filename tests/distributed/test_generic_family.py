@@ -6,7 +6,7 @@ import torch
 
 import moreh_ap
 from moreh_ap.config import ParallelConfig
-from tests.helpers.dist_harness import launch
+from tests.helpers.dist_harness import register, shared_results
 from tests.helpers.models import tiny_neox
 
 pytestmark = pytest.mark.multirank
@@ -36,14 +36,16 @@ def neox_fsdp_run(case: dict, world: int, rank: int) -> dict:
     return {"losses": losses, "state": pm.full_state_dict(), "wrapped": wrapped}
 
 
+CFG = ParallelConfig(num_stages=1, num_micro_batches=2, batch_per_device=1, recomputation=True,
+                     distribute_param=True, distribute_low_prec_param=True, mixed_precision=False)
+register("runtime", [{"id": "neox", "runner": "tests.distributed.test_generic_family:neox_fsdp_run", "world": 2,
+                      "cfg": CFG.to_dict()}])  # in the runtime equivalence tests' 2-rank launch
+
+
 @pytest.mark.multirank
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)  # it may be the test that waits for the shared launch
 def test_generic_model_trains_like_one_device_with_fsdp_per_block_on_two_ranks():
-    cfg = ParallelConfig(num_stages=1, num_micro_batches=2, batch_per_device=1, recomputation=True,
-                         distribute_param=True, distribute_low_prec_param=True, mixed_precision=False)
-    res = launch(2, [{"id": "neox", "runner": "tests.distributed.test_generic_family:neox_fsdp_run", "cfg": cfg.to_dict()}])
-    assert res.results is not None, res.output
-    got = res.results["neox"]
+    got = shared_results("runtime", 2)["neox"]
     model = tiny_neox(3)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     ref = []

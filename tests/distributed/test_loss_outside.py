@@ -6,7 +6,7 @@ output shapes, an evaluation pass's outputs and every weight after 3 SGD or Adam
 read different batches stop with an error that says so, on every rank."""
 import pytest
 
-from tests.helpers.dist_harness import launch
+from tests.helpers.dist_harness import register, shared_launch
 from tests.helpers.loss_scripts import reference
 
 pytestmark = [pytest.mark.multirank, pytest.mark.timeout(600)]
@@ -15,7 +15,7 @@ RUNNER = "tests.helpers.loss_scripts:oneline_run"
 
 
 def _case(cid, dp, *, optimizer="sgd", n=8, **config):
-    return {"id": cid, "runner": RUNNER, "script": "cnn", "same_data": True,
+    return {"id": cid, "runner": RUNNER, "script": "cnn", "same_data": True, "world": dp,
             "kwargs": {"optimizer": optimizer, "n": n},
             "config": {"num_stages": 1, "num_micro_batches": 1, "batch_per_device": n // dp, **config}}
 
@@ -28,18 +28,14 @@ CASES_4 = [
     _case("dp4-ddp-adam", 4, optimizer="adam"),
     _case("dp4-fsdp-sgd", 4, distribute_param=True),
 ]
-DIFFER = {**_case("differ", 2), "differ_rank": 1}
+DIFFER = {**_case("differ", 2), "differ_rank": 1, "last": True}
 """Runs last in the 2-rank launch (its error is raised on every rank; the launch ends after it)."""
-_LAUNCHES: dict = {}
+register("oneline-losses", CASES_2 + [DIFFER])  # one 2-rank launch with test_oneline_losses.py's cases
 
 
 def _launch(world: int, cases: list[dict]):
-    """One launch per world size, shared by the tests that read it."""
-    if world not in _LAUNCHES:
-        _LAUNCHES[world] = launch(world, cases, timeout=540)
-    res = _LAUNCHES[world]
-    assert res.results is not None, res.output[-6000:]
-    return res
+    """One launch per world size, shared by the tests that read it (2 ranks: with other files' cases)."""
+    return shared_launch("oneline-losses", 2) if world == 2 else shared_launch("loss-outside", world, cases)
 
 
 def _check(case: dict, got: dict, world: int, tol: float = 1e-6) -> None:

@@ -6,7 +6,7 @@ final weight, ``rtol=1e-4, atol=1e-5`` as ``test_tensor_parallel.py``). A spy on
 the loss got: with ``labels=`` a ``Shard(-1)`` DTensor holding ``V / 2`` of the vocabulary on each rank (so the
 test fails on a head that gathers its logits); with a user ``loss_fn``, or a model reading its own loss
 (``output_loss``), the plain whole ``(B, S, V)`` logits. The evaluation forward's logits are plain and equal to
-one process's. One launch per world size.
+one process's. One launch per world size (2 ranks: the runtime group's, shared with other files).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from moreh_ap.config import ParallelConfig
-from tests.helpers.dist_harness import shared_results
+from tests.helpers.dist_harness import register, shared_results
 from tests.helpers.loss_parallel_cases import eval_ids
 from tests.helpers.runtime_cases import VOCAB, assert_close_fp32, build_model, reference_run
 
@@ -42,8 +42,11 @@ CASES = [
     {"id": "llama-pp2tp2-GPipe-labels", "model": "llama", "world": 4, "runner": RUNNER, "padding": True,
      "cfg": _cfg(tp=2, num_stages=2, num_micro_batches=2, schedule="GPipe")},
 ]
+register("runtime", [c for c in CASES if c["world"] == 2])  # the 2-rank cases in the runtime group's launch
+
+
 def _results(world: int) -> dict:
-    return shared_results("loss-parallel", world, CASES)
+    return shared_results("runtime", world) if world == 2 else shared_results("loss-parallel", world, CASES)
 
 
 # the 4-rank pipeline case runs with -m full: in the default run test_tensor_parallel.py's pp 2 x tp 2 cases (GPT-2

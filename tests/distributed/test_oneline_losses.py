@@ -7,7 +7,7 @@ tensor (see tests/unit/test_loss_outputs.py: AdamW turns fp32 summation-order di
 elements with ~0 gradient into differences up to lr)."""
 import pytest
 
-from tests.helpers.dist_harness import launch
+from tests.helpers.dist_harness import register, shared_launch
 from tests.helpers.loss_scripts import reference
 
 pytestmark = [pytest.mark.multirank, pytest.mark.timeout(600)]
@@ -19,15 +19,16 @@ def _cfg(stages, nmb, bpd, **more):
     return {"num_stages": stages, "num_micro_batches": nmb, "batch_per_device": bpd, **more}
 
 
-CASES_2 = [
+CASES_2 = [{**c, "runner": RUNNER, "world": 2} for c in [
     {"id": "gpt-pp1-dp2-2mb", "script": "gpt", "config": _cfg(1, 2, 1)},
     {"id": "gpt-pp2-1f1b", "script": "gpt", "config": _cfg(2, 2, 2)},
     {"id": "dict-dp2-fsdp", "script": "dict", "config": _cfg(1, 2, 2, distribute_param=True)},
     {"id": "hf-num-items-dp2", "script": "hf", "config": _cfg(1, 1, 2)},
-]
-CASES_4 = [
+]]
+CASES_4 = [{**c, "runner": RUNNER, "world": 4} for c in [
     {"id": "gpt-pp2xdp2-gpipe", "script": "gpt", "config": _cfg(2, 2, 1, schedule="GPipe")},
-]
+]]
+register("oneline-losses", CASES_2)  # one 2-rank launch with test_loss_outside.py's cases
 
 
 def _check(case: dict, got: dict, world: int) -> None:
@@ -51,9 +52,7 @@ def _check(case: dict, got: dict, world: int) -> None:
 @pytest.mark.parametrize("world,cases", [(2, CASES_2), pytest.param(4, CASES_4, marks=pytest.mark.full)],  # 4 ranks: -m full
                          ids=["2-ranks", "4-ranks"])
 def test_own_loss_models_match_one_process(world, cases):
-    cases = [{**c, "runner": RUNNER} for c in cases]
-    res = launch(world, cases, timeout=540)
-    assert res.results is not None, res.output[-6000:]
+    res = shared_launch("oneline-losses", 2) if world == 2 else shared_launch("own-loss", world, cases)
     for case in cases:
         _check(case, res.results[case["id"]], world)
     if any(c["config"]["num_stages"] > 1 for c in cases):  # the pipelines ran through the nanoGPT split

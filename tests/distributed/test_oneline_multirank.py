@@ -152,8 +152,12 @@ def example_off(tmp_path_factory):
     return out, _run([EXAMPLE, *EXAMPLE_ARGS, "--save-model-dir", out / "off"], out, ap="0")
 
 
+# 2-ranks-2-stages: -m full (CI time, a 2-rank run of the walkthrough). Covered in CI by 4-ranks-2-stages-x-dp2-zero3
+# (the same walkthrough, 2 stages, 4 micro-batches, every step's loss and the saved weights), by this file's
+# pp2-1f1b-line case (the one line, 2 stages on 2 ranks) and by the planner run of the walkthrough on 2 ranks below
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("case", list(EXAMPLE_CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.full] if c == "2-ranks-2-stages" else [])
+                                  for c in EXAMPLE_CASES])
 def test_example_pipelined_matches_one_device(case, example_off, tmp_path):
     """The seed's walkthrough with AP on (2 or 4 ranks) vs off: same loss at every step, same weights."""
     nproc, fields = EXAMPLE_CASES[case]

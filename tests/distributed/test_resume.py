@@ -5,8 +5,8 @@ launch builds the model (other weights on every rank) and optimizer, loads both 
 line engages (plain torch; carried at engagement) or AFTER (one training forward engages first), and
 trains 2 more steps. The 6 losses, the final weights and the final optimizer state (one-device format,
 rank 0) equal 6 uninterrupted steps on one device: fp32, ``assert_close(rtol=1e-4, atol=1e-5)``. Ranks
-other than 0 get meta placeholders from ``state_dict()``. One launch saves, one resumes every case; the
-pp 2 file is also continued on one device with plain ``torch.optim.AdamW``.
+other than 0 get meta placeholders from ``state_dict()``. One launch saves, one resumes every case (both shared
+with test_checkpoint_dcp.py's cases); the pp 2 file is also continued on one device with plain ``torch.optim.AdamW``.
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from moreh_ap.config import ParallelConfig
-from tests.helpers.dist_harness import launch
-from tests.helpers.resume_cases import RESUME_STEPS, SAVE_STEPS, batch, build_model, build_optimizer, reference
+from tests.helpers.dist_harness import register
+from tests.helpers.resume_cases import (LOAD_GROUP, RESUME_STEPS, SAVE_GROUP, SAVE_STEPS, batch, build_model,
+                                        build_optimizer, checkpoint_runs, reference)
 
 pytestmark = [pytest.mark.multirank, pytest.mark.timeout(500)]
 
@@ -36,7 +37,11 @@ RESUMED = {  # id: (saved case, config, when the state dicts are loaded)
     "gpt2-lamb-pp2-to-zero3-after": ("gpt2-lamb-pp2", ZERO3, "after"),
     "gpt2-lamb-pp2-to-pp2-after": ("gpt2-lamb-pp2", PP2, "after"),  # both tied copies filled by load_state_dict
 }
-_RUNS: dict = {}
+register(SAVE_GROUP, [{"id": sid, "runner": RUNNER, "world": 2, "phase": "save", "model": m, "optim": o, "cfg": cfg,
+                        "file": f"{sid}.pt"} for sid, (m, o, cfg) in SAVED.items()])
+register(LOAD_GROUP, [{"id": rid, "runner": RUNNER, "world": 2, "phase": "resume", "model": SAVED[sid][0],
+                       "optim": SAVED[sid][1], "cfg": cfg, "when": when, "file": f"{sid}.pt"}
+                      for rid, (sid, cfg, when) in RESUMED.items()])  # one save and one load launch with the DCP tests
 
 
 def _close(a, b, what):
@@ -44,21 +49,7 @@ def _close(a, b, what):
 
 
 def _runs(tmp_path_factory) -> dict:
-    if not _RUNS:
-        root = tmp_path_factory.mktemp("resume")
-        _RUNS["root"] = root
-        saves = [{"id": sid, "runner": RUNNER, "phase": "save", "model": m, "optim": o, "cfg": cfg,
-                  "path": str(root / f"{sid}.pt")} for sid, (m, o, cfg) in SAVED.items()]
-        resumes = [{"id": rid, "runner": RUNNER, "phase": "resume", "model": SAVED[sid][0], "optim": SAVED[sid][1],
-                    "cfg": cfg, "when": when, "path": str(root / f"{sid}.pt")}
-                   for rid, (sid, cfg, when) in RESUMED.items()]
-        for name, cases in (("save", saves), ("resume", resumes)):
-            res = launch(2, cases, timeout=400)
-            if res.results is None:
-                pytest.fail(f"{name} launch failed (rc={res.returncodes}):\n{res.output[-8000:]}")
-            print(f"{name}: {len(cases)} cases in {res.seconds:.1f}s")
-            _RUNS[name] = res.results
-    return _RUNS
+    return checkpoint_runs(tmp_path_factory)
 
 
 def _assert_optimizer_equal(have: dict, want: dict) -> None:
@@ -77,7 +68,7 @@ def test_resumed_run_equals_the_uninterrupted_one(rid, tmp_path_factory):
     sid, _, when = RESUMED[rid]
     model_name, optim, _ = SAVED[sid]
     ref = reference({"model": model_name, "optim": optim})
-    saved, got = runs["save"][sid], runs["resume"][rid]
+    saved, got = runs["save"][sid], runs["load"][rid]
     assert saved["ranks"][0]["same_keys"] and saved["ranks"][1]["placeholders"]  # rank 1: meta, same structure
     for r in got["ranks"]:
         _close(torch.tensor(saved["losses"] + r["losses"]), torch.tensor(ref["losses"]), "losses")

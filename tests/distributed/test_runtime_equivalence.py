@@ -7,7 +7,8 @@ bf16 (compared with the fp32 reference): loss within 2e-3 relative, grad norm wi
 and the training update ``final - init`` within 15% (relative 2-norm over all weights) of the
 reference's; measured worst cases here are ~1e-4, ~2e-2 and ~6e-2.
 
-All cases of one world size run in ONE launch (start-up dominates); CI runs a pairwise covering set
+All cases of one world size run in ONE launch (start-up dominates), shared with the other files of the
+``"runtime"`` group (``dist_harness.register``); CI runs a pairwise covering set
 of the valid combinations plus feature cases; ``-m full`` runs every valid combination.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers.dist_harness import launch
+from tests.helpers.dist_harness import launch, register, shared_results
 from tests.helpers.runtime_cases import (FROZEN_PREFIX, all_valid_combos, build_model, combo_case, covering_combos, reference_run,
                             update_rel_error)
 from moreh_ap.config import ParallelConfig
@@ -84,19 +85,7 @@ FEATURE_CASES = [
 
 COVER_CASES = [combo_case(c) for c in covering_combos()]
 CI_CASES = COVER_CASES + FEATURE_CASES
-_LAUNCHES: dict = {}
-
-
-def _launch(group: str, world: int, cases: list[dict]):
-    key = (group, world)
-    if key not in _LAUNCHES:
-        mine = [c for c in cases if c["world"] == world]
-        _LAUNCHES[key] = launch(world, mine, timeout=max(600, 60 + 3 * len(mine)))
-        print(f"launch {group} world={world}: {len(mine)} cases in {_LAUNCHES[key].seconds:.1f}s")
-    res = _LAUNCHES[key]
-    if res.results is None:
-        pytest.fail(f"launch of {group} world={world} failed (rc={res.returncodes}):\n{res.output[-8000:]}")
-    return res.results
+register("runtime", CI_CASES)  # one launch per world size, shared with other files' cases of this group
 
 
 def _check(case: dict, got: dict) -> None:
@@ -137,7 +126,7 @@ def _check(case: dict, got: dict) -> None:
 
 @pytest.mark.parametrize("case", CI_CASES, ids=[c["id"] for c in CI_CASES])
 def test_equivalent_to_single_process(case):
-    got = _launch("ci", case["world"], CI_CASES)[case["id"]]
+    got = shared_results("runtime", case["world"])[case["id"]]
     _check(case, got)
 
 
@@ -145,7 +134,7 @@ def test_equivalent_to_single_process(case):
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_every_valid_combination(world):
     cases = [c for c in (combo_case(x) for x in all_valid_combos()) if c["world"] == world]
-    results = _launch("full", world, cases)
+    results = shared_results("full", world, cases, timeout=max(600, 60 + 3 * len(cases)))
     failures = []
     for case in cases:
         try:

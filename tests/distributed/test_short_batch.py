@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moreh_ap.config import ParallelConfig
-from tests.helpers.dist_harness import launch
+from tests.helpers.dist_harness import register, shared_results
 from tests.helpers.runtime_cases import reference_run
 
 pytestmark = [pytest.mark.multirank, pytest.mark.timeout(900)]
@@ -31,21 +31,12 @@ CASES = [
     {"id": "mlp-lossfn-dp2-fsdp-short5", "model": "mlp", "world": 2, "short_last": 5,
      "cfg": _cfg(num_micro_batches=2, distribute_param=True)},
 ]
-_RESULTS: dict = {}
-
-
-def _results() -> dict:
-    if "r" not in _RESULTS:
-        _RESULTS["r"] = launch(2, CASES, timeout=600)
-    res = _RESULTS["r"]
-    if res.results is None:
-        pytest.fail(f"launch failed (rc={res.returncodes}):\n{res.output[-8000:]}")
-    return res.results
+register("runtime", CASES)  # in the runtime equivalence tests' 2-rank launch (one start-up for both files)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
 def test_short_last_batch_matches_one_device(case):
-    got = _results()[case["id"]]
+    got = shared_results("runtime", case["world"])[case["id"]]
     ref = reference_run(case, ParallelConfig.from_dict(case["cfg"]).global_batch(case["world"]))
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.tensor(got["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=1e-4, atol=1e-5)

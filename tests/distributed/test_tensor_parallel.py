@@ -6,7 +6,7 @@ runtime equivalence tests), the optimizer state in one-device format, and the on
 back. GPT-2 covers the q/k/v re-lay of its fused ``c_attn`` (its full state dict undoes it) and the tied
 ``wte`` / ``lm_head`` (one DTensor after TP). Every case also checks sequence parallelism: each norm ran on
 its rank's 1/tp of the sequence (a ``Shard(1)`` DTensor), pipeline stages included. One launch per world size
-(start-up dominates).
+(start-up dominates), shared with the runtime equivalence tests.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from moreh_ap.config import ParallelConfig
-from tests.helpers.dist_harness import shared_results
+from tests.helpers.dist_harness import register, shared_results
 from tests.helpers.runtime_cases import assert_close_fp32, reference_run, update_rel_error
 
 pytestmark = [pytest.mark.multirank, pytest.mark.timeout(900)]
@@ -55,8 +55,11 @@ CASES = [
      "cfg": _cfg(tp=2, num_stages=2, num_micro_batches=2, batch_per_device=1, schedule="Interleaved1F1B",
                  stages_per_rank=2, recomputation=True)},
 ]
+register("runtime", CASES)  # the runtime equivalence tests' launches: one start-up per world size for both
+
+
 def _results(world: int) -> dict:
-    return shared_results("tp", world, CASES)
+    return shared_results("runtime", world)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])

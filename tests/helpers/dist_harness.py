@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,25 +26,68 @@ class LaunchResult:
     output: str
     results: dict | None
     seconds: float
+    done: dict = field(default_factory=dict)
+    """Rank 0's results of the cases that finished before a rank failed (when ``results`` is None)."""
 
 
-_SHARED: dict = {}  # (group, world) -> LaunchResult: one launch per test file's world size
+class _Unfinished(dict):
+    """The finished cases of a failed shared launch: a test of another case fails with the ranks' output."""
+
+    def __init__(self, done: dict, message: str) -> None:
+        super().__init__(done)
+        self.message = message
+
+    def __missing__(self, key):
+        import pytest
+
+        pytest.fail(f"case {key!r} did not finish: {self.message}")
 
 
-def shared_results(group: str, world: int, cases: list[dict], *, timeout: float = 600.0) -> dict:
-    """Rank 0's results of the ``cases`` whose ``"world"`` is ``world``, launched once per ``(group, world)``
-    and shared by every test that reads them; ``pytest.fail`` with the ranks' output when the launch failed."""
-    import pytest
+_SHARED: dict = {}  # (group, world) -> LaunchResult: one launch per group and world size
+_GROUPS: dict = {}  # group -> the cases test modules registered for it (several files can share a group)
+
+
+def register(group: str, cases: list[dict]) -> None:
+    """Add ``cases`` to ``group``'s shared launches; call at a test module's import. pytest imports every
+    collected module before it runs a test, so the first launch of a world holds the cases of every collected
+    module that registered for the group (one start-up of the ranks instead of one per file). Cases with
+    ``"last": True`` run after the others of their launch (a case whose error ends the runner's state)."""
+    have = {c["id"] for c in _GROUPS.setdefault(group, [])}
+    again = [c["id"] for c in cases if c["id"] in have]
+    if again:
+        raise ValueError(f"case ids registered twice in group {group!r}: {again}")
+    _GROUPS[group].extend(cases)
+
+
+def registered(group: str) -> list[dict]:
+    """The cases registered for ``group`` so far (the registry's own dicts, in registration order)."""
+    return _GROUPS.get(group, [])
+
+
+def shared_launch(group: str, world: int, cases: list[dict] | None = None, *, timeout: float = 600.0) -> LaunchResult:
+    """The one launch of ``group`` on ``world`` ranks: its cases whose ``"world"`` is ``world`` (``cases``, else
+    those registered with :func:`register`), started at the first call and shared by every later one;
+    when a rank failed, ``results`` holds the cases that finished before (their tests still check them) and
+    reading any other case fails its test with the ranks' output."""
 
     key = (group, world)
     if key not in _SHARED:
-        mine = [c for c in cases if c["world"] == world]
-        _SHARED[key] = launch(world, mine, timeout=timeout)
+        pool = _GROUPS.get(group, []) if cases is None else cases
+        mine = sorted((c for c in pool if c["world"] == world), key=lambda c: bool(c.get("last")))
+        if not mine:
+            raise ValueError(f"no case of group {group!r} has world {world}")
+        _SHARED[key] = launch(world, mine, timeout=max(timeout, 60 + 15 * len(mine)))
         print(f"{group} launch world={world}: {len(mine)} cases in {_SHARED[key].seconds:.1f}s")
     res = _SHARED[key]
     if res.results is None:
-        pytest.fail(f"launch {group} world={world} failed (rc={res.returncodes}):\n{res.output[-8000:]}")
-    return res.results
+        message = f"launch {group} world={world} failed (rc={res.returncodes}):\n{res.output[-8000:]}"
+        return replace(res, results=_Unfinished(res.done, message))
+    return res
+
+
+def shared_results(group: str, world: int, cases: list[dict] | None = None, *, timeout: float = 600.0) -> dict:
+    """Rank 0's results of :func:`shared_launch` (keyed by case id)."""
+    return shared_launch(group, world, cases, timeout=timeout).results
 
 
 def free_port() -> int:
@@ -74,8 +117,8 @@ def launch(world: int, cases: list[dict], *, timeout: float = 240.0, env: dict |
                                           stdout=log, stderr=subprocess.STDOUT))
         deadline = t0 + timeout
         while time.time() < deadline and any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs):  # one failed: give peers 20 s to notice
-                grace = time.time() + 20
+            if any(p.poll() not in (None, 0) for p in procs):  # one failed: peers get 10 s to notice, then are killed
+                grace = time.time() + 10
                 while time.time() < min(grace, deadline) and any(p.poll() is None for p in procs):
                     time.sleep(0.1)
                 break
@@ -91,7 +134,10 @@ def launch(world: int, cases: list[dict], *, timeout: float = 240.0, env: dict |
             log.close()
         path = os.path.join(tmp, "results.pt")
         results = torch.load(path, weights_only=False) if os.path.exists(path) else None
-        return LaunchResult([p.returncode for p in procs], "\n".join(out), results, time.time() - t0)
+        done = {} if results is not None else {  # a rank failed: the cases rank 0 finished before
+            c["id"]: torch.load(os.path.join(tmp, f"done{i}.pt"), weights_only=False)
+            for i, c in enumerate(cases) if os.path.exists(os.path.join(tmp, f"done{i}.pt"))}
+        return LaunchResult([p.returncode for p in procs], "\n".join(out), results, time.time() - t0, done)
 
 
 def _worker(tmp: str) -> None:
@@ -107,7 +153,7 @@ def _worker(tmp: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     cases = torch.load(os.path.join(tmp, "cases.pt"), weights_only=False)
     results = {}
-    for case in cases:
+    for i, case in enumerate(cases):
         t = time.time()
         try:
             res = _runner(case, parallel_run)(case, world, rank)
@@ -117,6 +163,8 @@ def _worker(tmp: str) -> None:
             os._exit(1)
         res["seconds"] = time.time() - t
         results[case["id"]] = res
+        if rank == 0:  # kept if a later case fails
+            torch.save(res, os.path.join(tmp, f"done{i}.pt"))
     if rank == 0:
         torch.save(results, os.path.join(tmp, "results.pt"))
     dist.barrier()

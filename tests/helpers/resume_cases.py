@@ -80,6 +80,31 @@ def reference(case: dict) -> dict:
             "optimizer": opt.state_dict(), "state_at_save": saved}
 
 
+SAVE_GROUP, LOAD_GROUP = "checkpoint-save", "checkpoint-load"
+"""``dist_harness`` groups of test_resume.py and test_checkpoint_dcp.py: one 2-rank launch saves every case of
+both files, then one loads every case (cases name their file with ``"file"``; :func:`checkpoint_runs` sets
+``"path"``)."""
+_RUNS: dict = {}
+
+
+def checkpoint_runs(tmp_path_factory) -> dict:
+    """The checkpoint tests' two shared launches: every registered case's ``path`` is ``root / case["file"]``
+    in one temporary directory, then the save launch, then the load launch (rank 0's results by case id).
+
+    Returns:
+        ``{"root": Path, "save": {id: result}, "load": {id: result}}``.
+    """
+    from tests.helpers.dist_harness import registered, shared_results
+
+    if "root" not in _RUNS:
+        _RUNS["root"] = tmp_path_factory.mktemp("checkpoints")
+        for case in registered(SAVE_GROUP) + registered(LOAD_GROUP):
+            case["path"] = str(_RUNS["root"] / case["file"])
+    _RUNS["save"] = shared_results(SAVE_GROUP, 2, timeout=400)  # launched once (dist_harness keeps it)
+    _RUNS["load"] = shared_results(LOAD_GROUP, 2, timeout=400)
+    return _RUNS
+
+
 def _train(model, opt, steps: range, *, pm=None) -> list[float]:
     losses = []
     for step in steps:

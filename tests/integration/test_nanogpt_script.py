@@ -79,7 +79,10 @@ def test_nanogpt_script_without_ap_trains_saves_and_resumes(off):
     assert sorted(resumed["iters"], key=int) == ["4", "5", "6"]
 
 
-@pytest.mark.parametrize("case", list(CONFIGS))
+# pp2: -m full (CI time, 2 two-rank runs). Covered in CI by dp2 here (this script: losses, ckpt.pt written once in
+# one device's format, --init_from=resume), by tests/distributed/test_oneline_losses.py's gpt-pp2-1f1b (nanoGPT's
+# (logits, loss) model through the nanoGPT pipeline split on 2 ranks) and test_resume.py's pp2 cases (save, resume)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.full] if c == "pp2" else []) for c in CONFIGS])
 def test_nanogpt_script_with_ap_on_two_ranks_matches_one_device(case, off, tmp_path):
     ref_first, ref_ckpt, ref_resumed = off
     first, ckpt, resumed = _train_and_resume(tmp_path / "on", _data(tmp_path), CONFIGS[case])

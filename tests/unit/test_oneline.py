@@ -155,7 +155,13 @@ def test_one_process_engagement_matches_plain_training(in_tmp):
                                                                         rel=1e-4)
 
 
-def test_forward_without_backward_leaves_gradients_alone(in_tmp):
+PINNED = json.dumps({"num_stages": 1, "num_micro_batches": 1, "batch_per_device": 4, "mixed_precision": False})
+"""One device, the tests' batch of 4: pinned where the one-line mode's semantics are tested, not planning (a fresh
+cache's calibration costs seconds; test_one_process_engagement_matches_plain_training plans)."""
+
+
+def test_forward_without_backward_leaves_gradients_alone(in_tmp, monkeypatch):
+    monkeypatch.setenv("MOREH_AP_CONFIG", PINNED)
     enable_advanced_parallelization(mixed_precision=False)
     model = _tiny_llama()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)  # noqa: F841 (kept alive)
@@ -219,7 +225,8 @@ def test_pinned_config_from_json_line_or_dump_file(monkeypatch, tmp_path):
         choose.pinned_config(APOptions())
 
 
-def test_optimizer_created_before_enable_is_found(in_tmp):
+def test_optimizer_created_before_enable_is_found(in_tmp, monkeypatch):
+    monkeypatch.setenv("MOREH_AP_CONFIG", PINNED)
     model = _tiny_llama()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # before the line
     enable_advanced_parallelization(mixed_precision=False)

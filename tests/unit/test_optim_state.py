@@ -4,6 +4,8 @@ an optimizer that stepped before ``parallelize`` / before the one line engages k
 equals one device's), ``optimizer.state_dict()`` after engagement is exactly torch's one-device dict, and
 ``load_state_dict`` of model and optimizer work before and after engagement. fp32, tolerances rtol 1e-5 /
 atol 1e-6 (one process: the same arithmetic as the reference)."""
+import json
+
 import pytest
 import torch
 
@@ -85,6 +87,7 @@ def test_oneline_resume_in_one_process(when, tmp_path, monkeypatch):
 def test_line_after_a_step_engages_and_keeps_the_state(tmp_path, monkeypatch):
     """Formerly OptimizerAlreadySteppedError: now AP engages at the next training forward with that state."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MOREH_AP_CONFIG", json.dumps(ONE.to_dict()))  # the state is tested here, not planning
     ref = reference({"model": "llama", "optim": "adamw"})
     model = build_model("llama", 0)
     opt = build_optimizer("adamw", model)
