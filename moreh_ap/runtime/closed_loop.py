@@ -34,7 +34,6 @@ from moreh_ap.log import logger
 from moreh_ap.planner.measurements import (Corrections, Measurement, device_fingerprint, model_signature,
                                            save_measurement)
 from moreh_ap.runtime.dist import rank
-from moreh_ap.runtime.memtrack import LivePeak
 
 __all__ = ["StepProbe", "static_bytes"]
 
@@ -88,7 +87,7 @@ class StepProbe:
         self.static = 0
         self.peaks: list[int] = []
         self._t0 = 0.0
-        self._live: LivePeak | None = None
+        self._live = None  # a memtrack.LivePeak while step 3 is tracked on CPU
         self._handles = []
         if optimizer is not None:
             self._handles = [optimizer.register_step_pre_hook(self._opt_pre),
@@ -132,7 +131,7 @@ class StepProbe:
         if self.calls == 2 and self.cuda:
             torch.cuda.reset_peak_memory_stats(self.pm.device)
         if self.calls == 3 and not self.cuda:
-            self._live = LivePeak(self.pm, self.optimizer).__enter__()
+            self._live = _live_peak(self.pm, self.optimizer)
         self._t0 = time.perf_counter()
 
     def after_step(self) -> None:
@@ -156,7 +155,7 @@ class StepProbe:
             return
         self._sync()
         if self.calls == 3 and not self.cuda:
-            self._live = LivePeak(self.pm, self.optimizer).__enter__()
+            self._live = _live_peak(self.pm, self.optimizer)
         self._t0 = time.perf_counter()
 
     def _opt_post(self, *_) -> None:
@@ -264,3 +263,12 @@ def _copy_candidate(c):
 
 def _pin(config) -> str:
     return "MOREH_AP_CONFIG='" + json.dumps(config.to_dict(), separators=(",", ":")) + "'"
+
+
+def _live_peak(pm, optimizer):
+    """A started :class:`~moreh_ap.runtime.memtrack.LivePeak`. Imported here, when a CPU step is measured:
+    torch's memory tracker pulls in torch's compiler modules (~0.8 s at every ``import moreh_ap``)."""
+    from moreh_ap.runtime.memtrack import LivePeak
+
+    return LivePeak(pm, optimizer).__enter__()
+

@@ -2,15 +2,10 @@
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor import DTensor
+
+from moreh_ap.optim.norms import local_shard as local  # FSDP2's sharded grads/masters: foreach takes plain tensors
 
 _GROWTH_INTERVAL = 2000
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (in-place ops on it change the DTensor), any other tensor itself: torch's
-    foreach kernels take plain tensors (FSDP2's sharded gradients and masters are DTensors)."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[int]]:
