@@ -16,12 +16,11 @@ class _GPT2Stage(GPTLayoutStage):
         super().__init__(model, blocks, first, last)
         self.config = model.config
 
-    def forward(self, x: torch.Tensor, mask_in: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None):
-        # the first stage gets the mask as a keyword; later stages get it passed along positionally
-        # (an interleaved schedule also hands the keyword to a rank's later stages: same micro-batch)
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        # every stage gets the micro-batch's mask as a keyword (the schedule hands keywords to all stages);
+        # stages send only hidden states: torch 2.11's PipelineStage makes every received tensor require
+        # grad, which an integer mask cannot
         from transformers.masking_utils import create_causal_mask
-
-        attention_mask = mask_in if mask_in is not None else attention_mask
 
         if self.first:
             pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
@@ -36,7 +35,7 @@ class _GPT2Stage(GPTLayoutStage):
         if self.last:
             return self.lm_head(self.ln_f(h))
         h = self.sequence_out(h)
-        return h if attention_mask is None else (h, attention_mask)
+        return h
 
 
 class GPT2Adapter(ModelAdapter):

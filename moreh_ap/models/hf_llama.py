@@ -23,12 +23,11 @@ class _LlamaStage(SequenceStage):
         self.norm = inner.norm if last else None
         self.lm_head = model.lm_head if last else None
 
-    def forward(self, x: torch.Tensor, mask_in: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None):
-        # the first stage gets the mask as a keyword; later stages get it passed along positionally
-        # (an interleaved schedule also hands the keyword to a rank's later stages: same micro-batch)
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        # every stage gets the micro-batch's mask as a keyword (the schedule hands keywords to all stages);
+        # stages send only hidden states: torch 2.11's PipelineStage makes every received tensor require
+        # grad, which an integer mask cannot
         from transformers.masking_utils import create_causal_mask
-
-        attention_mask = mask_in if mask_in is not None else attention_mask
 
         h = self.embed_tokens(x) if self.first else self.sequence_in(x)
         pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
@@ -41,7 +40,7 @@ class _LlamaStage(SequenceStage):
         if self.last:
             return self.lm_head(self.norm(h))
         h = self.sequence_out(h)
-        return h if attention_mask is None else (h, attention_mask)
+        return h
 
 
 def _has(module: nn.Module, fqn: str) -> bool:

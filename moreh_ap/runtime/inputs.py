@@ -103,6 +103,10 @@ def prepare_inputs(args: tuple, target: Any, kwargs: dict[str, Any], *, hf_model
         if extra:
             raise InputError(f"ParallelModel.train_step: with num_stages > 1 a Hugging Face model takes "
                              f"input_ids, attention_mask and labels only; got {extra}")
+        if len(args) > 1:  # every stage reads the mask from its keyword; only the first gets positionals
+            raise InputError(f"ParallelModel.train_step: with num_stages > 1 a Hugging Face model takes "
+                             f"input_ids as its only positional argument (got {len(args)}); pass "
+                             f"attention_mask=... (and labels=...) as keywords")
     elif pipelined and kwargs:
         raise InputError(f"ParallelModel.train_step: with num_stages > 1 the model takes positional tensors "
                          f"only; got keyword arguments {sorted(kwargs)}")

@@ -237,6 +237,12 @@ class StepRunner:
     def _holds_last(self) -> bool:
         return any(s.is_last for s in self.stages)
 
+    def _stage_args(self, args: tuple) -> tuple:
+        """The positional inputs this rank gives the schedule: the model's on the rank holding the first stage,
+        none elsewhere (later stages get activations; torch 2.11's PipelineStage refuses positional inputs on
+        them, 2.13's ignores them). Keyword inputs go to every stage."""
+        return args if any(s.is_first for s in self.stages) else ()
+
     def _check_sequence_split(self, args: tuple) -> None:
         """Sequence-parallel stages send equal sequence shards: the sequence length must divide by tp.
 
@@ -262,8 +268,8 @@ class StepRunner:
         # until the end of the step, to merge them; training uses the losses only. The schedule runs the loss
         # and its backward inside step(): the whole step under the vocabulary-parallel loss
         with vocab_parallel_loss(vocab):
-            schedule.step(*inputs.args, target=inputs.target if holds_last else None, losses=losses,
-                          return_outputs=False, **inputs.kwargs)
+            schedule.step(*self._stage_args(inputs.args), target=inputs.target if holds_last else None,
+                          losses=losses, return_outputs=False, **inputs.kwargs)
         if not holds_last:
             return torch.zeros((), device=self.device)
         return torch.stack([l.detach().float() for l in losses]).sum() / self.layout.dp
@@ -271,7 +277,7 @@ class StepRunner:
     def _eval_pipeline(self, inputs: StepInputs, nmb: int, plan: LossPlan, local: int) -> torch.Tensor:
         """Forward-only schedule (no loss_fn); the last stage scores its whole local batch at once."""
         schedule = self._schedule(("eval", nmb, *shape_key(inputs.args, inputs.kwargs)), nmb, None)
-        out = schedule.step(*inputs.args, **inputs.kwargs)
+        out = schedule.step(*self._stage_args(inputs.args), **inputs.kwargs)
         if not self._holds_last():
             return torch.zeros((), device=self.device)
         plan.micro_batch_samples = local

@@ -109,10 +109,12 @@ def apply_tp(adapter: ModelAdapter, stages, *, tp_mesh, ids: dict[int, list[str]
     """
     from torch.distributed.tensor.parallel import parallelize_module
 
+    from moreh_ap.compat import contiguous_uneven_gathers
     from moreh_ap.models.tp_styles import ReplicateParams
 
     tp = tp_mesh.size()
     plan = check_tp(adapter, tp)
+    contiguous_uneven_gathers()  # torch 2.11: uneven sequence shards gather as 2.13 does (see moreh_ap.compat)
     held = _held_modules(stages)
     owners = _tie_owners(held, ids)
     relays: dict[str, Relay] = {}

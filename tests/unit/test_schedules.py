@@ -47,13 +47,7 @@ class _RecordingStage:
     def get_fwd_recv_ops(self, *a, **k):
         return []
 
-    # torch 2.11's single-stage schedules initialize through these (2.13: through _initialize_pp_stages)
-    get_fwd_send_ops = get_bwd_recv_ops = get_bwd_send_ops = _get_init_p2p_neighbors_ops = get_fwd_recv_ops
-
-    def _prepare_forward_infra(self, *a, **k) -> None:
-        pass
-
-    _prepare_backward_infra = _prepare_forward_infra
+    get_fwd_send_ops = get_bwd_recv_ops = get_bwd_send_ops = get_fwd_recv_ops
 
     def forward_one_chunk(self, mb: int, *a, **k) -> None:
         self.log.append(("F", self.local, mb))
@@ -74,7 +68,10 @@ def _torch_schedule(name: str, pp: int, n: int, spr: int, rank: int):
               for i, s in enumerate(layout.stages_of(rank))]
     cls = spec.torch_schedule_class()
     sched = cls(stages, n, scale_grads=False) if spec.multi_stage else cls(stages[0], n, scale_grads=False)
-    sched._initialize_pp_stages = lambda *a, **k: (True, True)  # no p2p shape inference
+    # no p2p shape inference: torch 2.13's single-stage schedules initialize through _initialize_pp_stages,
+    # torch 2.11's through _initialize_stage; multi-stage ones through _initialize_stages on both
+    sched._initialize_pp_stages = lambda *a, **k: (True, True)
+    sched._initialize_stage = lambda *a, **k: None
     sched._initialize_stages = lambda *a, **k: None
     return sched, log, layout
 
