@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-__all__ = ["contiguous_uneven_gathers"]
+__all__ = ["all_gather_autograd", "contiguous_uneven_gathers"]
 
 
 def _before(major: int, minor: int) -> bool:
@@ -47,3 +47,17 @@ def contiguous_uneven_gathers() -> bool:
 
     Shard._maybe_unpad_tensor = _maybe_unpad_tensor
     return True
+
+
+def all_gather_autograd(tensor: torch.Tensor, group) -> torch.Tensor:
+    """torch's autograd-aware all-gather of ``tensor`` on dim 0 over ``group`` (backward: a sum-reduce-scatter).
+
+    torch 2.13 names it ``all_gather_single_autograd`` and deprecates 2.11's ``all_gather_tensor_autograd`` (and
+    ``torch.distributed.nn.functional.all_gather``, which warned at every call); the newer name is used where
+    it exists.
+    """
+    import torch.distributed._functional_collectives as funcol
+
+    gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+    return gather(tensor, 0, group)
+

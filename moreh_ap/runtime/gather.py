@@ -18,14 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed._functional_collectives as funcol
 from torch.utils._pytree import tree_map_only
 
-__all__ = ["after_backward", "gather_batch_outputs"]
+from moreh_ap.compat import all_gather_autograd
 
-# The autograd-aware all-gather on dim 0: torch 2.13 names it all_gather_single_autograd (its 2.11 name,
-# all_gather_tensor_autograd, is deprecated there, as is torch.distributed.nn.functional.all_gather).
-_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+__all__ = ["after_backward", "gather_batch_outputs"]
 
 
 def gather_batch_outputs(out: Any, *, rows: int, sizes: list[int], group) -> Any:
@@ -51,7 +48,7 @@ def gather_batch_outputs(out: Any, *, rows: int, sizes: list[int], group) -> Any
                 "ranks; return per-sample outputs (batch first), or compute the loss inside the model")
         if rows < most:  # a short last batch: equal sizes for the collective, cut again below
             t = torch.cat([t, t.new_zeros((most - rows, *t.shape[1:]))])
-        parts = _all_gather_autograd(t.contiguous(), 0, group).split(most)
+        parts = all_gather_autograd(t.contiguous(), group).split(most)
         return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
     if hasattr(out, "to_tuple") and isinstance(out, dict):  # HF ModelOutput: keep its type and fields
