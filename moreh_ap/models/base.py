@@ -13,6 +13,7 @@ copies of weights), so a parameter's original name is found by identity
 from __future__ import annotations
 
 import copy
+import inspect
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Callable
 
@@ -174,6 +175,16 @@ class ModelAdapter:
     def hf_model(self) -> bool:
         """Whether the model is a Hugging Face model (``labels=`` / ``input_ids=`` handled the HF way)."""
         return is_hf_model(self.model)
+
+    def forward_arg_names(self) -> tuple[str, ...]:
+        """The names of the model's ``forward`` parameters that can be given positionally, in order (to bind a
+        call's positional inputs to names, e.g. a Hugging Face ``model(ids, mask)`` cut into stages)."""
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        try:
+            params = inspect.signature(self.model.forward).parameters.values()
+        except (TypeError, ValueError):
+            return ()
+        return tuple(p.name for p in params if p.kind in kinds)
 
     def loss_function(self) -> Callable | None:
         """The Hugging Face model's own ``loss_function`` (None for other models: the user's loss_fn is used)."""

@@ -162,7 +162,7 @@ class ParallelModel(nn.Module):
         self.stage_modules = nn.ModuleList([s.module for s in stages])
         loss = LossSource(hf_model=adapter.hf_model, hf_loss=adapter.loss_function(), vocab_size=adapter.vocab_size(),
                           loss_fn=loss_fn, output_loss=output_loss, adapter_loss=adapter.stage_loss(),
-                          target_arg=adapter.target_arg)
+                          target_arg=adapter.target_arg, arg_names=adapter.forward_arg_names())
         self._runner = StepRunner(stages, config=config, layout=self.layout, dp_rank=self.dp_rank,
                                   device=self.device, wrapper=self.wrapper,
                                   pp_group=self.mesh.get_group("pp") if self.mesh is not None and self.pp > 1 else None,

@@ -56,7 +56,7 @@ class StepInputs:
 
 def prepare_inputs(args: tuple, target: Any, kwargs: dict[str, Any], *, hf_model: bool, pipelined: bool,
                    has_loss_fn: bool, output_loss: bool = False,
-                   target_arg: tuple[str, int] | None = None) -> StepInputs:
+                   target_arg: tuple[str, int] | None = None, arg_names: tuple[str, ...] = ()) -> StepInputs:
     """Check and normalize one call of ``train_step`` / an evaluation forward.
 
     Args:
@@ -67,12 +67,17 @@ def prepare_inputs(args: tuple, target: Any, kwargs: dict[str, Any], *, hf_model
         output_loss: the model computes its own loss (read from its output at pp = 1).
         target_arg: ``(keyword, position)`` of the model's target argument when its adapter computes the
             same loss on the last pipeline stage (nanoGPT: ``("targets", 1)``).
+        arg_names: the model's positional ``forward`` parameters in order: a pipelined Hugging Face call's
+            positional inputs after the first are bound to these names (``model(ids, mask)`` ->
+            ``attention_mask=mask``), since every stage reads them as keywords.
 
     Raises:
         InputError: no loss can be computed, a missing target, keywords a pipeline cannot take,
             no input tensor.
     """
     kwargs = dict(kwargs)
+    if hf_model and pipelined and len(args) > 1 and len(arg_names) >= len(args):
+        args, kwargs = _bind_positionals(args, kwargs, arg_names)
     hf_labels = hf_model and target is None and "labels" in kwargs and not has_loss_fn and not output_loss
     from_output = output_loss and target is None and not has_loss_fn and not pipelined
     num_items = None
@@ -115,6 +120,16 @@ def prepare_inputs(args: tuple, target: Any, kwargs: dict[str, Any], *, hf_model
         raise InputError("ParallelModel.train_step: no input tensor given")
     return StepInputs(args=tuple(args), kwargs=kwargs, target=target, hf_labels=hf_labels,
                       batch=tensors[0].shape[0], from_output=from_output, num_items=num_items)
+
+
+def _bind_positionals(args: tuple, kwargs: dict[str, Any], names: tuple[str, ...]) -> tuple[tuple, dict]:
+    """``args[1:]`` moved into ``kwargs`` under the model's parameter names (the first input stays positional)."""
+    for name, value in zip(names[1:], args[1:]):
+        if name in kwargs:
+            raise InputError(f"ParallelModel.train_step: the model got {name!r} twice (positionally and as a "
+                             f"keyword)")
+        kwargs[name] = value
+    return args[:1], kwargs
 
 
 def _caller_count(value: Any) -> int | None:

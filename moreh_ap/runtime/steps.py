@@ -68,6 +68,9 @@ class LossSource:
     """The adapter's ``loss(logits, target)`` on the last pipeline stage (nanoGPT), for ``output_loss`` models."""
     target_arg: tuple[str, int] | None = None
     """``(keyword, position)`` of the model's target argument that ``adapter_loss`` takes."""
+    arg_names: tuple[str, ...] = ()
+    """The model's ``forward`` parameters that can be given positionally, in order (binds a pipelined Hugging
+    Face call's positional inputs to their names)."""
 
 
 class StepRunner:
@@ -112,7 +115,8 @@ class StepRunner:
         src = self.loss
         inputs = prepare_inputs(args, target, kwargs, hf_model=src.hf_model, pipelined=layout.pp > 1,
                                 has_loss_fn=src.loss_fn is not None, output_loss=src.output_loss is not None,
-                                target_arg=src.target_arg if src.adapter_loss is not None else None)
+                                target_arg=src.target_arg if src.adapter_loss is not None else None,
+                                arg_names=src.arg_names)
         if layout.pp > 1:
             self._check_sequence_split(inputs.args)
         mine, local = dp_slice(inputs, dp=layout.dp, dp_rank=self.dp_rank, pipelined=layout.pp > 1)

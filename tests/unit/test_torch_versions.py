@@ -56,8 +56,16 @@ def test_pipelined_hf_call_takes_the_mask_as_a_keyword_only():
     common = dict(hf_model=True, pipelined=True, has_loss_fn=False)
     ok = prepare_inputs((ids,), None, {"attention_mask": mask, "labels": ids}, **common)
     assert ok.args == (ids,) and set(ok.kwargs) == {"attention_mask"}
-    with pytest.raises(InputError, match="attention_mask=... .*as keywords"):
+    with pytest.raises(InputError, match="attention_mask=... .*as keywords"):  # names unknown: refused
         prepare_inputs((ids, mask), None, {"labels": ids}, **common)
+    # the model's own parameter names known (the engine passes the adapter's): bound to the keyword
+    names = ("input_ids", "attention_mask", "position_ids", "labels")
+    bound = prepare_inputs((ids, mask), None, {"labels": ids}, arg_names=names, **common)
+    assert bound.args == (ids,) and bound.kwargs["attention_mask"] is mask and bound.target is ids
+    bound = prepare_inputs((ids, mask, None, ids), None, {}, arg_names=names, **common)  # labels positional too
+    assert bound.args == (ids,) and bound.kwargs["attention_mask"] is mask and bound.target is ids
+    with pytest.raises(InputError, match="'attention_mask' twice"):
+        prepare_inputs((ids, mask), None, {"attention_mask": mask, "labels": ids}, arg_names=names, **common)
     # without a pipeline the positional mask goes to the model's own forward as before
     assert prepare_inputs((ids, mask), None, {"labels": ids}, hf_model=True, pipelined=False,
                           has_loss_fn=False).args == (ids, mask)
