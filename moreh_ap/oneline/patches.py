@@ -240,7 +240,7 @@ def _clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fal
 def _clip_masters_(pm, masters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Clip the gradients of an optimizer's fp32 masters (apex O2) by their global norm over stages and
     shards (torch's formula, as on one device); returns the norm."""
-    norm = pm._optimizer_grad_norm(masters)
+    norm = pm.optimizer_grad_norm(masters)
     coef = float(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
     for p in masters:
         if p.grad is not None:

@@ -172,7 +172,7 @@ class ParallelModel(nn.Module):
             rebind_optimizer(optimizer, ids, stages=stages, wrapper=self.wrapper, relays=self._relays)
             set_norm = getattr(optimizer, "set_grad_norm_fn", None)
             if callable(set_norm) and self.world > 1:
-                set_norm(self._optimizer_grad_norm)
+                set_norm(self.optimizer_grad_norm)
         logger.info(f"parallelize: {config.to_moreh_line()}, schedule : {config.schedule if self.pp > 1 else '-'}, "
                     f"model split : {adapter.name}, data parallel : {self.wrapper.value} over dp {self.dp}"
                     + (f", tensor parallel over tp {self.layout.tp}" if self.layout.tp > 1 else "")
@@ -302,7 +302,7 @@ class ParallelModel(nn.Module):
         """Clip gradients to a global norm of ``max_norm`` (same as one device); returns the norm."""
         return clip_params_(self.norm_params(), max_norm)
 
-    def _optimizer_grad_norm(self, params: list[torch.Tensor]) -> torch.Tensor | None:
+    def optimizer_grad_norm(self, params: list[torch.Tensor]) -> torch.Tensor | None:
         """The global gradient norm of ``params`` (an optimizer's share of this model), tied copies once;
         None (no collective) when none of ``params`` belongs to this model."""
         mine = self.norm_params()
