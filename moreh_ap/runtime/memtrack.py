@@ -146,7 +146,8 @@ class _RealStoragesOnly:
 
     torch 2.13's ``MemTracker`` / ``FSDPMemTracker`` make this check in ``__torch_dispatch__``; torch 2.11's track
     every output, fake ones included, so a DTensor op whose sharding is propagated on fake tensors (the ops of an
-    optimizer step on replicate or FSDP2 parameters) was counted twice while the fake output lived. Here the
+    optimizer step on replicate or FSDP2 parameters, tensor-parallel layers) was counted twice while the fake
+    output lived. Here the
     check is made in ``_track`` (what ``__torch_dispatch__`` calls for each output) on both versions.
     """
 
