@@ -3,7 +3,9 @@
 these and never reads ``torch.__version__`` itself.
 
 (The differences that one code path covers are handled where they occur: a pipeline schedule gets positional
-inputs on the rank of the first stage only, and stages send floating-point activations only.)
+inputs on the rank of the first stage only, stages send floating-point activations only, and the memory
+trackers of ``moreh_ap.runtime.memtrack`` leave out the fake tensors of DTensor's sharding propagation, which
+torch 2.11's ``MemTracker`` counts.)
 """
 from __future__ import annotations
 

@@ -15,6 +15,11 @@ the fake collectives; :func:`tracked_step_peak` then registers torch's own
 ``noop_hook`` as DDP's comm hook (it returns the bucket it is given, as gloo's
 in-place all-reduce does, so memory is unchanged).
 
+DTensor's sharding propagation runs each op once more on fake tensors, under a ``FakeTensorMode`` of its own;
+torch 2.13's trackers leave those fake outputs out, torch 2.11's count them as live storage (an AdamW step on
+DTensor parameters, replicate or FSDP2, then shows two more copies of the largest parameter than it allocates).
+Every tracker here leaves them out on both versions (:class:`_RealStoragesOnly`).
+
 Pipelines (several stages per process, each module called once per micro-batch) are measured
 with ``tracker="live"``: torch 2.13's trackers raise ``NotImplementedError`` when a module runs
 twice in one tracked step, so :class:`_LiveTracker` keeps ``MemTracker``'s storage accounting
@@ -31,6 +36,7 @@ from typing import Callable
 
 import torch
 from torch._guards import active_fake_mode
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import (_TOTAL_KEY, MemTracker, _MemRefType, _ModState, _UpdateType,
                                                   _WeakRefInfo)
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -74,8 +80,6 @@ def tracked_step_peak(pm, optimizer: torch.optim.Optimizer, step: Callable[[], N
     Returns:
         A :class:`TrackedPeak` of the second (tracked) call of ``step``.
     """
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-
     if tracker not in ("torch", "live"):
         raise ValueError(f"tracked_step_peak: tracker={tracker!r} is not valid: expected 'torch' or 'live'")
     if tracker == "torch" and len(pm._stages) != 1:
@@ -90,9 +94,9 @@ def tracked_step_peak(pm, optimizer: torch.optim.Optimizer, step: Callable[[], N
         mt = _LiveTracker()
         mt.register_existing(pm, optimizer)
     elif pm.wrapper is Wrapper.FSDP:
-        mt = FSDPMemTracker(root, optimizer)
+        mt = _FSDPMemTracker(root, optimizer)
     else:
-        mt = MemTracker()
+        mt = _MemTracker()
         mt.track_external(root, optimizer)
     with mt:
         step()
@@ -136,7 +140,37 @@ def _fake_backend() -> bool:
     return dist.is_initialized() and dist.get_backend() == "fake"
 
 
-class _LiveTracker(MemTracker):
+class _RealStoragesOnly:
+    """Mixin for torch's memory trackers: outputs of ops run under a fake mode other than the one active at entry
+    (DTensor's sharding propagation) are not memory.
+
+    torch 2.13's ``MemTracker`` / ``FSDPMemTracker`` make this check in ``__torch_dispatch__``; torch 2.11's track
+    every output, fake ones included, so a DTensor op whose sharding is propagated on fake tensors (the ops of an
+    optimizer step on replicate or FSDP2 parameters, tensor-parallel layers) was counted twice while the fake
+    output lived. Here the
+    check is made in ``_track`` (what ``__torch_dispatch__`` calls for each output) on both versions.
+    """
+
+    def __enter__(self):
+        if self._depth == 0:
+            self._fake_mode_on_entry = active_fake_mode()
+        return super().__enter__()
+
+    def _track(self, reftype, t: torch.Tensor) -> None:
+        if active_fake_mode() is not self._fake_mode_on_entry:
+            return
+        super()._track(reftype, t)
+
+
+class _MemTracker(_RealStoragesOnly, MemTracker):
+    """torch's ``MemTracker``, fake outputs of DTensor's sharding propagation left out (as torch 2.13 does)."""
+
+
+class _FSDPMemTracker(_RealStoragesOnly, FSDPMemTracker):
+    """torch's ``FSDPMemTracker``, fake outputs of DTensor's sharding propagation left out (as torch 2.13 does)."""
+
+
+class _LiveTracker(_RealStoragesOnly, MemTracker):
     """torch's ``MemTracker`` counting live storages only: no per-module statistics, so a module may run
     any number of times in the tracked region (pipeline micro-batches).
 
