@@ -3,6 +3,7 @@
 world size, rank and device of this process; cached sub-groups; rank 0's weights to other ranks. The device mesh is ``ParallelLayout.build_mesh``."""
 from __future__ import annotations
 
+import atexit
 import os
 from datetime import timedelta
 
@@ -14,7 +15,7 @@ from moreh_ap.ranks import DEVICE_ENV, OWN_VARIABLES, device_for_rank, identity
 
 __all__ = ["DEVICE_ENV", "init_distributed", "created_by_ap", "world_size", "rank", "device_for_rank", "subgroup",
            "broadcast_from_rank0",
-           "module_tensors", "send_tensors", "recv_tensors", "BUCKET_BYTES"]
+           "module_tensors", "send_tensors", "recv_tensors", "BUCKET_BYTES", "destroy_at_exit"]
 
 BUCKET_BYTES = 64 * 1024 * 1024
 """Size of one message when weights are copied between ranks (DDP's broadcast bucket)."""
@@ -89,7 +90,24 @@ def init_distributed(*, backend: str | None = None, timeout_s: float | None = No
         os.environ.setdefault("MASTER_ADDR", addr)
         dist.init_process_group(backend=backend, timeout=timeout, rank=found.rank, world_size=found.world_size)
     _ap_group = dist.group.WORLD
+    atexit.register(destroy_at_exit)
     return True
+
+
+def destroy_at_exit() -> None:
+    """Destroy the process group :func:`init_distributed` created, while the interpreter is still whole
+    (registered with :mod:`atexit` when it is created; the script, written for one device, never does).
+
+    A gloo process group left to interpreter finalization can abort the process (its worker threads
+    release tensors after Python is gone: ``terminate called without an active exception``, exit code -6,
+    seen on a rank that had finished its work), and NCCL warns that the group was never destroyed. Nothing is
+    done when the script destroyed the group itself or replaced it, or when a step of this run failed (a
+    peer may still wait in a collective this rank left; gloo cannot abort it: the launcher ends the ranks).
+    """
+    from moreh_ap.faults import known_failure
+
+    if created_by_ap() and known_failure() is None:
+        dist.destroy_process_group()
 
 
 _GROUPS: dict = {}

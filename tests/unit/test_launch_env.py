@@ -131,6 +131,35 @@ def test_init_distributed_from_our_variables_adds_none_of_torchruns(no_launch_va
     assert not created_by_ap()
 
 
+def test_the_group_ap_made_is_destroyed_at_exit_unless_a_step_failed(no_launch_vars, no_group, monkeypatch,
+                                                                     tmp_path):
+    """A gloo group left to interpreter finalization can abort a finished rank (exit code -6): AP destroys its own
+    group at exit, but not the script's, and not after a failed step (a peer may wait in a collective)."""
+    from moreh_ap import faults
+    from moreh_ap.runtime import dist as ap_dist
+
+    registered = []
+    monkeypatch.setattr(ap_dist.atexit, "register", registered.append)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    store = launcher.loopback_store(1, timeout_s=10)
+    for name, value in {"MOREH_AP_RANK": "0", "MOREH_AP_WORLD_SIZE": "1", "MOREH_AP_MASTER_ADDR": "127.0.0.1",
+                        "MOREH_AP_MASTER_PORT": str(store.port)}.items():
+        monkeypatch.setenv(name, value)
+    assert init_distributed(timeout_s=10) is True
+    assert registered == [ap_dist.destroy_at_exit]
+    monkeypatch.setattr(faults, "known_failure", lambda: object())
+    ap_dist.destroy_at_exit()
+    assert dist.is_initialized() and created_by_ap()  # a step failed: left to the launcher
+    monkeypatch.setattr(faults, "known_failure", lambda: None)
+    ap_dist.destroy_at_exit()
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
+                            timeout=timedelta(seconds=10))
+    ap_dist.destroy_at_exit()
+    assert dist.is_initialized()  # the script's own group: the script's to destroy
+    dist.destroy_process_group()
+
+
 def test_a_group_the_script_made_or_a_wrapped_model_means_it_distributes_itself(no_group, tmp_path):
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
