@@ -8,6 +8,7 @@ class becomes a same-named view (:func:`swap_optimizer`) whose two state-dict me
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -31,12 +32,13 @@ def _rank0_with_placeholders(value: Any) -> Any:
     return value if rank() == 0 else box[0]
 
 
-def model_state_dict(pm) -> dict[str, torch.Tensor]:
+def model_state_dict(pm) -> OrderedDict[str, torch.Tensor]:
     """Full weights (CPU, original names, tied ones under each name as one device gives them) on rank 0;
-    meta placeholders of the same keys elsewhere. A collective."""
+    meta placeholders of the same keys elsewhere. An ``OrderedDict``, as ``nn.Module.state_dict()`` returns
+    (accelerate's ``save_state`` drops tied duplicates before safetensors only from one). A collective."""
     check_usable("model.state_dict()")  # a collective: not after this rank's own failure
     with Internal():
-        return _rank0_with_placeholders(pm.full_state_dict())
+        return _rank0_with_placeholders(OrderedDict(pm.full_state_dict()))
 
 
 def load_model_state_dict(pm, state_dict: dict[str, torch.Tensor], strict: bool = True):

@@ -15,6 +15,7 @@ the canonical names of the user's groups and this rank's parameter for each name
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,11 +185,13 @@ def _one_device(value: Any, relay: Relay | None) -> Any:
 
 
 def skeleton(obj: Any) -> Any:
-    """``obj`` with every tensor replaced by a meta tensor of its shape and dtype (the structure without data)."""
+    """``obj`` with every tensor replaced by a meta tensor of its shape and dtype (the structure without data;
+    an ``OrderedDict`` stays one)."""
     if isinstance(obj, torch.Tensor):
         return torch.empty(obj.shape, dtype=obj.dtype, device="meta")
     if isinstance(obj, dict):
-        return {k: skeleton(v) for k, v in obj.items()}
+        out = {k: skeleton(v) for k, v in obj.items()}
+        return OrderedDict(out) if isinstance(obj, OrderedDict) else out
     if isinstance(obj, (list, tuple)):
         return type(obj)(skeleton(v) for v in obj)
     return obj
