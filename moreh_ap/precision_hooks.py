@@ -12,7 +12,8 @@ other (``moreh_ap.apex`` sets these marks; ``moreh_ap.runtime`` / ``moreh_ap.one
   model's own forward, each stage's forward runs under the same autocast (:func:`autocast_dtype`).
 - **overflow**: a loss scaler that looks for inf/NaN gradients sees only this rank's share of them; AP gives
   the optimizer a function that makes the ranks agree (:func:`set_overflow_sync`, :func:`agree_overflow`), so
-  every rank skips the same steps.
+  every rank skips the same steps (torch's own ``GradScaler`` reads :func:`overflow_synced`:
+  :mod:`moreh_ap.runtime.grad_scaler`).
 - **owner**: the library that set the precision of a model and its optimizer (e.g. ``"apex amp O2"``,
   :func:`claim_precision`, kept on the model); AP does not add its own bf16 ``mixed_precision`` on top of it
   (:func:`precision_owner`).
@@ -25,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["mark_master", "model_param", "is_master", "set_release_hook", "release_masters", "mark_autocast",
-           "autocast_dtype", "autocast_like", "set_overflow_sync", "agree_overflow",
+           "autocast_dtype", "autocast_like", "set_overflow_sync", "agree_overflow", "overflow_synced",
            "claim_precision", "precision_owner"]
 
 _MASTER_OF = "_moreh_ap_master_of"
@@ -99,6 +100,12 @@ def agree_overflow(optimizer: torch.optim.Optimizer, found: bool) -> bool:
     """Whether any rank found an inf/NaN gradient of ``optimizer`` (``found`` when it has no sync function)."""
     sync = getattr(optimizer, _OVERFLOW, None)
     return bool(sync(found)) if sync is not None else found
+
+
+def overflow_synced(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` has a function that makes the ranks agree on an overflow (:func:`set_overflow_sync`):
+    its gradients are spread over ranks, so a loss scaler must not decide on this rank's alone."""
+    return getattr(optimizer, _OVERFLOW, None) is not None
 
 
 def claim_precision(model: torch.nn.Module, owner: str) -> None:

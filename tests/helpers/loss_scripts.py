@@ -11,7 +11,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from tests.helpers.script_models import (DictLossMLP, GPT, GPTConfig, ScaledGPT, SmallCNN, gpt_batch,
+from tests.helpers.script_models import (DictLossMLP, GPT, GPTConfig, ScaledGPT, SkewedMLP, SmallCNN, gpt_batch,
                                          image_batch)
 
 GPT_CFG = GPTConfig()
@@ -120,7 +120,37 @@ def cnn_script(model, *, steps: int = 3, n: int = 8, optimizer: str = "sgd", dat
     return res
 
 
-SCRIPTS = {"gpt": gpt_script, "dict": dict_script, "hf": hf_script, "cnn": cnn_script}
+def scaler_script(model, *, steps: int = 5, n: int = 8, data_seed: int = 0) -> dict:
+    """The fp16 loop of nanoGPT / the PyTorch AMP recipe with torch's own ``GradScaler``: ``scale(loss).backward()``,
+    ``unscale_``, clip to 1, AdamW ``step``, ``update``. The initial scale (2**126, backoff 2**-16) overflows the
+    gradients of the first step, on some parameters only (SkewedMLP, or an HF Llama whose token embeddings were
+    made 1e4 smaller: its embedding gradients are ~1e4 larger than the others'); the next steps are real (2**110
+    leaves a wide margin: the one-line mode scales finished gradients, one device scales the backward's
+    intermediates too, which overflow earlier)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**126, backoff_factor=2.0**-16, growth_interval=1000)
+    gen = torch.Generator().manual_seed(data_seed)
+    res = {"loss": [], "norm": [], "scale": []}
+    for _ in range(steps):
+        if hasattr(model, "config"):  # a Hugging Face causal LM (its own loss from labels=)
+            ids = torch.randint(1, 64, (n, 12), generator=gen)
+            loss = model(input_ids=ids, labels=ids).loss
+        else:
+            x, y = torch.randn(n, 8, generator=gen), torch.randn(n, 1, generator=gen)
+            loss = model(x, y)["loss"]
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        res["norm"].append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        res["loss"].append(loss.item())
+        res["scale"].append(scaler.get_scale())
+    res["state"] = _state(model)
+    return res
+
+
+SCRIPTS = {"gpt": gpt_script, "dict": dict_script, "hf": hf_script, "cnn": cnn_script, "scaler": scaler_script}
 
 
 def build_model(name: str, seed: int):
@@ -129,13 +159,19 @@ def build_model(name: str, seed: int):
         return (ScaledGPT if name == "scaled_gpt" else GPT)(GPT_CFG)
     if name == "dict":
         return DictLossMLP()
+    if name == "skewed":
+        return SkewedMLP()
     if name == "cnn":
         return SmallCNN()
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                        pad_token_id=0))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                         pad_token_id=0))
+    if name == "skewed_llama":  # layer 0's RMSNorm sees the same inputs; the embedding gradients grow 1e4 times
+        with torch.no_grad():
+            model.model.embed_tokens.weight.mul_(1e-4)
+    return model
 
 
 def reference(case: dict) -> dict:
@@ -169,7 +205,7 @@ def oneline_run(case: dict, world: int, rank: int) -> dict:
         except (ValueError, NotImplementedError) as exc:
             res = {"error": f"{type(exc).__name__}: {exc}"}
         every = [None] * world
-        dist.all_gather_object(every, {k: v for k, v in res.items() if k in ("loss", "norm", "error")})
+        dist.all_gather_object(every, {k: v for k, v in res.items() if k in ("loss", "norm", "scale", "error")})
         res["ranks"] = every
         return res
     finally:

@@ -107,6 +107,25 @@ class DictLossMLP(nn.Module):
         return {"logits": pred, "loss": F.mse_loss(pred, y)}
 
 
+class SkewedMLP(nn.Module):
+    """``model(x, y)`` returns ``{"logits", "loss"}`` (mean squared error) through Linear(8, 16), ReLU, Linear(16, 1),
+    with gradients 1e4 times larger on hidden units 8-15: their first-layer rows and biases are made 1e4
+    smaller and their second-layer weights 1e4 larger (same outputs' scale). Under FSDP2 over 2 ranks those
+    rows are rank 1's shard, so a loss scale can overflow rank 1's gradients while rank 0's stay finite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+        with torch.no_grad():
+            self.layers[0].weight[8:] *= 1e-4
+            self.layers[0].bias[8:] *= 1e-4
+            self.layers[2].weight[:, 8:] *= 1e4
+
+    def forward(self, x, y):
+        pred = self.layers(x)
+        return {"logits": pred, "loss": F.mse_loss(pred, y)}
+
+
 class SmallCNN(nn.Module):
     """Image classifier returning logits only (the script computes the loss); ``batch_norm`` adds BatchNorm2d."""
 
