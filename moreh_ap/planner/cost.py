@@ -134,12 +134,13 @@ def _census_seconds(node, cluster: Cluster, *, dtype: str, prec: str, scale: flo
         bwd += count * batch * (gemm_seconds(cluster, dtype, rows, n, k) + gemm_seconds(cluster, dtype, k, rows, n))
     rate = gemm_flops / fwd if fwd > 0 else matmul_flops(cluster, dtype)  # the node's GEMM rate
     calls = node.attention.get(prec, ())
+    # the node's FLOPs beyond its GEMMs and attention (as the trace counted it), at the GEMM rate
+    other = max(0.0, node.fwd_flops * scale - gemm_flops - attention_flops(calls, as_run=False) * scale)
     attn = attention_seconds(cluster, dtype, calls, scale=scale)  # at the flash kernel's rates when known
-    counted = gemm_flops
     if attn is not None:
-        counted += attention_flops(calls, as_run=False) * scale  # the FLOPs the trace counted for it
         fwd, bwd = fwd + attn[0], bwd + attn[1]
-    other = max(0.0, node.fwd_flops * scale - counted)  # attention (without rates) and the like, at the GEMM rate
+    else:  # else the FLOPs the device's kernel computes (causal: half) at the GEMM rate
+        other += attention_flops(calls, as_run=True) * scale
     fwd, bwd = fwd + other / rate, bwd + 2 * other / rate
     mem = node.moved_bytes.get(prec, 0) * scale / memory_bandwidth(cluster)
     fwd, bwd = fwd + mem, bwd + 2 * mem

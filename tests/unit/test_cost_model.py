@@ -180,7 +180,8 @@ def test_census_path_gemms_bytes_recompute_and_floor(graph):
 
 def test_census_path_costs_attention_at_the_flash_rates(graph):
     """With the device's flash attention rates the traced attention FLOPs leave the GEMM-rate term and take the
-    kernel's: forward FLOPs / forward rate, 2.5 x them / backward rate; without rates (fp32 here) nothing changes."""
+    kernel's: forward FLOPs / forward rate, 2.5 x them / backward rate; without rates (fp32 here) they stay at the
+    GEMM rate."""
     from moreh_ap.graph.op_census import ATTN_CAUSAL, attention_flops
 
     block = graph.blocks[0]
@@ -199,6 +200,16 @@ def test_census_path_costs_attention_at_the_flash_rates(graph):
     assert tm.attention_seconds(rated, "fp32", calls, scale=1.0) is None
     assert cost._census_seconds(block, rated, dtype="fp32", prec="full", scale=1.0, recompute=False) == \
         cost._census_seconds(block, plain, dtype="fp32", prec="full", scale=1.0, recompute=False)
+    # a square mask (HF's causal mask on a fake trace) is counted in full in fwd_flops; without rates its
+    # attention is the causal kernel's FLOPs at the GEMM rate, as the is_causal call's
+    import dataclasses
+
+    from moreh_ap.graph.op_census import ATTN_SQUARE_MASK
+
+    masked = dataclasses.replace(block, attention={"mixed": tuple((*c[:5], ATTN_SQUARE_MASK, c[6]) for c in calls)},
+                                 fwd_flops=int(gemm_flops + 2 * attn))
+    assert cost._census_seconds(masked, plain, dtype="bf16", **kw) == pytest.approx(without)
+    assert cost._census_seconds(masked, rated, dtype="bf16", **kw) == pytest.approx(with_rates)
     assert Cluster.preset("h100-80gb").attention_flops == Cluster.preset("h200").attention_flops
     assert Cluster.preset("cpu").attention_flops == {}
     with pytest.raises(ValueError, match="attention_flops"):
