@@ -62,6 +62,10 @@ class NodeInfo:
     moved_bytes: dict[str, int] = field(default_factory=dict)
     """Per precision, bytes read + written by the forward's memory-bound ops (not GEMMs, not views) for the
     traced batch; "mixed" as bf16 autocast runs them (casts, float32 norms and residuals included)."""
+    attention: dict[str, tuple[tuple[int, int, int, int, int, int, int], ...]] = field(default_factory=dict)
+    """Per precision, the forward's attention calls for the traced batch as ``(batch x heads, q length, kv length,
+    head dim, value head dim, mode, count)`` (:mod:`moreh_ap.graph.op_census`; their FLOPs are in
+    :attr:`fwd_flops`)."""
     traced: bool = True
     """False when the numbers were copied from an identical block traced earlier."""
 

@@ -5,8 +5,8 @@
   flash / memory-efficient kernel sdpa picks on a GPU (flash for bf16/fp16, memory-efficient for
   fp32; both save q, k, v, the output and the float32 log-sum-exp, never the B·H·Tq·Tk
   probabilities, with or without dropout: they keep the RNG state, not a mask), adds the kernel's
-  FLOPs, and casts q, k, v to the autocast dtype when autocast is on (sdpa is one of autocast's
-  lower-precision ops on CPU and CUDA alike);
+  FLOPs (and the call's shape to the op census), and casts q, k, v to the autocast dtype when autocast
+  is on (sdpa is one of autocast's lower-precision ops on CPU and CUDA alike);
 * :func:`autocast_for`: bf16 autocast over (fake) CPU tensors with a device type's op policy (and,
   for CUDA, its fused dropout kernel, which saves a one-byte mask).
 """
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from moreh_ap.graph.autocast_rules import cuda_autocast_rules
+from moreh_ap.graph.op_census import ATTN_CAUSAL, ATTN_FULL, ATTN_SQUARE_MASK
 
 __all__ = ["autocast_for", "patched_sdpa"]
 
@@ -54,6 +55,11 @@ def _make_sdpa(rec: Any):
         flops = 2 * b * tq * tk * d + 2 * b * tq * tk * dv
         rec.add_flops(flops // 2 if is_causal and attn_mask is None else flops)
         mask = attn_mask if isinstance(attn_mask, torch.Tensor) else None
+        census = getattr(rec, "census", None)
+        if census is not None:  # the time model costs it at the attention kernel's rate (op_census)
+            square = mask is not None and tq == tk and tuple(mask.shape[-2:]) == (tq, tk)
+            mode = ATTN_CAUSAL if is_causal and mask is None else ATTN_SQUARE_MASK if square else ATTN_FULL
+            census.note_attention(rec.current, bh=b, tq=tq, tk=tk, d=d, dv=dv, mode=mode)
         if torch.is_autocast_enabled("cpu"):  # sdpa is a lower-precision op of autocast (CPU and CUDA alike)
             low = torch.get_autocast_dtype("cpu")
             query, key, value = (t.to(low) if t.is_floating_point() else t for t in (query, key, value))

@@ -318,6 +318,7 @@ def _build_nodes(tracer: _Tracer, runs: dict[str, tuple[_Recorder, int]],
             nodes[n].peak_fwd_bytes[prec] = rec.peak.get(src, 0)
             nodes[n].gemms[prec] = census[prec].node_gemms(src)
             nodes[n].moved_bytes[prec] = census[prec].moved.get(src, 0)
+            nodes[n].attention[prec] = census[prec].node_attention(src)
         for n in tracer.block_names:
             nodes[n].out_bytes[prec] = rec.out_bytes.get(n, 0)
         nodes["embedding"].out_bytes[prec] = rec.pre_out

@@ -24,6 +24,15 @@ _PRESETS: dict[str, tuple[int, dict[str, float], float, float, float]] = {
 }
 PRESETS = tuple(_PRESETS)
 
+# name -> {dtype: (forward, backward) FLOP/s of the flash attention kernel torch's SDPA runs}, counted as the kernel
+# computes them (causal: half the square; backward: 2.5 x the forward's FLOPs, its five products to the forward's
+# two). Hopper (H100 SXM and H200: the same SMs and clocks, attention is compute-bound): FlashAttention-2 at
+# head dim 128, sequence 2k, bf16 on an H100 SXM5 (Shah et al. 2024, "FlashAttention-3", arXiv:2407.08608,
+# Figs. 5-6: forward causal 298 TFLOP/s, backward 291) x 0.81, torch's SDPA flash kernel over FlashAttention-2
+# forward at that shape (293 / 362 TFLOP/s: pytorch/benchmark PR 2296 on an H100, and the same figure).
+_HOPPER_ATTENTION = {"bf16": (298e12 * 0.81, 291e12 * 0.81)}
+_ATTENTION: dict[str, dict[str, tuple[float, float]]] = {"h100-80gb": _HOPPER_ATTENTION, "h200": _HOPPER_ATTENTION}
+
 
 def _host_memory() -> int:
     try:
@@ -66,6 +75,10 @@ class Cluster:
     """Fraction of link bandwidth collectives reach (used without a calibration DB)."""
     link_latency: float = 10e-6
     """Seconds per hop of a collective (ring algorithm)."""
+    attention_flops: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """dtype -> (forward, backward) FLOP/s of the fused (flash) attention kernel, counted as the kernel computes
+    them (a causal call: half the square); the device preset's published rates. Empty = attention at the GEMM
+    rate."""
     calibration: Any = field(default=None, repr=False)
     """A :class:`moreh_ap.planner.calibration_db.CalibrationDB`, or None."""
 
@@ -83,6 +96,11 @@ class Cluster:
         for k, v in self.peak_flops.items():
             if k not in ("bf16", "fp32") or not isinstance(v, (int, float)) or v <= 0:
                 raise ValueError(f"Cluster.peak_flops[{k!r}]={v!r} is not valid: keys 'bf16'/'fp32', values > 0")
+        for k, v in self.attention_flops.items():
+            if k not in ("bf16", "fp32") or not (isinstance(v, tuple) and len(v) == 2 and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v)):
+                raise ValueError(f"Cluster.attention_flops[{k!r}]={v!r} is not valid: keys 'bf16'/'fp32', values "
+                                 "(forward, backward) FLOP/s > 0")
 
     @property
     def world_size(self) -> int:
@@ -122,6 +140,7 @@ class Cluster:
             intra_node_bandwidth=intra,
             inter_node_bandwidth=inter,
             name=key,
+            attention_flops=dict(_ATTENTION.get(key, {})),
             **extra,
         )
 

@@ -30,8 +30,9 @@
 
 With a GEMM table in the calibration DB (a hardware profile, ``--calibration``), a node is costed from
 its op census instead (:func:`_census_seconds`): every traced GEMM at the table's time for its own
-shape (backward: the two transposed products), the node's other FLOPs (attention) at the node's GEMM
-rate, the bytes its memory-bound ops move (x1 forward, x2 backward) over the measured memory bandwidth,
+shape (backward: the two transposed products), attention at the cluster's flash attention rates when it has
+them (``Cluster.attention_flops``; the backward 2.5 x the forward's FLOPs), the node's other FLOPs at the
+node's GEMM rate, the bytes its memory-bound ops move (x1 forward, x2 backward) over the measured memory bandwidth,
 the head + loss as measured when the DB has that shape; on CUDA a block takes at least the
 calibrated per-block floor (the host's dispatch time, overlapped with the device's work), on the CPU
 the floor adds. The optimizer step is the measured seconds per parameter when the DB has it, and each
@@ -44,9 +45,11 @@ from typing import Any
 
 from moreh_ap.config import ParallelConfig
 from moreh_ap.graph.model_graph import ModelGraph
+from moreh_ap.graph.op_census import attention_flops
 from moreh_ap.layout import ParallelLayout
 from moreh_ap.planner.cluster import Cluster
 from moreh_ap.planner.time_model import (
+    attention_seconds,
     block_efficiency,
     block_floor,
     collective_time,
@@ -129,10 +132,16 @@ def _census_seconds(node, cluster: Cluster, *, dtype: str, prec: str, scale: flo
         gemm_flops += 2.0 * rows * k * n * batch * count
         fwd += count * batch * gemm_seconds(cluster, dtype, rows, k, n)
         bwd += count * batch * (gemm_seconds(cluster, dtype, rows, n, k) + gemm_seconds(cluster, dtype, k, rows, n))
-    other = max(0.0, node.fwd_flops * scale - gemm_flops)  # attention and the like, at the node's GEMM rate
-    if other > 0:
-        rate = gemm_flops / fwd if fwd > 0 else matmul_flops(cluster, dtype)
-        fwd, bwd = fwd + other / rate, bwd + 2 * other / rate
+    rate = gemm_flops / fwd if fwd > 0 else matmul_flops(cluster, dtype)  # the node's GEMM rate
+    calls = node.attention.get(prec, ())
+    # the node's FLOPs beyond its GEMMs and attention (as the trace counted it), at the GEMM rate
+    other = max(0.0, node.fwd_flops * scale - gemm_flops - attention_flops(calls, as_run=False) * scale)
+    attn = attention_seconds(cluster, dtype, calls, scale=scale)  # at the flash kernel's rates when known
+    if attn is not None:
+        fwd, bwd = fwd + attn[0], bwd + attn[1]
+    else:  # else the FLOPs the device's kernel computes (causal: half) at the GEMM rate
+        other += attention_flops(calls, as_run=True) * scale
+    fwd, bwd = fwd + other / rate, bwd + 2 * other / rate
     mem = node.moved_bytes.get(prec, 0) * scale / memory_bandwidth(cluster)
     fwd, bwd = fwd + mem, bwd + 2 * mem
     total = fwd * (2 if recompute and node.kind == "block" else 1) + bwd

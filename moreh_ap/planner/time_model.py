@@ -157,6 +157,25 @@ def memory_bandwidth(cluster) -> float:
     return float(cluster.mem_bandwidth)
 
 
+FLASH_BACKWARD_FLOPS = 2.5
+"""A flash attention backward's FLOPs over its forward's: five products (the scores again, dV, dP, dQ, dK) to the
+forward's two (Dao 2023, FlashAttention-2, section 4)."""
+
+
+def attention_seconds(cluster, dtype: str, calls, *, scale: float) -> tuple[float, float] | None:
+    """Forward and backward seconds of a node's attention calls (``NodeInfo.attention``) at micro-batch ``scale`` x
+    the traced batch, at the cluster's flash attention rates: the kernel's FLOPs (a causal call half the square,
+    :func:`moreh_ap.graph.op_census.attention_flops`) over the forward rate, :data:`FLASH_BACKWARD_FLOPS` x them
+    over the backward rate. None when the cluster has no rate for ``dtype`` (or there are no calls)."""
+    from moreh_ap.graph.op_census import attention_flops
+
+    rates = cluster.attention_flops.get(dtype)
+    if not rates or not calls:
+        return None
+    flops = attention_flops(calls, as_run=True) * scale
+    return flops / rates[0], FLASH_BACKWARD_FLOPS * flops / rates[1]
+
+
 def head_and_loss_seconds(cluster, *, tokens: float, hidden: int, vocab: int) -> float | None:
     """Measured lm_head + float32 cross-entropy forward + backward seconds for ``tokens`` rows, scaled
     linearly from the DB's measurement at that (hidden, vocab); None without one."""

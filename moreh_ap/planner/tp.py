@@ -159,6 +159,11 @@ def _local_gemms(gemms: dict, tp: int) -> dict:
     return out
 
 
+def _local_attention(attention: dict, tp: int) -> dict:
+    """Per precision, one rank's attention calls: the heads are split (``batch x heads / tp``)."""
+    return {prec: tuple((max(1, bh // tp), *rest) for bh, *rest in calls) for prec, calls in attention.items()}
+
+
 def _fit(whole_model: dict, traced: dict, tp: int) -> dict:
     """Per precision, bytes of one rank of a ``tp`` group from the whole model's (``tp = 1``) and the
     :data:`TRACED_TP` trace's: ``whole + split / tp`` through both points, each part at least 0."""
@@ -216,6 +221,7 @@ def _local_node(node: NodeInfo, facts: TPFacts, tp: int, traced: dict[str, NodeI
     )
     if node.kind == "block":
         changes.update(fwd_flops=node.fwd_flops // tp, gemms=_local_gemms(node.gemms, tp),
+                       attention=_local_attention(node.attention, tp),
                        **_block_acts(node, (traced or {}).get(node.name), tp=tp, ratio=ratio,
                                      seq=facts.sequence_parallel))
     elif node.kind == "post":  # the head's GEMM is split; the logits sharded for the parallel loss, else gathered

@@ -176,3 +176,41 @@ def test_census_path_gemms_bytes_recompute_and_floor(graph):
     assert t2.compute - t1.compute == pytest.approx(trainable * 12 / 1e11) and t2.optimizer == t1.optimizer
     # without a GEMM table the square-matmul path is unchanged
     assert cost.estimate(graph, cfg, _cpu(_db(), dpn=1), world_size=1).compute != t1.compute
+
+
+def test_census_path_costs_attention_at_the_flash_rates(graph):
+    """With the device's flash attention rates the traced attention FLOPs leave the GEMM-rate term and take the
+    kernel's: forward FLOPs / forward rate, 2.5 x them / backward rate; without rates (fp32 here) they stay at the
+    GEMM rate."""
+    from moreh_ap.graph.op_census import ATTN_CAUSAL, attention_flops
+
+    block = graph.blocks[0]
+    calls = block.attention["mixed"]
+    assert calls and all(c[5] == ATTN_CAUSAL for c in calls)  # TinyGPT calls sdpa with is_causal=True
+    gemm_flops = sum(2 * m * k * n * b * cnt for m, k, n, b, cnt in block.gemms["mixed"])
+    assert block.fwd_flops - gemm_flops == pytest.approx(attention_flops(calls, as_run=False))
+    plain = Cluster.preset("h200").with_(calibration=_gemm_db(), attention_flops={})
+    rated = plain.with_(attention_flops={"bf16": (2e11, 1e11)})
+    kw = dict(prec="mixed", scale=1.0, recompute=False)
+    without = cost._census_seconds(block, plain, dtype="bf16", **kw)
+    with_rates = cost._census_seconds(block, rated, dtype="bf16", **kw)
+    attn = attention_flops(calls, as_run=True)
+    assert with_rates - without == pytest.approx(attn / 2e11 + 2.5 * attn / 1e11 - 3 * attn / 1e12)
+    assert tm.attention_seconds(rated, "bf16", calls, scale=0.5) == pytest.approx((attn / 4e11, 2.5 * attn / 2e11))
+    assert tm.attention_seconds(rated, "fp32", calls, scale=1.0) is None
+    assert cost._census_seconds(block, rated, dtype="fp32", prec="full", scale=1.0, recompute=False) == \
+        cost._census_seconds(block, plain, dtype="fp32", prec="full", scale=1.0, recompute=False)
+    # a square mask (HF's causal mask on a fake trace) is counted in full in fwd_flops; without rates its
+    # attention is the causal kernel's FLOPs at the GEMM rate, as the is_causal call's
+    import dataclasses
+
+    from moreh_ap.graph.op_census import ATTN_SQUARE_MASK
+
+    masked = dataclasses.replace(block, attention={"mixed": tuple((*c[:5], ATTN_SQUARE_MASK, c[6]) for c in calls)},
+                                 fwd_flops=int(gemm_flops + 2 * attn))
+    assert cost._census_seconds(masked, plain, dtype="bf16", **kw) == pytest.approx(without)
+    assert cost._census_seconds(masked, rated, dtype="bf16", **kw) == pytest.approx(with_rates)
+    assert Cluster.preset("h100-80gb").attention_flops == Cluster.preset("h200").attention_flops
+    assert Cluster.preset("cpu").attention_flops == {}
+    with pytest.raises(ValueError, match="attention_flops"):
+        plain.with_(attention_flops={"bf16": (1e12, 0.0)})

@@ -18,6 +18,7 @@ def test_step_time_within_targets_on_the_h200_runs():
     errs = [abs(r["step_error_pct"]) for r in result["rows"]]
     assert len(errs) == 10
     assert statistics.median(errs) <= 10.0, result["rows"]
+    assert statistics.median(errs) <= 6.0, result["rows"]  # 4.5 % with attention as the device runs it (was 9.1 %)
     assert max(errs) <= 25.0, result["rows"]
     # the old DB-based model was 5-10x too slow in bf16: every prediction is now within a factor 1.3
     assert all(0.75 <= r["predicted_step_s"] / r["measured_step_s"] <= 1.3 for r in result["rows"])
@@ -65,3 +66,23 @@ def test_op_census_records_gemm_shapes_and_moved_bytes():
     assert full >= 2 * 128 * 256 * 4
     assert 0 < sum(n.moved_bytes["mixed"] for n in g.nodes)
     assert all(gm in [gm2 for n in g.nodes for gm2 in n.gemms["mixed"]] for gm in gemms)
+
+
+def test_hf_causal_mask_on_a_fake_trace_is_costed_as_the_causal_kernel():
+    """A Hugging Face Llama traced on meta tensors passes sdpa its causal mask (its packed-sequence check needs
+    values); the census marks the square mask, counted in full in fwd_flops and as causal for the device's kernel."""
+    import torch
+
+    from moreh_ap.graph import trace
+    from moreh_ap.graph.op_census import ATTN_SQUARE_MASK, attention_flops
+    from tests.helpers.models import tiny_llama
+
+    with torch.device("meta"):
+        model = tiny_llama(layers=2)
+    ids = torch.empty(2, 32, dtype=torch.long, device="meta")
+    block = trace(model, (ids,), {"labels": ids}).blocks[0]
+    calls = block.attention["mixed"]
+    assert [c[:6] for c in calls] == [(2 * 4, 32, 32, 16, 16, ATTN_SQUARE_MASK)]
+    gemm_flops = sum(2 * m * k * n * b * cnt for m, k, n, b, cnt in block.gemms["mixed"])
+    traced = attention_flops(calls, as_run=False)
+    assert block.fwd_flops - gemm_flops == traced == 2 * attention_flops(calls, as_run=True)

@@ -113,3 +113,12 @@ def test_the_heads_backward_holds_three_fp32_logits_of_the_rank(gpt2):
     plain = local_graph(graph, dataclasses.replace(facts, vocab_loss=False), 2)
     _, trans, _, _ = _node_acts(plain, plain.nodes[-1], plain.nodes[-2], prec="full", scale=1.0, recompute=False)
     assert trans == 2 * plain.nodes[-1].peak_fwd_bytes["full"]
+
+
+def test_local_blocks_keep_their_share_of_the_heads_attention(gpt2):
+    """One TP rank runs ``heads / tp`` of each attention call: the census's batch x heads is split like fwd_flops."""
+    _, graph, facts = gpt2
+    whole, half = graph.blocks[0], local_graph(graph, facts, 2).blocks[0]
+    assert whole.attention["mixed"]
+    for prec, calls in whole.attention.items():
+        assert half.attention[prec] == tuple((bh // 2, *rest) for bh, *rest in calls)

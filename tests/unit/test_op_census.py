@@ -37,3 +37,19 @@ def test_census_counts_gemms_largest_first_and_bytes_of_the_rest():
 def test_moved_bytes_counts_nested_tensors_by_dtype():
     half = torch.ones(10, dtype=torch.bfloat16)
     assert moved_bytes((half, [torch.ones(3)]), {"w": torch.ones(2, dtype=torch.float64)}, half) == 20 + 12 + 16 + 20
+
+
+def test_attention_calls_and_their_flops_as_traced_and_as_run():
+    """Attention calls are kept by shape and mode; a square mask counts in full as traced, causal as run."""
+    from moreh_ap.graph.op_census import ATTN_CAUSAL, ATTN_FULL, ATTN_SQUARE_MASK, attention_flops
+
+    census = OpCensus()
+    for mode in (ATTN_CAUSAL, ATTN_SQUARE_MASK, ATTN_SQUARE_MASK, ATTN_FULL):
+        census.note_attention("blk", bh=8, tq=16, tk=16, d=4, dv=4, mode=mode)
+    calls = census.node_attention("blk")
+    assert calls == ((8, 16, 16, 4, 4, ATTN_FULL, 1), (8, 16, 16, 4, 4, ATTN_CAUSAL, 1),
+                     (8, 16, 16, 4, 4, ATTN_SQUARE_MASK, 2))
+    square = 2 * 8 * 16 * 16 * (4 + 4)  # QK^T and PV over every query x key
+    assert attention_flops(calls, as_run=False) == square + square / 2 + 2 * square
+    assert attention_flops(calls, as_run=True) == square + square / 2 + 2 * square / 2
+    assert census.node_attention("other") == ()
