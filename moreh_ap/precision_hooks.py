@@ -14,6 +14,9 @@ other (``moreh_ap.apex`` sets these marks; ``moreh_ap.runtime`` / ``moreh_ap.one
   the optimizer a function that makes the ranks agree (:func:`set_overflow_sync`, :func:`agree_overflow`), so
   every rank skips the same steps (torch's own ``GradScaler`` reads :func:`overflow_synced`:
   :mod:`moreh_ap.runtime.grad_scaler`).
+- **loss scale**: a scaler says where its current scale comes from (:func:`set_loss_scale_source`); the
+  one-line mode seeds a model's own backward, which runs inside its training call, with it
+  (:func:`loss_scale_of`), so that the backward's intermediates are scaled as on one device (fp16).
 - **owner**: the library that set the precision of a model and its optimizer (e.g. ``"apex amp O2"``,
   :func:`claim_precision`, kept on the model); AP does not add its own bf16 ``mixed_precision`` on top of it
   (:func:`precision_owner`).
@@ -27,6 +30,7 @@ import torch
 
 __all__ = ["mark_master", "model_param", "is_master", "set_release_hook", "release_masters", "mark_autocast",
            "autocast_dtype", "autocast_like", "set_overflow_sync", "agree_overflow", "overflow_synced",
+           "set_loss_scale_source", "loss_scale_of",
            "claim_precision", "precision_owner"]
 
 _MASTER_OF = "_moreh_ap_master_of"
@@ -34,6 +38,7 @@ _RELEASE = "_moreh_ap_release_masters"
 _AUTOCAST = "__moreh_ap_autocast_dtype__"
 _OWNER = "_moreh_ap_precision_owner"
 _OVERFLOW = "_moreh_ap_overflow_sync"
+_SCALE = "_moreh_ap_loss_scale_source"
 
 
 def mark_master(master: torch.Tensor, param: torch.Tensor) -> None:
@@ -106,6 +111,22 @@ def overflow_synced(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer`` has a function that makes the ranks agree on an overflow (:func:`set_overflow_sync`):
     its gradients are spread over ranks, so a loss scaler must not decide on this rank's alone."""
     return getattr(optimizer, _OVERFLOW, None) is not None
+
+
+def set_loss_scale_source(optimizer: torch.optim.Optimizer, source: Callable[[], float] | None) -> None:
+    """Say where ``optimizer``'s current loss scale comes from (apex's scaler, torch's ``GradScaler``): the one-line
+    mode runs a model's own backward inside its training call, seeded with that scale, as one device's scaled
+    backward would be (:func:`loss_scale_of`)."""
+    setattr(optimizer, _SCALE, source)
+
+
+def loss_scale_of(optimizer: torch.optim.Optimizer | None) -> float:
+    """The loss scale the next ``scale(loss)`` of ``optimizer``'s scaler will apply (1.0 when none is known)."""
+    source = getattr(optimizer, _SCALE, None)
+    if source is None:
+        return 1.0
+    scale = float(source())
+    return scale if 0 < scale < float("inf") else 1.0
 
 
 def claim_precision(model: torch.nn.Module, owner: str) -> None:

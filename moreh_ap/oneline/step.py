@@ -1,9 +1,11 @@
 # The engine of an engaged model: a training call runs the whole step, and .backward() on its loss adds the grads.
 """Models that compute their own loss: a training call returns the model's output structure (HF
 ``CausalLMOutputWithPast``, a ``(logits, loss)`` tuple, a dict) holding only the step's loss (the other
-entries None). The step's forward and backward already ran inside the call with a unit seed;
-``.backward()`` on the returned loss (or on anything computed from it, e.g. ``loss / k``) adds this
-step's gradients scaled by the gradient that reaches the loss, exactly as one device would.
+entries None). The step's forward and backward already ran inside the call, seeded with the optimizer's loss
+scale when a loss scaler is known (apex's ``scale_loss``, torch's ``GradScaler``: from the step after its
+first use), else 1; ``.backward()`` on the returned loss (or on anything computed from it, e.g. ``loss / k``)
+adds this step's gradients scaled by the gradient that reaches the loss over that seed, exactly as one device
+would.
 
 Models whose loss the script computes: a training call checks that every rank passes the same batch and
 returns the whole global batch's outputs (all-gathered over data-parallel ranks, autograd-aware); the
@@ -18,6 +20,7 @@ from torch.utils._pytree import tree_map
 
 from moreh_ap.oneline.loss_mode import LossMode, check_same_inputs
 from moreh_ap.oneline.state import Internal
+from moreh_ap.precision_hooks import loss_scale_of
 from moreh_ap.runtime.dist import device_for_rank, rank, world_size
 from moreh_ap.signals import step_boundary
 
@@ -56,15 +59,17 @@ class _StepLoss(torch.autograd.Function):
 
 
 class _PendingStep:
-    """Gradients of one step, computed with a unit seed, waiting for ``.backward()`` on its loss."""
+    """Gradients of one step, computed with seed ``seed`` (the optimizer's loss scale, else 1), waiting for
+    ``.backward()`` on its loss."""
 
-    def __init__(self, params: list, grads: list) -> None:
+    def __init__(self, params: list, grads: list, seed: float = 1.0) -> None:
         self.params = params
         self.grads = grads
+        self.seed = seed
 
     @torch.no_grad()
     def apply_grads(self, seed: torch.Tensor) -> None:
-        scale = float(seed)
+        scale = float(seed) / self.seed
         for p, g in zip(self.params, self.grads):
             if g is None:
                 continue
@@ -127,15 +132,18 @@ class Engine:
         previous = [p.grad for p in self.params]  # gradients of earlier steps (accumulation) wait aside
         for p in self.params:
             p.grad = None
+        # a loss scaler's scale (apex, GradScaler) seeds the backward, whose intermediates are then scaled as on
+        # one device (fp16); .backward() on the returned loss scales by what reaches it over this seed
+        seed = loss_scale_of(self.pm.optimizer)
         try:
-            with Internal():
+            with Internal(), self.pm.backward_seed(seed):
                 loss = self.pm.train_step(*args, **kwargs)
             grads = [p.grad for p in self.params]
         finally:
             for p, g in zip(self.params, previous):
                 p.grad = g
         anchor = torch.zeros((), device=loss.device, requires_grad=True)
-        out = _StepLoss.apply(anchor, loss, _PendingStep(self.params, grads))
+        out = _StepLoss.apply(anchor, loss, _PendingStep(self.params, grads, seed))
         return self._output(out)
 
     def _output(self, loss):

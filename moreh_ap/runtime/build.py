@@ -20,7 +20,7 @@ import moreh_ap.runtime.apply as A
 from moreh_ap.runtime.dist import (BUCKET_BYTES, device_for_rank, module_tensors, rank, recv_tensors, send_tensors,
                                    world_size)
 from moreh_ap.precision_hooks import release_masters, set_overflow_sync
-from moreh_ap.runtime.grad_scaler import install as install_grad_scaler_agreement
+from moreh_ap.runtime.grad_scaler import install as install_grad_scaler_hooks
 from moreh_ap.runtime.optim_state import OptimizerMap, plain_class, register_map
 from moreh_ap.runtime.optim_transfer import carry_rank0_state
 from moreh_ap.models import ModelAdapter
@@ -122,9 +122,9 @@ def rebind_optimizer(optimizer: torch.optim.Optimizer, ids: dict[int, list[str]]
     optimizer.state = defaultdict(dict)
     register_map(optimizer, omap)
     carry_rank0_state(optimizer, before, omap, device=device_for_rank())
+    install_grad_scaler_hooks()  # torch.amp.GradScaler: its scale seeds own-loss backwards; ranks agree (below)
     if world_size() > 1:  # a loss scaler sees this rank's gradients only: the ranks agree on an overflow
         set_overflow_sync(optimizer, _any_rank)
-        install_grad_scaler_agreement()  # torch.amp.GradScaler: the same, for the script's own scaler
     return omap
 
 

@@ -9,6 +9,7 @@ DDP -> optimizer rebinding. The engine never looks at planner internals: it only
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable
 
@@ -218,6 +219,24 @@ class ParallelModel(nn.Module):
         if target is not None and self.loss_fn is not None:
             return StepOutput(self.loss_fn(out, target), logits=out)
         return out
+
+    @contextlib.contextmanager
+    def backward_seed(self, seed: float):
+        """Within the block, :meth:`train_step`'s backward is seeded with ``seed`` (a loss scale): the gradients
+        left are ``seed`` times the loss's, as after ``(loss * seed).backward()`` on one device, intermediates
+        included (fp16 loss scaling); the returned loss is not scaled.
+
+        Raises:
+            ValueError: ``seed`` is not a finite number > 0.
+        """
+        seed = float(seed)
+        if not 0 < seed < float("inf"):
+            raise ValueError(f"backward_seed(seed={seed!r}) is not valid: expected a finite number > 0")
+        before, self._runner.grad_seed = self._runner.grad_seed, seed
+        try:
+            yield self
+        finally:
+            self._runner.grad_seed = before
 
     def train_step(self, *args, target=None, **kwargs) -> torch.Tensor:
         """Forward + backward of ONE global batch over the config's micro-batches.

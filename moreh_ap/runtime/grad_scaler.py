@@ -6,16 +6,20 @@
 AP rebound over several ranks (:func:`moreh_ap.precision_hooks.set_overflow_sync`), so a script's own scaler
 (nanoGPT's fp16 path, accelerate's and the HF Trainer's ``fp16=True``) keeps one device's behaviour. One all-reduce
 (MAX) of a one-element tensor on the gradients' device per ``unscale_``; no host synchronization is added.
-Other optimizers and a disabled scaler are untouched.
+Other optimizers and a disabled scaler are untouched. The wrapper also tells the optimizer where the scaler's
+current scale comes from (:func:`moreh_ap.precision_hooks.set_loss_scale_source`): the one-line mode seeds a
+model's own backward with it.
 """
 from __future__ import annotations
 
 import functools
+import weakref
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from moreh_ap.precision_hooks import overflow_synced
+from moreh_ap.precision_hooks import overflow_synced, set_loss_scale_source
 
 __all__ = ["install"]
 
@@ -33,11 +37,26 @@ def install() -> None:
     @functools.wraps(original)
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         original(self, optimizer)
-        if self._enabled and overflow_synced(optimizer) and dist.is_initialized():
+        if not self._enabled:
+            return
+        set_loss_scale_source(optimizer, _current_scale(self))
+        if overflow_synced(optimizer) and dist.is_initialized():
             _agree(self._per_optimizer_states[id(optimizer)]["found_inf_per_device"], self._scale.device)
 
     setattr(unscale_, _MARK, True)
     scaler.unscale_ = unscale_
+
+
+def _current_scale(scaler) -> Callable[[], float]:
+    """The scale ``scaler.scale(loss)`` applies next (1.0 once the scaler is gone): what the one-line mode seeds a
+    model's own backward with (:func:`moreh_ap.precision_hooks.loss_scale_of`)."""
+    ref = weakref.ref(scaler)
+
+    def current() -> float:
+        alive = ref()
+        return alive.get_scale() if alive is not None else 1.0
+
+    return current
 
 
 def _agree(found_per_device: dict, device: torch.device) -> None:

@@ -107,6 +107,9 @@ class StepRunner:
         self.schedules: dict[Any, Any] = {}
         """Pipeline schedules built so far, by (kind, micro-batches, input shapes)."""
         self._plan: LossPlan | None = None
+        self.grad_seed = 1.0
+        """What a training step's backward is seeded with (a loss scale: the gradients left are the loss's times
+        it; the returned loss is not scaled). Set by ``ParallelModel.backward_seed``."""
 
     # ----------------------------------------------------------------------------- one step
     def step(self, args: tuple, target: Any, kwargs: dict[str, Any], *, train: bool) -> torch.Tensor:
@@ -211,7 +214,7 @@ class StepRunner:
                     out = module(*a, **k)
                     loss = plan.piece(out if plan.output_loss is not None else extract_logits(out), t)
                 del out  # the logits are not saved for backward: let them go before it (one logits-sized tensor)
-                loss.backward()
+                (loss if self.grad_seed == 1.0 else loss * self.grad_seed).backward()
             total += loss.detach().float() / self.layout.dp
         self._set_sync(True)
         return total
@@ -276,7 +279,7 @@ class StepRunner:
                           losses=losses, return_outputs=False, **inputs.kwargs)
         if not holds_last:
             return torch.zeros((), device=self.device)
-        return torch.stack([l.detach().float() for l in losses]).sum() / self.layout.dp
+        return torch.stack([l.detach().float() for l in losses]).sum() / (self.layout.dp * self.grad_seed)
 
     def _eval_pipeline(self, inputs: StepInputs, nmb: int, plan: LossPlan, local: int) -> torch.Tensor:
         """Forward-only schedule (no loss_fn); the last stage scores its whole local batch at once."""
@@ -288,4 +291,5 @@ class StepRunner:
         return plan.piece(out, inputs.target).detach().float() / self.layout.dp
 
     def _pipeline_loss(self, output, target):
-        return self._plan.piece(output, target)
+        piece = self._plan.piece(output, target)
+        return piece if self.grad_seed == 1.0 else piece * self.grad_seed  # the schedule's backward seed

@@ -120,15 +120,15 @@ def cnn_script(model, *, steps: int = 3, n: int = 8, optimizer: str = "sgd", dat
     return res
 
 
-def scaler_script(model, *, steps: int = 5, n: int = 8, data_seed: int = 0) -> dict:
+def scaler_script(model, *, steps: int = 5, n: int = 8, backoff: float = 2.0**-4, data_seed: int = 0) -> dict:
     """The fp16 loop of nanoGPT / the PyTorch AMP recipe with torch's own ``GradScaler``: ``scale(loss).backward()``,
-    ``unscale_``, clip to 1, AdamW ``step``, ``update``. The initial scale (2**126, backoff 2**-16) overflows the
-    gradients of the first step, on some parameters only (SkewedMLP, or an HF Llama whose token embeddings were
-    made 1e4 smaller: its embedding gradients are ~1e4 larger than the others'); the next steps are real (2**110
-    leaves a wide margin: the one-line mode scales finished gradients, one device scales the backward's
-    intermediates too, which overflow earlier)."""
+    ``unscale_``, clip to 1, AdamW ``step``, ``update``. The initial scale (2**126, backoff 2**-4) overflows the
+    gradients of the first steps, on some parameters only (SkewedMLP, or an HF Llama whose token embeddings were
+    made 1e4 smaller: its embedding gradients are ~1e4 larger than the others'); with the Llama a later step
+    overflows only inside the scaled backward (an intermediate), not in the finished gradients. A data-parallel
+    run sums its ranks' scaled gradients, which can overflow up to dp times earlier: give it a wide ``backoff``."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**126, backoff_factor=2.0**-16, growth_interval=1000)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**126, backoff_factor=backoff, growth_interval=1000)
     gen = torch.Generator().manual_seed(data_seed)
     res = {"loss": [], "norm": [], "scale": []}
     for _ in range(steps):

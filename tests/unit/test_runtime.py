@@ -54,6 +54,26 @@ def test_hf_style_call_returns_loss_and_backward_is_harmless():
     assert all(p.grad is not None for p in pm.parameters())
 
 
+def test_backward_seed_scales_the_gradients_not_the_loss():
+    """``backward_seed(s)`` (a loss scale) leaves s x the gradients and the same loss; bad seeds are errors."""
+    batch = case_batches({"model": "gpt2"}, 4)[0]
+    runs = []
+    for seed in (1.0, 1024.0):
+        pm = moreh_ap.parallelize(build_model("gpt2", 0), _one())
+        with pm.backward_seed(seed):
+            loss = pm.train_step(**batch["kwargs"])
+        runs.append((loss, [p.grad.clone() for p in pm.parameters()]))
+        assert pm._runner.grad_seed == 1.0  # restored after the block
+    (loss1, grads1), (loss2, grads2) = runs
+    assert torch.equal(loss1, loss2)
+    for g1, g2 in zip(grads1, grads2):
+        torch.testing.assert_close(g2, g1 * 1024.0, rtol=1e-6, atol=0.0)  # a power of two: exact up to rounding
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="backward_seed"):
+            with pm.backward_seed(bad):
+                pass
+
+
 def test_bad_input_raises_clear_errors():
     model = build_model("mlp", 0)
     with pytest.raises(ValueError, match=r"tp\(2\)"):

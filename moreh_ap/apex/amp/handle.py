@@ -7,7 +7,7 @@ import torch
 
 from moreh_ap.apex.amp._amp_state import _amp_state
 from moreh_ap.apex.amp._process_optimizer import install_skip_step
-from moreh_ap.precision_hooks import agree_overflow
+from moreh_ap.precision_hooks import agree_overflow, set_loss_scale_source
 
 
 def _as_optimizer_list(optimizers) -> list[torch.optim.Optimizer]:
@@ -60,6 +60,8 @@ def scale_loss(loss, optimizers, loss_id=0, model=None, delay_unscale=False, del
         for opt in opts:
             if not opt._amp_stash.params_have_scaled_gradients:
                 opt._prepare_amp_backward()
+    for opt in opts:  # a model's own backward run inside AP's training call is seeded with this scale
+        set_loss_scale_source(opt, scaler.loss_scale)
     yield loss.float() * loss_scale
 
     if delay_unscale:
