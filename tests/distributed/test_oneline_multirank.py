@@ -21,6 +21,7 @@ import torch
 
 from moreh_ap.config import ParallelConfig
 
+from tests.helpers.results import result_records
 from tests.helpers.env import clean_subprocess_env
 from tests.helpers.paths import HELPERS, REPO_ROOT
 
@@ -55,7 +56,7 @@ def _run(cmd, cwd, *, ap: str | None, nproc: int | None = None, config: str | No
 
 def _results(proc) -> list[dict]:
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    return result_records(proc.stdout)
 
 
 def _assert_weights_close(a: dict, b: dict) -> None:

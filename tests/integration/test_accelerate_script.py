@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.results import result_records
 from tests.helpers.env import clean_subprocess_env
 from tests.helpers.paths import REPO_ROOT
 
@@ -33,8 +34,7 @@ def _run(cwd: Path, out: str, *, ap: bool, resume: str | None = None):
         cmd += ["--resume", str(cwd / resume)]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results = sorted((json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
-                      if line.startswith("RESULT ")), key=lambda r: r["rank"])
+    results = sorted(result_records(proc.stdout), key=lambda r: r["rank"])
     assert [r["rank"] for r in results] == list(range(2 if ap else 1)), proc.stdout[-2000:]
     return results
 

@@ -21,6 +21,7 @@ import sys
 import pytest
 import torch
 
+from tests.helpers.results import result_records
 from tests.helpers.env import clean_subprocess_env
 from tests.helpers.paths import REPO_ROOT
 
@@ -73,7 +74,7 @@ def _run(tmp_dir, script_env: dict, ap_env: dict | None):
     proc = subprocess.run([sys.executable, str(SCRIPT)], cwd=tmp_dir, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    results = result_records(proc.stdout)
     _RUNS[key] = (sorted(results, key=lambda r: r["rank"]), torch.load(out), proc.stderr)
     return _RUNS[key]
 

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from tests.helpers.results import result_records
 from tests.helpers.env import clean_subprocess_env
 from tests.helpers.paths import REPO_ROOT
 
@@ -28,7 +29,7 @@ def _run(tmp_path, **extra) -> list[dict]:
     proc = subprocess.run([sys.executable, str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=500)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    results = result_records(proc.stdout)
     return sorted(results, key=lambda r: r["rank"]), proc.stderr
 
 

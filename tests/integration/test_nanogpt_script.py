@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers.results import result_records
 from tests.helpers.env import clean_subprocess_env
 from tests.helpers.paths import REPO_ROOT
 
@@ -46,8 +47,8 @@ def _run(cwd: Path, *args: str, config: dict | None = None) -> dict:
     proc = subprocess.run([sys.executable, str(SCRIPT), *CPU_ARGS, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]  # master process: rank 0
-    return json.loads(line[len("RESULT "):])
+    (record,) = result_records(proc.stdout)  # master process: rank 0
+    return record
 
 
 def _train_and_resume(cwd: Path, data: Path, config: dict | None) -> tuple[dict, dict, dict]:

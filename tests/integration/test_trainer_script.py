@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers.results import result_records
 from tests.helpers.env import clean_subprocess_env
 from tests.helpers.paths import REPO_ROOT
 
@@ -37,8 +38,7 @@ def _run(cwd: Path, out: str, *, ap: str, resume: str | None = None):
     if resume:
         cmd += ["--resume_from_checkpoint", resume]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    results = sorted((json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
-                      if line.startswith("RESULT ")), key=lambda r: r["rank"])
+    results = sorted(result_records(proc.stdout), key=lambda r: r["rank"])
     return proc, results
 
 

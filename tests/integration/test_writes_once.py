@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from tests.helpers.results import result_records
 from tests.helpers.env import clean_subprocess_env
 from tests.helpers.paths import REPO_ROOT
 
@@ -24,7 +25,7 @@ def test_checkpoint_writes_happen_once_on_rank_zero(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results = sorted((json.loads(l[len("RESULT "):]) for l in proc.stdout.splitlines() if l.startswith("RESULT ")),
+    results = sorted(result_records(proc.stdout),
                      key=lambda r: r["rank"])
     assert [r["rank"] for r in results] == [0, 1]
     assert [r["world_zero"] for r in results] == [True, False]  # Trainer.is_world_process_zero()
