@@ -107,6 +107,9 @@ def destroy_at_exit() -> None:
     from moreh_ap.faults import known_failure
 
     if created_by_ap() and known_failure() is None:
+        device = device_for_rank()
+        if device.type == "cuda":  # collectives still queued on this rank finish first (destroy aborts NCCL's)
+            torch.cuda.synchronize(device)
         dist.destroy_process_group()
 
 
