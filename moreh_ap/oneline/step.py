@@ -2,8 +2,8 @@
 """Models that compute their own loss: a training call returns the model's output structure (HF
 ``CausalLMOutputWithPast``, a ``(logits, loss)`` tuple, a dict) holding only the step's loss (the other
 entries None). The step's forward and backward already ran inside the call, seeded with the optimizer's loss
-scale when a loss scaler is known (apex's ``scale_loss``, torch's ``GradScaler``: from the step after its
-first use), else 1; ``.backward()`` on the returned loss (or on anything computed from it, e.g. ``loss / k``)
+scale when a loss scaler is known (apex's from ``amp.initialize``, torch's ``GradScaler`` from the step after
+its first ``unscale_``), else 1; ``.backward()`` on the returned loss (or on anything computed from it, e.g. ``loss / k``)
 adds this step's gradients scaled by the gradient that reaches the loss over that seed, exactly as one device
 would.
 

@@ -12,7 +12,7 @@ import moreh_ap.apex.amp.loss_casts as loss_casts
 from moreh_ap.apex.amp._amp_state import _amp_state
 from moreh_ap.apex.amp._process_optimizer import process_optimizer
 from moreh_ap.apex.amp.scaler import LossScaler
-from moreh_ap.precision_hooks import claim_precision, mark_autocast
+from moreh_ap.precision_hooks import claim_precision, mark_autocast, set_loss_scale_source
 
 # O1's autocast dtype, on CUDA and on CPU alike: apex's O1 is fp16, and torch 2.13's CPU autocast
 # supports fp16 as well as bf16, so the numerics (and the need for loss scaling) stay apex's.
@@ -193,6 +193,8 @@ def _initialize(models, optimizers, properties, num_losses: int = 1, cast_model_
         )
         for _ in range(num_losses)
     ]
+    for optimizer in opt_list:  # AP seeds a model's own backward with it from the first step (scale_loss: per loss_id)
+        set_loss_scale_source(optimizer, _amp_state.loss_scalers[0].loss_scale if properties.enabled else None)
 
     if properties.patch_torch_functions:
         for model in model_list:
