@@ -23,7 +23,7 @@ from moreh_ap.precision_hooks import overflow_synced, set_loss_scale_source
 
 __all__ = ["install"]
 
-_MARK = "_moreh_ap_agrees"
+_MARK = "_moreh_ap_wrapped"
 
 
 def install() -> None:

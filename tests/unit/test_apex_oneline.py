@@ -10,8 +10,8 @@ from moreh_ap.apex import amp
 from moreh_ap.apex.amp import loss_casts
 from moreh_ap.oneline.state import STATE
 from moreh_ap.option import enable_advanced_parallelization
-from moreh_ap.precision_hooks import (agree_overflow, autocast_dtype, autocast_like, is_master, model_param,
-                                      precision_owner, set_overflow_sync)
+from moreh_ap.precision_hooks import (agree_overflow, autocast_dtype, autocast_like, is_master, loss_scale_of,
+                                      model_param, precision_owner, set_overflow_sync)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -124,6 +124,10 @@ def test_amp_marks_the_model_it_casts_and_autocasts():
     stage = nn.Linear(8, 4)  # a pipeline stage built from the model's parts runs under the same autocast
     autocast_like(stage, torch.float16)
     assert stage(torch.randn(2, 8)).dtype == torch.float16 and autocast_dtype(stage) == torch.float16
+    # AP seeds a model's own backward with amp's current loss scale from the first step
+    assert loss_scale_of(opt) == amp.state_dict()["loss_scaler0"]["loss_scale"] == 2.0**16
+    model, opt = amp.initialize(_net(), torch.optim.SGD(_net().parameters(), lr=0.1), enabled=False, verbosity=0)
+    assert loss_scale_of(opt) == 1.0  # amp disabled: no scale
 
 
 @pytest.mark.parametrize("level", ["O1", "O2"])
